@@ -1,0 +1,27 @@
+"""ww_core: a fast, exact spectral engine for neural-network weights.
+
+Turns a model's weights into per-layer eigenvalue spectra, power-law fits and metrics that agree
+with WeightWatcher 0.7.7 where that tool is right. Needs only numpy and scipy; torch, Keras,
+pandas and matplotlib are used when present.
+
+Example:
+    >>> import numpy as np, ww_core
+    >>> res = ww_core.analyze({"fc.weight": np.random.default_rng(0).standard_normal((300, 100))})
+    >>> res.names, res["fc"].flags
+    (['fc'], ('under-trained',))
+"""
+
+from .analyze import analyze, analyze_layer
+from .errors import SourceError
+from .powerlaw import PowerLawFit, fit_powerlaw, hill_alpha
+from .result import COLUMNS, AnalysisResult, LayerResult, SkippedLayer
+from .sources import LayerMatrices, find_layers
+from .spectrum import eigenvalues
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "analyze", "analyze_layer", "AnalysisResult", "LayerResult", "SkippedLayer", "COLUMNS",
+    "SourceError", "PowerLawFit", "fit_powerlaw", "hill_alpha", "LayerMatrices", "find_layers",
+    "eigenvalues", "__version__",
+]

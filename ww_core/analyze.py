@@ -1,0 +1,251 @@
+"""``analyze()``: weights in, per-layer spectral diagnostics out."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+
+from . import metrics as _metrics
+from .powerlaw import fit_powerlaw, hill_alpha
+from .result import AnalysisResult, LayerResult, SkippedLayer
+from .sources import LAYER_TYPES, LayerMatrices, find_layers
+from .spectrum import PRECISIONS, SOLVERS, eigenvalues, is_torch_tensor
+
+#: WeightWatcher 0.7.7's defaults.
+DEFAULT_MIN_EVALS = 8
+DEFAULT_MAX_EVALS = 15000
+DEFAULT_MAX_N = 50000
+
+
+def _compile_filters(layers: Union[None, str, Sequence[str]]) -> List["re.Pattern[str]"]:
+    if layers is None:
+        return []
+    if isinstance(layers, str):
+        layers = [layers]
+    try:
+        return [re.compile(p) for p in layers]
+    except re.error as exc:
+        raise ValueError(f"invalid layer regex: {exc}") from None
+
+
+def _validate(min_evals: int, max_evals: int, max_N: int, layer_types: Optional[Iterable[str]],
+              fix_fingers: Optional[str], precision: str, solver: str) -> Optional[set]:
+    if min_evals < 1:
+        raise ValueError(f"min_evals must be >= 1, got {min_evals}")
+    if max_evals < min_evals:
+        raise ValueError(f"max_evals ({max_evals}) must be >= min_evals ({min_evals})")
+    if max_N < 1:
+        raise ValueError(f"max_N must be >= 1, got {max_N}")
+    if fix_fingers not in (None, False, "clip_xmax"):
+        raise ValueError(f"fix_fingers must be None or 'clip_xmax', got {fix_fingers!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if layer_types is None:
+        return None
+    types = {layer_types} if isinstance(layer_types, str) else set(layer_types)
+    unknown = types - set(LAYER_TYPES)
+    if unknown:
+        raise ValueError(f"unknown layer types {sorted(unknown)}; choose from {LAYER_TYPES}")
+    return types
+
+
+def _skip_reason(lm: LayerMatrices, min_evals: int, max_evals: int, max_N: int) -> Optional[str]:
+    if lm.unusable:
+        return lm.unusable
+    if lm.num_evals < min_evals:
+        return f"too few eigenvalues ({lm.num_evals} < min_evals={min_evals})"
+    if lm.num_evals > max_evals:
+        return f"too many eigenvalues ({lm.num_evals} > max_evals={max_evals})"
+    if lm.N > max_N:
+        return f"too large (N={lm.N} > max_N={max_N})"
+    return None
+
+
+def _all_finite(batch: Any) -> bool:
+    if is_torch_tensor(batch):
+        import torch
+
+        return bool(torch.isfinite(batch).all())
+    return bool(np.isfinite(batch).all())
+
+
+def _progress(items: List[Any], enabled: bool, desc: str = "ww analyze"):
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=desc, unit="layer", leave=False)
+    except ImportError:
+        def counter():
+            for i, item in enumerate(items, 1):
+                print(f"\r{desc}: {i}/{len(items)} layers", end="", file=sys.stderr, flush=True)
+                yield item
+            print(file=sys.stderr)
+        return counter()
+
+
+def analyze_layer(
+    lm: LayerMatrices,
+    *,
+    fix_fingers: Optional[str] = None,
+    max_fingers: int = 10,
+    finger_thresh: float = 1.0,
+    mp_fit: bool = False,
+    randomize: bool = False,
+    rng: Optional[np.random.Generator] = None,
+    precision: str = "float64",
+    solver: str = "gram",
+    keep_evals: bool = False,
+    rank_tol: float = 1e-6,
+    rank_collapse_share: float = 0.1,
+    hill_xmin_pos: float = 2.0,
+) -> LayerResult:
+    """Analyse one layer (weights loaded here and released on return). See :func:`analyze`."""
+    res = LayerResult(name=lm.name, type=lm.type, N=lm.N, M=lm.M, rf=lm.rf,
+                      num_evals=lm.num_evals, scale=lm.scale)
+    batch = lm.load()
+    if not _all_finite(batch):
+        res.status, res.flags = "failed", ("non-finite",)
+        return res
+    evals = np.sort(eigenvalues(batch, precision, solver).ravel()) * lm.scale
+    fit = fit_powerlaw(evals, fix_fingers=fix_fingers, max_fingers=max_fingers,
+                       finger_thresh=finger_thresh)
+    res.alpha, res.xmin, res.xmax, res.D, res.sigma = fit.alpha, fit.xmin, fit.xmax, fit.D, fit.sigma
+    res.num_pl_spikes, res.num_fingers, res.raw_alpha = fit.num_pl_spikes, fit.num_fingers, fit.raw_alpha
+    res.status = fit.status
+    res.warning = _metrics.ww_warning(fit.alpha) if fit.ok else ""
+    nm = _metrics.norm_metrics(evals, fit.alpha, lm.N)
+    for key in ("alpha_weighted", "log_alpha_norm", "log_norm", "log_spectral_norm",
+                "spectral_norm", "stable_rank", "entropy", "matrix_rank"):
+        setattr(res, key, nm[key])
+    res.alpha_hill = hill_alpha(evals, hill_xmin_pos)
+    res.rank_collapse = _metrics.rank_collapse_share(evals, rank_tol)
+    Q = lm.N / lm.M
+    if mp_fit:
+        from .rmt import mp_fit as _mp_fit
+
+        mp = _mp_fit(evals, Q, lm.M)
+        res.num_spikes, res.sigma_mp = mp["num_spikes"], mp["sigma_mp"]
+        res.mp_softrank, res.bulk_max = mp["mp_softrank"], mp["bulk_max"]
+    if randomize:
+        from . import rmt
+
+        rng = rng if rng is not None else np.random.default_rng()
+        replicas = rmt.num_replicas(lm.num_evals)
+        rand = [np.sort(eigenvalues(rmt.shuffle_slices(batch, rng), precision, solver).ravel()) * lm.scale
+                for _ in range(replicas)]
+        rm = rmt.randomization_metrics(evals, np.sort(np.concatenate(rand)), Q, lm.M,
+                                       n_per_replica=rand[0].size, first_replica=rand[0])
+        res.rand_distance, res.max_rand_eval, res.num_traps = (
+            rm["rand_distance"], rm["max_rand_eval"], rm["num_traps"])
+        if keep_evals:
+            res.rand_evals = rand[0]
+    res.flags = tuple(_metrics.layer_flags(
+        alpha=fit.alpha, fit_ok=fit.ok, small_n=fit.small_n or not fit.ok and fit.n_fit < 20,
+        collapse=res.rank_collapse, collapse_share=rank_collapse_share, num_traps=res.num_traps))
+    if keep_evals:
+        res.evals = evals
+    return res
+
+
+def analyze(
+    source: Any,
+    *,
+    layers: Union[None, str, Sequence[str]] = None,
+    layer_types: Optional[Iterable[str]] = None,
+    min_evals: int = DEFAULT_MIN_EVALS,
+    max_evals: int = DEFAULT_MAX_EVALS,
+    max_N: int = DEFAULT_MAX_N,
+    fix_fingers: Optional[str] = None,
+    max_fingers: int = 10,
+    finger_thresh: float = 1.0,
+    mp_fit: bool = False,
+    randomize: bool = False,
+    seed: Optional[int] = None,
+    conv2d_norm: bool = True,
+    split_qkv: bool = True,
+    precision: str = "float64",
+    solver: str = "gram",
+    keep_evals: bool = False,
+    progress: bool = False,
+    rank_tol: float = 1e-6,
+    rank_collapse_share: float = 0.1,
+    hill_xmin_pos: float = 2.0,
+) -> AnalysisResult:
+    """Spectral diagnostics of every analysable layer of ``source``.
+
+    Args:
+        source: a torch ``nn.Module``, a Keras 3 model, a state dict (name → tensor/array), or a
+            path to a ``.safetensors`` / ``.pt`` / ``.bin`` file or a folder of shards. Files are
+            streamed: one layer's weights in memory at a time; pickles are loaded only with
+            ``weights_only=True``.
+        layers: regex (or list of regexes) searched in layer names; only matching layers are kept.
+        layer_types: keep only these types (``dense``, ``conv1d``, ``conv2d``, ``conv3d``,
+            ``embedding``).
+        min_evals, max_evals, max_N: WeightWatcher's bounds on the number of eigenvalues and on the
+            larger side (defaults 8, 15000, 50000). Layers outside go to ``result.skipped``.
+        fix_fingers: ``"clip_xmax"`` to refit without a few outlying top eigenvalues.
+        max_fingers, finger_thresh: parameters of ``clip_xmax``.
+        mp_fit: also fit the Marchenko–Pastur bulk (``num_spikes``, ``sigma_mp``, ``mp_softrank``).
+        randomize: also analyse each layer with its entries shuffled (``rand_distance``,
+            ``max_rand_eval``, ``num_traps``: correlation traps).
+        seed: seed of the shuffles, for reproducible ``randomize`` results.
+        conv2d_norm: multiply convolution eigenvalues by 0.5, as WeightWatcher does.
+        split_qkv: split fused ``in_proj_weight`` into q, k, v (WeightWatcher skips it).
+        precision: ``"float64"`` (default) or ``"float32"`` eigensolver.
+        solver: ``"gram"`` (eigvalsh of the smaller Gram matrix, default) or ``"svd"``.
+        keep_evals: keep each layer's eigenvalues on ``LayerResult.evals`` (for plots).
+        progress: show a progress bar (tqdm when installed).
+        rank_tol, rank_collapse_share: a layer is flagged ``rank-collapse`` when more than
+            ``rank_collapse_share`` of its eigenvalues are at most ``rank_tol × λ_max``.
+        hill_xmin_pos: ``alpha_hill`` uses the top ``1/hill_xmin_pos`` of the spectrum.
+
+    Returns:
+        An :class:`~ww_core.result.AnalysisResult`.
+
+    Raises:
+        FileNotFoundError: ``source`` is a path that does not exist.
+        ww_core.errors.SourceError: ``source`` cannot be read (unknown format, corrupt file, …).
+        ValueError: an invalid option.
+
+    Example:
+        >>> import torch, ww_core
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+        >>> res = ww_core.analyze(model)
+        >>> res.names
+        ['0', '2']
+    """
+    types = _validate(min_evals, max_evals, max_N, layer_types, fix_fingers, precision, solver)
+    filters = _compile_filters(layers)
+    options: Dict[str, Any] = dict(
+        layers=layers, layer_types=sorted(types) if types else None, min_evals=min_evals,
+        max_evals=max_evals, max_N=max_N, fix_fingers=fix_fingers, mp_fit=mp_fit,
+        randomize=randomize, seed=seed, conv2d_norm=conv2d_norm, split_qkv=split_qkv,
+        precision=precision, solver=solver)
+    result = AnalysisResult(options=options)
+    todo: List[LayerMatrices] = []
+    for lm in find_layers(source, conv_norm=conv2d_norm, split_qkv=split_qkv):
+        if filters and not any(f.search(lm.name) for f in filters):
+            continue
+        if types is not None and lm.type not in types:
+            continue
+        reason = _skip_reason(lm, min_evals, max_evals, max_N)
+        if reason:
+            result.skipped.append(SkippedLayer(lm.name, lm.type, lm.N, lm.M, reason))
+        else:
+            todo.append(lm)
+    rng = np.random.default_rng(seed) if randomize else None
+    for lm in _progress(todo, progress):
+        result.layers.append(analyze_layer(
+            lm, fix_fingers=fix_fingers or None, max_fingers=max_fingers,
+            finger_thresh=finger_thresh, mp_fit=mp_fit, randomize=randomize, rng=rng,
+            precision=precision, solver=solver, keep_evals=keep_evals, rank_tol=rank_tol,
+            rank_collapse_share=rank_collapse_share, hill_xmin_pos=hill_xmin_pos))
+    return result

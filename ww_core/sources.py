@@ -1,0 +1,442 @@
+"""Find the analysable layers of a model source and load their weights lazily, one layer at a time.
+
+Every source becomes a list of :class:`LayerMatrices`: a name, a type, the shape of the stack of
+matrices the layer contributes, an eigenvalue scale, and a ``load()`` that returns the stack as an
+array of shape ``(rf, rows, cols)``. Nothing is read until ``load()`` is called, so a large
+checkpoint never has more than one layer's weights in memory.
+
+Matrix conventions (so that alphas agree with WeightWatcher):
+
+* Linear / Dense / HF ``Conv1D`` / Embedding: one matrix (rf = 1); orientation does not matter.
+* Convolutions (1-D, 2-D, 3-D; torch layout ``(out, in, *k)``, Keras layout ``(*k, in, out)``):
+  one ``out × in`` matrix per kernel position (rf = prod(k)), pooled; the eigenvalues are multiplied
+  by 0.5 (WeightWatcher's ``conv2d_norm``; we apply it to every convolution).
+* ``nn.MultiheadAttention``'s fused ``in_proj_weight`` (3d × d) is split into q, k and v.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+from .errors import SourceError
+from .spectrum import is_torch_tensor
+
+LAYER_TYPES = ("dense", "conv1d", "conv2d", "conv3d", "embedding")
+#: Eigenvalue scale of pooled convolution slices (WeightWatcher multiplies each slice by sqrt(1/2)).
+CONV_SCALE = 0.5
+
+
+@dataclass
+class LayerMatrices:
+    """One analysable layer, its weights not yet loaded."""
+
+    name: str
+    type: str
+    rf: int
+    rows: int
+    cols: int
+    load: Callable[[], Any]
+    scale: float = 1.0
+    #: Why the layer cannot be analysed even though it has weights (e.g. "meta device").
+    unusable: Optional[str] = None
+    dtype: str = ""
+
+    @property
+    def N(self) -> int:
+        return max(self.rows, self.cols)
+
+    @property
+    def M(self) -> int:
+        return min(self.rows, self.cols)
+
+    @property
+    def num_evals(self) -> int:
+        return self.M * self.rf
+
+
+# --------------------------------------------------------------------------- weight → matrices
+
+def _as_stack(w: Any, layout: str) -> Any:
+    """Reshape one weight tensor (numpy or torch) into a (rf, rows, cols) stack of matrices."""
+    if layout == "matrix":
+        return w[None]
+    shape = tuple(w.shape)
+    if layout == "torch_conv":            # (out, in, *k) -> (k, out, in), kernel positions row-major
+        out_c, in_c = shape[0], shape[1]
+        w3 = w.reshape(out_c, in_c, -1)
+        return w3.permute(2, 0, 1) if is_torch_tensor(w3) else w3.transpose(2, 0, 1)
+    if layout == "keras_conv":            # (*k, in, out) -> (k, in, out)
+        return w.reshape(-1, shape[-2], shape[-1])
+    raise ValueError(layout)
+
+
+def _stack_shape(shape: Tuple[int, ...], layout: str) -> Tuple[int, int, int]:
+    if layout == "matrix":
+        return 1, shape[0], shape[1]
+    if layout == "torch_conv":
+        return int(np.prod(shape[2:])), shape[0], shape[1]
+    return int(np.prod(shape[:-2])), shape[-2], shape[-1]
+
+
+def _conv_type(ndim_kernel: int) -> str:
+    return {1: "conv1d", 2: "conv2d", 3: "conv3d"}[ndim_kernel]
+
+
+def _make(name: str, ltype: str, shape: Tuple[int, ...], layout: str, get: Callable[[], Any],
+          conv_norm: bool, dtype: str = "", unusable: Optional[str] = None) -> LayerMatrices:
+    rf, rows, cols = _stack_shape(tuple(int(s) for s in shape), layout)
+    scale = CONV_SCALE if (ltype.startswith("conv") and conv_norm) else 1.0
+    return LayerMatrices(name=name, type=ltype, rf=rf, rows=rows, cols=cols,
+                         load=lambda: _as_stack(get(), layout), scale=scale, unusable=unusable,
+                         dtype=dtype)
+
+
+def _split_qkv(name: str, shape: Tuple[int, ...], get: Callable[[], Any], dtype: str,
+               unusable: Optional[str]) -> List[LayerMatrices]:
+    """Split a fused (3d × d) in-projection into its q, k and v matrices."""
+    d3 = int(shape[0])
+    if d3 % 3:
+        return [_make(name + ".in_proj", "dense", shape, "matrix", get, False, dtype, unusable)]
+    d = d3 // 3
+    out = []
+    for i, part in enumerate("qkv"):
+        getter = (lambda i=i: get()[i * d:(i + 1) * d])
+        out.append(_make(f"{name}.in_proj_{part}", "dense", (d,) + tuple(shape[1:]), "matrix",
+                         getter, False, dtype, unusable))
+    return out
+
+
+# --------------------------------------------------------------------------- torch modules
+
+def _torch_unusable(p: Any) -> Optional[str]:
+    import torch
+
+    if isinstance(p, torch.nn.parameter.UninitializedParameter):
+        return "uninitialised (lazy) parameter"
+    if p.device.type == "meta":
+        return "parameter on the meta device"
+    if not (p.is_floating_point()):
+        return f"non-float dtype {p.dtype}"
+    return None
+
+
+def torch_module_layers(model: Any, conv_norm: bool = True, split_qkv: bool = True) -> List[LayerMatrices]:
+    """Layers of a ``torch.nn.Module`` in ``named_modules()`` order; tied weights appear once."""
+    import torch.nn as nn
+
+    layers: List[LayerMatrices] = []
+    seen: set = set()
+
+    def add(name: str, ltype: str, p: Any, layout: str) -> None:
+        if id(p) in seen:
+            return
+        seen.add(id(p))
+        unusable = _torch_unusable(p)
+        shape = tuple(p.shape) if unusable != "uninitialised (lazy) parameter" else (0, 0)
+        layers.append(_make(name, ltype, shape, layout, lambda: p.detach(), conv_norm,
+                            str(p.dtype).replace("torch.", ""), unusable))
+
+    for path, mod in model.named_modules():
+        name = path or type(mod).__name__
+        w = getattr(mod, "weight", None)
+        cls = type(mod).__name__
+        if isinstance(mod, nn.MultiheadAttention):
+            if mod.in_proj_weight is not None and id(mod.in_proj_weight) not in seen:
+                p = mod.in_proj_weight
+                seen.add(id(p))
+                if split_qkv:
+                    layers.extend(_split_qkv(name, tuple(p.shape), lambda p=p: p.detach(),
+                                             str(p.dtype).replace("torch.", ""), _torch_unusable(p)))
+            else:
+                for part in "qkv":
+                    p = getattr(mod, f"{part}_proj_weight", None)
+                    if p is not None:
+                        add(f"{name}.{part}_proj", "dense", p, "matrix")
+            continue  # out_proj is a Linear submodule, found on its own
+        if not isinstance(w, nn.Parameter) and not is_torch_tensor(w):
+            continue
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            add(name, _conv_type(w.dim() - 2), w, "torch_conv")
+        elif isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
+            add(name, "embedding", w, "matrix")
+        elif isinstance(mod, nn.Linear) or ("linear" in cls.lower() and w.dim() == 2):
+            add(name, "dense", w, "matrix")
+        elif cls == "Conv1D" and w.dim() == 2:          # Hugging Face GPT-2 style, (in, out)
+            add(name, "dense", w, "matrix")
+    return layers
+
+
+# --------------------------------------------------------------------------- keras models
+
+def _keras_to_numpy(v: Any) -> np.ndarray:
+    value = getattr(v, "value", v)
+    if is_torch_tensor(value):
+        return value.detach()
+    try:
+        import keras
+
+        return keras.ops.convert_to_numpy(value)
+    except Exception:  # noqa: BLE001 - any backend tensor that numpy understands
+        return np.asarray(value)
+
+
+def _einsum_kernel_matrix_shape(equation: str, kshape: Tuple[int, ...]) -> Tuple[int, int]:
+    """Rows = kernel axes contracted with the input, cols = the rest (e.g. 'abc,cde->abde')."""
+    lhs, _ = equation.split("->")
+    inp, ker = lhs.split(",")
+    rows = int(np.prod([s for ax, s in zip(ker, kshape) if ax in inp]))
+    cols = int(np.prod([s for ax, s in zip(ker, kshape) if ax not in inp]))
+    return rows, cols
+
+
+def keras_model_layers(model: Any, conv_norm: bool = True) -> List[LayerMatrices]:
+    """Layers of a Keras 3 model (Dense, EinsumDense, Conv1D/2D/3D, Embedding, MHA projections)."""
+    layers: List[LayerMatrices] = []
+    seen: set = set()
+    if hasattr(model, "_flatten_layers"):
+        found = list(model._flatten_layers(include_self=False, recursive=True))
+    else:  # pragma: no cover - very old Keras
+        found = list(getattr(model, "layers", []))
+    for layer in found:
+        cls = type(layer).__name__
+        name = str(getattr(layer, "path", None) or layer.name).replace("/", ".")
+        if cls in ("Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D"):
+            var = getattr(layer, "_kernel", None) or getattr(layer, "kernel", None)
+        elif cls == "Embedding":
+            var = getattr(layer, "_embeddings", None) or getattr(layer, "embeddings", None)
+        else:
+            continue
+        if var is None or id(var) in seen:
+            continue
+        seen.add(id(var))
+        shape = tuple(int(s) for s in var.shape)
+        get = (lambda var=var: _keras_to_numpy(var))
+        dtype = str(getattr(var, "dtype", ""))
+        if cls in ("Conv1D", "Conv2D", "Conv3D"):
+            layers.append(_make(name, _conv_type(len(shape) - 2), shape, "keras_conv", get,
+                                conv_norm, dtype))
+        elif cls == "EinsumDense" and len(shape) != 2:
+            rows, cols = _einsum_kernel_matrix_shape(layer.equation, shape)
+            getter = (lambda get=get, rows=rows, cols=cols: get().reshape(rows, cols))
+            layers.append(_make(name, "dense", (rows, cols), "matrix", getter, conv_norm, dtype))
+        else:
+            layers.append(_make(name, "embedding" if cls == "Embedding" else "dense", shape,
+                                "matrix", get, conv_norm, dtype))
+    return layers
+
+
+# --------------------------------------------------------------------------- state dicts
+
+_EMBED_RE = re.compile(r"(embed|(^|\.)(wte|wpe)$)", re.IGNORECASE)
+
+
+def _classify_key(key: str, shape: Tuple[int, ...]) -> Optional[Tuple[str, str, str]]:
+    """(name, type, layout) for a weight key, or None when it is not a layer weight."""
+    if key.endswith("in_proj_weight") and len(shape) == 2:
+        return key[: -len("_weight")].rstrip("."), "in_proj", "matrix"
+    if key.endswith(".weight") or key == "weight":
+        name = key[: -len(".weight")] if key != "weight" else "weight"
+    else:
+        return None
+    if len(shape) == 2:
+        return name, ("embedding" if _EMBED_RE.search(name) else "dense"), "matrix"
+    if len(shape) in (3, 4, 5):
+        return name, _conv_type(len(shape) - 2), "torch_conv"
+    return None
+
+
+def _dtype_name(v: Any) -> str:
+    return str(getattr(v, "dtype", "")).replace("torch.", "")
+
+
+def _value_unusable(v: Any) -> Optional[str]:
+    if is_torch_tensor(v):
+        return _torch_unusable(v)
+    dt = np.dtype(getattr(v, "dtype", np.float64))
+    if dt.kind != "f":
+        return f"non-float dtype {dt}"
+    return None
+
+
+def state_dict_layers(sd: Mapping[str, Any], conv_norm: bool = True, split_qkv: bool = True,
+                      dtypes: Optional[Mapping[str, str]] = None) -> List[LayerMatrices]:
+    """Layers of a name → tensor/array mapping (a ``state_dict``), in key order.
+
+    Keys ending in ``.weight`` are layers: 2-D dense (embedding when the name says ``embed``,
+    ``wte`` or ``wpe``), 3/4/5-D convolutions in torch layout; ``*in_proj_weight`` is split into
+    q, k, v. Norm weights and 1-D tensors are ignored. Tensors sharing storage appear once.
+    """
+    if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = sd["state_dict"]
+    layers: List[LayerMatrices] = []
+    seen: set = set()
+    for key, value in sd.items():
+        shape = tuple(int(s) for s in getattr(value, "shape", ()))
+        info = _classify_key(str(key), shape)
+        if info is None:
+            continue
+        if is_torch_tensor(value):
+            ident = (value.data_ptr(), shape, value.stride()) if value.device.type != "meta" else id(value)
+            if ident in seen:
+                continue
+            seen.add(ident)
+        name, ltype, layout = info
+        get = value.read if isinstance(value, _LazyTensor) else (lambda v=value: v.detach() if is_torch_tensor(v) else np.asarray(v))
+        dtype = value.dtype_name if isinstance(value, _LazyTensor) else _dtype_name(value)
+        unusable = value.unusable if isinstance(value, _LazyTensor) else _value_unusable(value)
+        if ltype == "in_proj":
+            if split_qkv:
+                layers.extend(_split_qkv(name, shape, get, dtype, unusable))
+            continue
+        layers.append(_make(name, ltype, shape, layout, get, conv_norm, dtype, unusable))
+    return layers
+
+
+# --------------------------------------------------------------------------- files
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bf16",
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+              "BOOL": np.bool_}
+
+
+class _LazyTensor:
+    """One tensor of a safetensors file, read (memory-mapped) only when asked for."""
+
+    def __init__(self, path: Path, dtype: str, shape: Tuple[int, ...], start: int, end: int):
+        self.path, self.dtype_name, self.shape = path, dtype, shape
+        self.start, self.end = start, end
+        kind = _ST_DTYPES.get(dtype)
+        self.unusable = None
+        if kind is None:
+            self.unusable = f"unsupported dtype {dtype}"
+        elif kind != "bf16" and np.dtype(kind).kind != "f":
+            self.unusable = f"non-float dtype {dtype}"
+
+    def read(self) -> np.ndarray:
+        kind = _ST_DTYPES[self.dtype_name]
+        count = int(np.prod(self.shape)) if self.shape else 1
+        if kind == "bf16":     # numpy has no bfloat16: widen the 16 bits into a float32
+            raw = np.memmap(self.path, dtype="<u2", mode="r", offset=self.start, shape=(count,))
+            return (raw.astype(np.uint32) << 16).view(np.float32).reshape(self.shape)
+        arr = np.memmap(self.path, dtype=np.dtype(kind).newbyteorder("<"), mode="r",
+                        offset=self.start, shape=(count,))
+        return np.asarray(arr).reshape(self.shape)
+
+
+def read_safetensors_header(path: Path) -> Dict[str, _LazyTensor]:
+    """Parse a .safetensors header and return lazy tensors in file order (no torch needed).
+
+    Raises:
+        SourceError: the file is truncated or not a valid safetensors file.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise SourceError(f"{path}: truncated or corrupt safetensors file (no header)")
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen <= 0 or 8 + hlen > size or hlen > 100 * 1024 * 1024:
+            raise SourceError(f"{path}: truncated or corrupt safetensors file (bad header length)")
+        try:
+            header = json.loads(fh.read(hlen).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SourceError(f"{path}: corrupt safetensors header ({exc.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise SourceError(f"{path}: corrupt safetensors header")
+    base = 8 + hlen
+    tensors: Dict[str, _LazyTensor] = {}
+    items = [(k, v) for k, v in header.items() if k != "__metadata__"]
+    try:
+        items.sort(key=lambda kv: kv[1]["data_offsets"][0])
+        for key, info in items:
+            start, end = (int(x) for x in info["data_offsets"])
+            if end < start or base + end > size:
+                raise SourceError(f"{path}: truncated safetensors file (tensor {key!r} runs past the end)")
+            tensors[key] = _LazyTensor(path, str(info["dtype"]), tuple(int(s) for s in info["shape"]),
+                                       base + start, base + end)
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, SourceError):
+            raise
+        raise SourceError(f"{path}: corrupt safetensors header ({exc!r})") from None
+    return tensors
+
+
+def _load_torch_file(path: Path) -> Mapping[str, Any]:
+    try:
+        import torch
+    except ImportError:
+        raise SourceError(f"{path}: reading .pt/.bin files needs torch (pip install torch)") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types here
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise SourceError(f"{path}: refused: not loadable with torch.load(weights_only=True) "
+                              f"(arbitrary pickles are never executed)") from None
+        raise SourceError(f"{path}: cannot read checkpoint: {msg}") from None
+    if not isinstance(obj, Mapping):
+        raise SourceError(f"{path}: checkpoint holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def file_layers(path: Path, conv_norm: bool = True, split_qkv: bool = True) -> List[LayerMatrices]:
+    """Layers of a .safetensors / .pt / .bin / .pth / .ckpt file or a folder of shards."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_dir():
+        st = sorted(path.glob("*.safetensors"))
+        if st:
+            files = st
+        else:
+            files = sorted(p for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        if not files:
+            raise SourceError(f"{path}: folder holds no .safetensors, .bin or .pt files")
+        layers: List[LayerMatrices] = []
+        for f in files:                      # shards in sorted order, as WeightWatcher
+            layers.extend(file_layers(f, conv_norm, split_qkv))
+        return layers
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return state_dict_layers(read_safetensors_header(path), conv_norm, split_qkv)
+    if suffix in (".pt", ".bin", ".pth", ".ckpt"):
+        return state_dict_layers(_load_torch_file(path), conv_norm, split_qkv)
+    raise SourceError(f"{path}: unknown format {suffix or '(no extension)'!r}; expected .safetensors, "
+                      f".pt, .bin, .pth, .ckpt or a folder of shards")
+
+
+# --------------------------------------------------------------------------- dispatch
+
+def _is_keras_model(obj: Any) -> bool:
+    return any(c.__module__.split(".")[0] in ("keras", "tf_keras") for c in type(obj).__mro__)
+
+
+def _is_torch_module(obj: Any) -> bool:
+    return any(c.__module__.startswith("torch.nn") and c.__name__ == "Module" for c in type(obj).__mro__)
+
+
+def find_layers(source: Any, conv_norm: bool = True, split_qkv: bool = True) -> List[LayerMatrices]:
+    """Every weight-carrying layer of ``source``, weights not loaded.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        SourceError: an unknown, unreadable or corrupt source.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        return file_layers(Path(source), conv_norm, split_qkv)
+    if _is_torch_module(source):
+        return torch_module_layers(source, conv_norm, split_qkv)
+    if _is_keras_model(source):
+        return keras_model_layers(source, conv_norm)
+    if isinstance(source, Mapping):
+        return state_dict_layers(source, conv_norm, split_qkv)
+    raise SourceError(f"cannot analyse a {type(source).__name__}: expected a torch nn.Module, a Keras "
+                      f"model, a state dict or a path to a weights file")
