@@ -139,7 +139,9 @@ def format_summary(result) -> str:
     flag_counts = Counter(f for layer in result.layers for f in layer.flags)
     if flag_counts:
         lines.append("  flags: " + ", ".join(f"{f} ({n})" for f, n in flag_counts.most_common()))
-    if result.skipped:
+    if 0 < len(result.skipped) <= 5:
+        lines.append("  skipped: " + "; ".join(f"{s.name}: {s.reason}" for s in result.skipped))
+    elif result.skipped:
         lines.append("  skipped: " + "; ".join(_reason_counts(result.skipped)))
     return "\n".join(lines)
 

@@ -108,7 +108,9 @@ def _fit_sorted(x: np.ndarray) -> PowerLawFit:
         best = int(np.argmin(D))
         small = False
     alpha = float(alphas[best])
-    if not math.isfinite(alpha):
+    # alpha <= 1 is not a normalisable power law: only reached when every candidate is degenerate
+    # (e.g. all values equal, where rounding turns 1 + m/0 into a huge negative number).
+    if not math.isfinite(alpha) or alpha <= 1.0:
         return PowerLawFit(n_fit=n, small_n=small)
     xmin = float(x[best])
     m_best = n - best

@@ -210,11 +210,13 @@ def keras_model_layers(model: Any, conv_norm: bool = True) -> List[LayerMatrices
         cls = type(layer).__name__
         name = str(getattr(layer, "path", None) or layer.name).replace("/", ".")
         if cls in ("Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D"):
-            var = getattr(layer, "_kernel", None) or getattr(layer, "kernel", None)
+            attrs = ("_kernel", "kernel")
         elif cls == "Embedding":
-            var = getattr(layer, "_embeddings", None) or getattr(layer, "embeddings", None)
+            attrs = ("_embeddings", "embeddings")
         else:
             continue
+        # (Keras variables refuse bool(), so no `a or b` here)
+        var = next((v for v in (getattr(layer, a, None) for a in attrs) if v is not None), None)
         if var is None or id(var) in seen:
             continue
         seen.add(id(var))
@@ -329,7 +331,7 @@ class _LazyTensor:
             return (raw.astype(np.uint32) << 16).view(np.float32).reshape(self.shape)
         arr = np.memmap(self.path, dtype=np.dtype(kind).newbyteorder("<"), mode="r",
                         offset=self.start, shape=(count,))
-        return np.asarray(arr).reshape(self.shape)
+        return np.array(arr).reshape(self.shape)   # a private, writable copy of this layer only
 
 
 def read_safetensors_header(path: Path) -> Dict[str, _LazyTensor]:
@@ -432,10 +434,10 @@ def find_layers(source: Any, conv_norm: bool = True, split_qkv: bool = True) -> 
     """
     if isinstance(source, (str, os.PathLike)):
         return file_layers(Path(source), conv_norm, split_qkv)
+    if _is_keras_model(source):          # before torch: on the torch backend Keras models are Modules
+        return keras_model_layers(source, conv_norm)
     if _is_torch_module(source):
         return torch_module_layers(source, conv_norm, split_qkv)
-    if _is_keras_model(source):
-        return keras_model_layers(source, conv_norm)
     if isinstance(source, Mapping):
         return state_dict_layers(source, conv_norm, split_qkv)
     raise SourceError(f"cannot analyse a {type(source).__name__}: expected a torch nn.Module, a Keras "

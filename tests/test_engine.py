@@ -1,0 +1,377 @@
+"""Ground-truth tests of the engine: WeightWatcher's reference values, theory, and bad input."""
+
+import math
+
+import numpy as np
+import pytest
+
+import ww_core
+from ww_core.powerlaw import EVALS_THRESH, fit_powerlaw, hill_alpha
+
+torch = pytest.importorskip("torch")
+
+
+def spec_matrices():
+    """The deterministic matrices of weightwatcher-spec.md §12 (draw order matters)."""
+    rng = np.random.default_rng(12345)
+    A = rng.standard_normal((1000, 500)) / np.sqrt(1000)
+    signs = rng.choice([-1.0, 1.0], size=(1000, 500))
+    B = signs * (rng.pareto(2.5, size=(1000, 500)) + 1) / np.sqrt(1000)
+    C = rng.standard_normal((128, 64, 3, 3)) * np.sqrt(2 / (64 * 9))
+    return [x.astype(np.float32) for x in (A, B, C)]
+
+
+def spec_model():
+    A, B, C = spec_matrices()
+    m = torch.nn.Module()
+    m.conv = torch.nn.Conv2d(64, 128, 3, bias=False)
+    m.fc1 = torch.nn.Linear(500, 1000)
+    m.fc2 = torch.nn.Linear(500, 1000)
+    m.small = torch.nn.Linear(5, 7)
+    m.ln = torch.nn.LayerNorm(10)
+    with torch.no_grad():
+        m.conv.weight.copy_(torch.from_numpy(C))
+        m.fc1.weight.copy_(torch.from_numpy(A))
+        m.fc2.weight.copy_(torch.from_numpy(B))
+    return m
+
+
+# WeightWatcher 0.7.7's default analyze() of spec_model() (spec §12, checked against WW itself).
+SPEC_TABLE = {
+    "conv": dict(alpha=22.404916, xmin=0.573987, D=0.124455, sigma=5.045187, num_pl_spikes=18,
+                 spectral_norm=0.662232, log_norm=2.110344, log_spectral_norm=-0.178990,
+                 alpha_weighted=-4.010259, log_alpha_norm=-3.451458, stable_rank=194.685679,
+                 entropy=0.960160, matrix_rank=576, warning="under-trained"),
+    "fc1": dict(alpha=7.943733, xmin=2.034505, D=0.124828, sigma=0.911757, num_pl_spikes=58,
+                spectral_norm=2.874905, log_norm=2.697911, log_spectral_norm=0.458623,
+                alpha_weighted=3.643183, log_alpha_norm=4.881893, stable_rank=173.495273,
+                entropy=0.959697, matrix_rank=500, warning="under-trained"),
+    "fc2": dict(alpha=4.621974, xmin=8.808780, D=0.044328, sigma=0.432909, num_pl_spikes=70,
+                spectral_norm=32.823256, log_norm=3.371340, log_spectral_norm=1.516182,
+                alpha_weighted=7.007752, log_alpha_norm=7.428344, stable_rank=71.640397,
+                entropy=0.949928, matrix_rank=500, warning=""),
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return spec_model()
+
+
+@pytest.fixture(scope="module")
+def result(model):
+    return ww_core.analyze(model)
+
+
+def test_reference_values_match_weightwatcher(result):
+    assert result.names == ["conv", "fc1", "fc2"]
+    for name, expected in SPEC_TABLE.items():
+        layer = result[name]
+        for key, value in expected.items():
+            got = getattr(layer, key)
+            if isinstance(value, str) or isinstance(value, int):
+                assert got == value, (name, key, got, value)
+            else:
+                assert got == pytest.approx(value, rel=1e-6, abs=1e-6), (name, key, got, value)
+
+
+def test_shapes_and_skips(result):
+    conv = result["conv"]
+    assert (conv.N, conv.M, conv.rf, conv.num_evals, conv.scale) == (128, 64, 9, 576, 0.5)
+    assert [(s.name, s.reason.split(" (")[0]) for s in result.skipped] == [("small", "too few eigenvalues")]
+
+
+def test_summary_matches_weightwatcher(result):
+    expected = dict(log_norm=2.726532, alpha=11.656874, alpha_weighted=2.213558,
+                    log_alpha_norm=2.952926, log_spectral_norm=0.598605, stable_rank=146.607117)
+    summary = result.summary()
+    for key, value in expected.items():
+        assert summary[key] == pytest.approx(value, rel=1e-6)
+    assert summary["num_layers"] == 3
+
+
+def test_clip_xmax_matches_weightwatcher(model):
+    res = ww_core.analyze(model, fix_fingers="clip_xmax")
+    conv = res["conv"]
+    assert conv.alpha == pytest.approx(5.538401, rel=1e-6)
+    assert conv.raw_alpha == pytest.approx(22.404916, rel=1e-6)
+    assert conv.xmin == pytest.approx(0.385517, rel=1e-5)
+    assert conv.D == pytest.approx(0.137727, rel=1e-5)
+    assert conv.xmax == pytest.approx(0.623332, rel=1e-5)
+    assert (conv.num_fingers, conv.num_pl_spikes, conv.warning) == (1, 108, "")
+    for name in ("fc1", "fc2"):
+        assert res[name].num_fingers == 0
+        assert res[name].alpha == pytest.approx(SPEC_TABLE[name]["alpha"], rel=1e-6)
+
+
+def test_float32_and_svd_agree_with_default(model, result):
+    for kwargs in (dict(precision="float32"), dict(solver="svd")):
+        other = ww_core.analyze(model, **kwargs)
+        for a, b in zip(result, other):
+            assert b.alpha == pytest.approx(a.alpha, abs=0.01), (kwargs, a.name)
+
+
+# ----------------------------------------------------------------------- the fitter, by the book
+
+def naive_ww_fit(evals):
+    """A literal, loop-by-loop transcription of weightwatcher-spec.md §7.1 / §7.2."""
+    x = np.sort(np.asarray(evals, dtype=float))
+    x = x[x > EVALS_THRESH]
+    n = len(x)
+    best = None
+    if n >= 20:
+        for i in range(n - 1):
+            m = n - i
+            a = 1 + m / (np.sum(np.log(x[i:])) - m * np.log(x[i]))
+            if a > 1:
+                D = max(abs(1 - (x[i + k] / x[i]) ** (1 - a) - k / m) for k in range(m))
+            else:
+                D = 1.0
+            if best is None or D < best[2]:
+                best = (a, x[i], D, (a - 1) / math.sqrt(m))
+    else:
+        for i in range(n):
+            m = n - i
+            S = np.sum(np.log(x[i:] / x[i]))
+            if m >= 8 and S > 1e-12:
+                a = 1 + (m - 1) / S
+                D = max(abs(1 - (x[i + k] / x[i]) ** (1 - a) - k / m) for k in range(m)) if a > 1 else 1.0
+            else:
+                a, D = float("nan"), 1.0
+            if best is None or D < best[2]:
+                best = (a, x[i], D, (a - 1) / math.sqrt(m))
+    return best
+
+
+@pytest.mark.parametrize("seed,n", [(0, 12), (1, 19), (2, 20), (3, 64), (4, 300)])
+def test_fit_matches_literal_definition(seed, n):
+    rng = np.random.default_rng(seed)
+    evals = np.exp(rng.standard_normal(n) * 1.5)          # a spread-out, tail-heavy spectrum
+    alpha, xmin, D, sigma = naive_ww_fit(evals)
+    fit = fit_powerlaw(evals)
+    assert fit.small_n == (n < 20)
+    assert fit.alpha == pytest.approx(alpha, rel=1e-10)
+    assert fit.xmin == pytest.approx(xmin, rel=1e-12)
+    assert fit.D == pytest.approx(D, rel=1e-9)
+    assert fit.sigma == pytest.approx(sigma, rel=1e-9)
+
+
+def test_fit_hand_example():
+    # Tail of a geometric sequence 1, 2, 4, ...: the exact first-minimum rules decide xmin.
+    x = 2.0 ** np.arange(25)
+    alpha, xmin, D, _ = naive_ww_fit(x)
+    fit = fit_powerlaw(x[::-1])                             # order of the input does not matter
+    assert (fit.alpha, fit.xmin, fit.D) == pytest.approx((alpha, xmin, D), rel=1e-10)
+    assert fit.xmax == x[-1]
+
+
+def test_fit_recovers_known_exponent():
+    # i.i.d. Pareto samples with survival exponent mu have density exponent mu + 1 exactly.
+    for seed, mu in [(0, 1.5), (1, 2.0), (2, 3.0)]:
+        x = np.random.default_rng(seed).pareto(mu, 5000) + 1.0
+        fit = fit_powerlaw(x)
+        assert abs(fit.alpha - (mu + 1)) < 4 * fit.sigma + 0.02, (mu, fit.alpha, fit.sigma)
+
+
+def test_fit_failure_is_not_an_exception():
+    for bad in ([], [1.0], [0.0] * 30, [2.0] * 30, [np.nan, np.inf, 1.0, 2.0]):
+        fit = fit_powerlaw(bad)
+        assert fit.status == "failed" and math.isnan(fit.alpha)
+
+
+def test_hill_alpha_formula():
+    x = np.arange(1.0, 101.0)
+    i = 50
+    expected = 1 + (100 - i) / np.sum(np.log(x[i:] / x[i]))
+    assert hill_alpha(x) == pytest.approx(expected, rel=1e-12)
+    assert hill_alpha(x, xmin_pos=1.5) == pytest.approx(1 + 34 / np.sum(np.log(x[66:] / x[66])))
+
+
+# ----------------------------------------------------------------------- theory
+
+def test_marchenko_pastur_matrix_is_under_trained():
+    for seed in range(3):
+        W = np.random.default_rng(seed).standard_normal((800, 400))
+        layer = ww_core.analyze({"w.weight": W})["w"]
+        assert layer.alpha > 6 and "under-trained" in layer.flags, layer.alpha
+
+
+@pytest.mark.parametrize("mu", [1.0, 1.5])
+def test_heavy_tailed_entries_give_theoretical_alpha(mu):
+    # Entries with a Pareto tail P(|w| > t) ~ t^-mu, mu < 2: the top eigenvalues are the squared
+    # largest entries, so the ESD tail exponent is 1 + mu/2 (HT-SR, Lévy regime). 5 seeds at
+    # 1000×500 gave 1.41–1.54 (mu=1) and 1.76–1.95 (mu=1.5): finite size biases alpha upward by
+    # up to ~0.2, so the tolerance is 0.25.
+    rng = np.random.default_rng(7)
+    W = rng.choice([-1, 1], size=(1000, 500)) * (rng.pareto(mu, size=(1000, 500)) + 1)
+    layer = ww_core.analyze({"w.weight": W})["w"]
+    assert abs(layer.alpha - (1 + mu / 2)) < 0.25, layer.alpha
+    assert "over-trained" in layer.flags
+
+
+def test_rank_deficient_and_nan_matrices_are_flagged_not_raised():
+    rng = np.random.default_rng(0)
+    low_rank = rng.standard_normal((300, 5)) @ rng.standard_normal((5, 200))
+    nan = rng.standard_normal((100, 50))
+    nan[3, 4] = np.nan
+    inf = rng.standard_normal((100, 50))
+    inf[0, 0] = np.inf
+    res = ww_core.analyze({"lr.weight": low_rank, "nan.weight": nan, "inf.weight": inf,
+                           "zero.weight": np.zeros((64, 32))})
+    assert "rank-collapse" in res["lr"].flags
+    assert res["lr"].rank_collapse == pytest.approx(195 / 200)
+    assert res["lr"].matrix_rank == 5
+    for name in ("nan", "inf"):
+        assert res[name].flags == ("non-finite",) and res[name].status == "failed"
+        assert math.isnan(res[name].alpha)
+    assert "fit-failed" in res["zero"].flags and "rank-collapse" in res["zero"].flags
+
+
+# ----------------------------------------------------------------------- layer types and sources
+
+def test_same_weights_same_results_module_state_dict_safetensors(tmp_path, model, result):
+    st = pytest.importorskip("safetensors.torch")
+    sd = {k: v for k, v in model.state_dict().items()}
+    path = tmp_path / "model.safetensors"
+    st.save_file(sd, str(path))
+    torch.save(sd, tmp_path / "model.pt")
+    for source in (sd, {k: v.numpy() for k, v in sd.items()}, path, str(path), tmp_path / "model.pt", tmp_path):
+        other = ww_core.analyze(source)
+        assert other.to_records() == result.to_records(), source if not isinstance(source, dict) else "dict"
+
+
+def test_torch_layer_types_and_names():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(100, 32)
+            self.c1 = torch.nn.Conv1d(16, 32, 3)
+            self.c3 = torch.nn.Conv3d(8, 16, 2)
+            self.attn = torch.nn.MultiheadAttention(32, 4)
+            self.head = torch.nn.Linear(32, 100)
+            self.head.weight = self.emb.weight               # tied: analysed once
+
+    net = Net()
+    res = ww_core.analyze(net)
+    got = {(l.name, l.type, l.rf, l.N, l.M) for l in res}
+    assert got == {("emb", "embedding", 1, 100, 32), ("c1", "conv1d", 3, 32, 16),
+                   ("c3", "conv3d", 8, 16, 8), ("attn.in_proj_q", "dense", 1, 32, 32),
+                   ("attn.in_proj_k", "dense", 1, 32, 32), ("attn.in_proj_v", "dense", 1, 32, 32),
+                   ("attn.out_proj", "dense", 1, 32, 32)}
+    # q, k, v really are the three blocks of the fused matrix
+    q = net.attn.in_proj_weight.detach().double()[32:64].numpy()
+    ev = np.sort(np.linalg.svd(q, compute_uv=False) ** 2)
+    k = ww_core.analyze(net, layers=r"in_proj_k$", keep_evals=True)["attn.in_proj_k"]
+    np.testing.assert_allclose(k.evals, ev, rtol=1e-9)
+    # the conv slices: one out×in matrix per kernel position, pooled, × 0.5
+    c1 = ww_core.analyze(net, layers="^c1$", keep_evals=True)["c1"]
+    w = net.c1.weight.detach().double().numpy()
+    ev = np.sort(np.concatenate([np.linalg.svd(w[:, :, i], compute_uv=False) ** 2 for i in range(3)])) * 0.5
+    np.testing.assert_allclose(c1.evals, ev, rtol=1e-9)
+
+
+def test_hf_conv1d_is_one_matrix():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer = Conv1D(96, 32)                                   # weight (in=32, out=96)
+    res = ww_core.analyze(torch.nn.ModuleDict({"c_attn": layer}), keep_evals=True)
+    (l,) = res.layers
+    assert (l.name, l.type, l.N, l.M) == ("c_attn", "dense", 96, 32)
+    ev = np.sort(np.linalg.svd(layer.weight.detach().double().numpy(), compute_uv=False) ** 2)
+    np.testing.assert_allclose(l.evals, ev, rtol=1e-9)
+
+
+def test_filters_and_bounds(model):
+    assert ww_core.analyze(model, layers="^fc").names == ["fc1", "fc2"]
+    assert ww_core.analyze(model, layers=["conv", "fc2"]).names == ["conv", "fc2"]
+    assert ww_core.analyze(model, layer_types=["conv2d"]).names == ["conv"]
+    res = ww_core.analyze(model, max_evals=500)
+    assert res.names == ["fc1", "fc2"]
+    assert "max_evals" in {s.name: s.reason for s in res.skipped}["conv"]
+    assert ww_core.analyze(model, min_evals=4).names[-1] == "small"
+    with pytest.raises(ValueError, match="unknown layer types"):
+        ww_core.analyze(model, layer_types=["lstm"])
+    with pytest.raises(ValueError, match="regex"):
+        ww_core.analyze(model, layers="(")
+    with pytest.raises(ValueError, match="fix_fingers"):
+        ww_core.analyze(model, fix_fingers="xmin_peak")
+
+
+def test_dtypes_meta_and_lazy_parameters():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 128)
+    res64 = ww_core.analyze({"l.weight": base.weight.detach()})["l"]
+    for dt in (torch.float16, torch.bfloat16):
+        layer = ww_core.analyze({"l.weight": base.weight.detach().to(dt)})["l"]
+        assert layer.alpha == pytest.approx(res64.alpha, abs=0.2)   # rounding of the weights only
+    with torch.device("meta"):
+        meta = torch.nn.Linear(64, 128)
+    lazy = torch.nn.LazyLinear(10)
+    res = ww_core.analyze(torch.nn.ModuleDict({"meta": meta, "lazy": lazy}))
+    assert len(res) == 0
+    reasons = {s.name: s.reason for s in res.skipped}
+    assert "meta" in reasons["meta"] and "lazy" in reasons["lazy"]
+    q = ww_core.analyze({"q.weight": torch.zeros(64, 32, dtype=torch.int8)})
+    assert len(q) == 0 and "non-float" in q.skipped[0].reason
+
+
+def test_bad_files_give_one_line_errors(tmp_path):
+    st = pytest.importorskip("safetensors.numpy")
+    with pytest.raises(FileNotFoundError):
+        ww_core.analyze(tmp_path / "missing.safetensors")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ww_core.SourceError, match="unknown format"):
+        ww_core.analyze(tmp_path / "notes.txt")
+    good = tmp_path / "good.safetensors"
+    st.save_file({"a.weight": np.ones((64, 32), dtype=np.float32)}, str(good))
+    data = good.read_bytes()
+    for name, blob in [("trunc.safetensors", data[:-100]), ("junk.safetensors", b"\x00" * 3),
+                       ("hdr.safetensors", data[:8] + b"{not json" + data[17:])]:
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(ww_core.SourceError) as info:
+            ww_core.analyze(tmp_path / name)
+        assert "\n" not in str(info.value) and name in str(info.value)
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"x.weight": torch.ones(8, 8), "evil": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ww_core.SourceError, match="weights_only"):
+        ww_core.analyze(tmp_path / "evil.pt")
+
+
+def test_bf16_safetensors_without_torch_reader(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(1)
+    w = torch.randn(96, 48).to(torch.bfloat16)
+    st.save_file({"l.weight": w}, str(tmp_path / "bf.safetensors"))
+    from_file = ww_core.analyze(tmp_path / "bf.safetensors", keep_evals=True)["l"]
+    from_tensor = ww_core.analyze({"l.weight": w}, keep_evals=True)["l"]
+    np.testing.assert_allclose(from_file.evals, from_tensor.evals, rtol=1e-9)
+
+
+def test_keras_layers_match_numpy():
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "torch":
+        pytest.skip("Keras tests run on the torch backend (KERAS_BACKEND=torch)")
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((10, 16))
+    x = keras.layers.Conv1D(24, 3, name="conv")(inp)
+    x = keras.layers.MultiHeadAttention(num_heads=2, key_dim=12, name="mha")(x, x)
+    x = keras.layers.Dense(32, name="dense")(x)
+    model = keras.Model(inp, x)
+    res = ww_core.analyze(model, keep_evals=True)
+    by_name = {l.name.rsplit(".", 1)[-1]: l for l in res}
+    assert {"conv", "dense", "query", "key", "value", "attention_output"} <= set(by_name)
+    assert by_name["conv"].type == "conv1d" and by_name["conv"].rf == 3
+    q = by_name["query"]
+    assert (q.N, q.M) == (24, 24)                      # (24, 2 heads, 12) kernel -> 24 × 24
+    kernel = keras.ops.convert_to_numpy(model.get_layer("dense").kernel).astype(float)
+    np.testing.assert_allclose(by_name["dense"].evals,
+                               np.sort(np.linalg.svd(kernel, compute_uv=False) ** 2), rtol=1e-7)
+    # same conv weights in torch layout give the same spectrum
+    k = keras.ops.convert_to_numpy(model.get_layer("conv").kernel)       # (k, in, out)
+    tw = np.transpose(k, (2, 1, 0))                                       # (out, in, k)
+    t = ww_core.analyze({"conv.weight": tw}, keep_evals=True)["conv"]
+    np.testing.assert_allclose(t.evals, by_name["conv"].evals, rtol=1e-7)
