@@ -245,12 +245,12 @@ def test_mlflow_active_run_not_ended(mlflow_store, monkeypatch):
 
     from ww_callbacks.trackers.mlflow import MLflowTracker
 
-    uri, _ = mlflow_store
+    uri, d = mlflow_store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         client = MlflowClient(tracking_uri=uri)
-        exp_id = client.create_experiment("ww-trainer")
+        exp_id = client.create_experiment("ww-trainer", artifact_location=str(d / "trainer-art"))
         with mlflow.start_run(experiment_id=exp_id) as active:  # HF's MLflowCallback does this
             tracker = MLflowTracker()
             _feed(tracker, _analyses(2))

@@ -49,6 +49,9 @@ class TensorBoardTracker(Tracker):
             ``add_text`` only).
         prefix: tag prefix (``ww``).
 
+    If the trainer's torch ``SummaryWriter`` was closed before the final analysis, an own writer
+    is opened in its directory (and closed by this tracker).
+
     Tags: ``ww/<layer>/<metric>`` and ``ww/summary/<metric>`` (finite values), at
     ``global_step=step``; an own torch writer also gets a custom-scalars layout overlaying every
     layer's alpha. The writer is flushed after each analysis.
@@ -70,6 +73,14 @@ class TensorBoardTracker(Tracker):
 
     @property
     def writer(self) -> Any:
+        w = self._writer
+        if w is not None and not self._owns_writer and getattr(w, "all_writers", ()) is None:
+            # The trainer closed its torch SummaryWriter already (HF's TensorBoardCallback does in
+            # on_train_end, which runs before user callbacks): continue in the same directory
+            # with a writer of our own, closed in close().
+            log_dir = w.get_logdir() if hasattr(w, "get_logdir") else getattr(w, "log_dir", None)
+            self.log_dir = log_dir or self.log_dir
+            self._writer = None
         if self._writer is None:
             log_dir = self.log_dir or "ww-output/tensorboard"
             writer = None
