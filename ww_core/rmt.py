@@ -97,10 +97,8 @@ def linear_kde(data: np.ndarray, x: np.ndarray, bandwidth: float = KDE_BANDWIDTH
     return np.maximum(total, 0.0) / (n * h)
 
 
-def _nan_mp_fit(W_scale: float = math.nan) -> Dict[str, Any]:
-    out: Dict[str, Any] = {k: math.nan for k in MP_FIT_KEYS}
-    out["W_scale"] = W_scale
-    return out
+def _nan_mp_fit() -> Dict[str, Any]:
+    return {k: math.nan for k in MP_FIT_KEYS}
 
 
 def _make_objective(to_fit: np.ndarray, Q: float):
@@ -199,12 +197,12 @@ def mp_fit(evals: np.ndarray, Q: float, M: int) -> Dict[str, Any]:
                 objective, (slice(0.05 * s0, 2.0 * s0, 0.01 * s0),), full_output=True
             )[0][0]
         sigma = float(sigma)
+        if not math.isfinite(sigma):
+            return _nan_mp_fit()
         bulk_max = (sigma * (1.0 + inv_sqrt_q)) ** 2
         bulk_min = (sigma * (1.0 - inv_sqrt_q)) ** 2
         tw = inv_sqrt_q * bulk_max ** (2.0 / 3.0) * float(M) ** (-2.0 / 3.0)
         num_spikes = int(np.count_nonzero(lam > bulk_max + math.sqrt(tw)))
-        if not math.isfinite(sigma):
-            return _nan_mp_fit(W_scale)
         return {
             "num_spikes": num_spikes,
             "sigma_mp": sigma,
@@ -237,7 +235,7 @@ def shuffle_slices(batch, rng: np.random.Generator):
     >>> import numpy as np
     >>> b = np.arange(8.0).reshape(2, 2, 2)
     >>> s = shuffle_slices(b, np.random.default_rng(0))
-    >>> sorted(s[0].ravel()), sorted(s[1].ravel())
+    >>> sorted(s[0].ravel().tolist()), sorted(s[1].ravel().tolist())
     ([0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0])
     """
     if isinstance(batch, np.ndarray):
@@ -281,8 +279,8 @@ def jensen_shannon_distance(p, q) -> float:
     --------
     >>> jensen_shannon_distance([1.0, 2.0, 3.0], [3.0, 2.0, 1.0])
     0.0
-    >>> round(jensen_shannon_distance([1.0, 0.0], [0.0, 1.0]) ** 2, 6) == round(np.log(2), 6)
-    True
+    >>> round(jensen_shannon_distance([0.0, 0.0, 1.0], [0.0, 1.0, 1.0]), 4)
+    0.4645
     """
     p = np.sort(np.asarray(p, dtype=np.float64).ravel())
     q = np.sort(np.asarray(q, dtype=np.float64).ravel())
