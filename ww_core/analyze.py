@@ -75,46 +75,65 @@ def _all_finite(batch: Any) -> bool:
     return bool(np.isfinite(batch).all())
 
 
+class _Counter:
+    """A minimal stderr progress counter for when tqdm is not installed."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.n = total, desc, 0
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        print(f"\r{self.desc}: {self.n}/{self.total} layers", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        print(file=sys.stderr)
+
+
 def _progress(items: List[Any], enabled: bool, desc: str = "ww analyze"):
+    """A progress bar with update()/close(), or ``items`` itself when disabled."""
     if not enabled:
         return items
     try:
         from tqdm.auto import tqdm
 
-        return tqdm(items, desc=desc, unit="layer", leave=False)
+        return tqdm(total=len(items), desc=desc, unit="layer", leave=False)
     except ImportError:
-        def counter():
-            for i, item in enumerate(items, 1):
-                print(f"\r{desc}: {i}/{len(items)} layers", end="", file=sys.stderr, flush=True)
-                yield item
-            print(file=sys.stderr)
-        return counter()
+        return _Counter(len(items), desc)
 
 
 def analyze_layer(
     lm: LayerMatrices,
     *,
+    batch: Any = None,
+    raw_evals: Optional[np.ndarray] = None,
     fix_fingers: Optional[str] = None,
     max_fingers: int = 10,
     finger_thresh: float = 1.0,
     mp_fit: bool = False,
     randomize: bool = False,
     rng: Optional[np.random.Generator] = None,
-    precision: str = "float64",
+    precision: str = "auto",
     solver: str = "gram",
     keep_evals: bool = False,
     rank_tol: float = 1e-6,
     rank_collapse_share: float = 0.1,
     hill_xmin_pos: float = 2.0,
 ) -> LayerResult:
-    """Analyse one layer (weights loaded here and released on return). See :func:`analyze`."""
+    """Analyse one layer (weights loaded here and released on return). See :func:`analyze`.
+
+    ``batch`` (the loaded ``(rf, rows, cols)`` stack) and ``raw_evals`` (its unscaled
+    eigenvalues) may be passed when the caller already has them, e.g. from a batched eigensolve.
+    """
     res = LayerResult(name=lm.name, type=lm.type, N=lm.N, M=lm.M, rf=lm.rf,
                       num_evals=lm.num_evals, scale=lm.scale)
-    batch = lm.load()
-    if not _all_finite(batch):
-        res.status, res.flags = "failed", ("non-finite",)
-        return res
-    evals = np.sort(eigenvalues(batch, precision, solver).ravel()) * lm.scale
+    if batch is None:
+        batch = lm.load()
+    if raw_evals is None:
+        if not _all_finite(batch):
+            res.status, res.flags = "failed", ("non-finite",)
+            return res
+        raw_evals = eigenvalues(batch, precision, solver)
+    evals = np.sort(raw_evals.ravel()) * lm.scale
     fit = fit_powerlaw(evals, fix_fingers=fix_fingers, max_fingers=max_fingers,
                        finger_thresh=finger_thresh)
     res.alpha, res.xmin, res.xmax, res.D, res.sigma = fit.alpha, fit.xmin, fit.xmax, fit.D, fit.sigma
@@ -141,8 +160,9 @@ def analyze_layer(
         replicas = rmt.num_replicas(lm.num_evals)
         rand = [np.sort(eigenvalues(rmt.shuffle_slices(batch, rng), precision, solver).ravel()) * lm.scale
                 for _ in range(replicas)]
-        rm = rmt.randomization_metrics(evals, np.sort(np.concatenate(rand)), Q, lm.M,
-                                       n_per_replica=rand[0].size, first_replica=rand[0])
+        # replicas concatenated in order: rand_distance compares the first one with the ESD
+        rm = rmt.randomization_metrics(evals, np.concatenate(rand), Q, lm.M,
+                                       n_per_replica=rand[0].size)
         res.rand_distance, res.max_rand_eval, res.num_traps = (
             rm["rand_distance"], rm["max_rand_eval"], rm["num_traps"])
         if keep_evals:
@@ -171,9 +191,10 @@ def analyze(
     seed: Optional[int] = None,
     conv2d_norm: bool = True,
     split_qkv: bool = True,
-    precision: str = "float64",
+    precision: str = "auto",
     solver: str = "gram",
     keep_evals: bool = False,
+    batch_elements: int = 1 << 24,
     progress: bool = False,
     rank_tol: float = 1e-6,
     rank_collapse_share: float = 0.1,
@@ -199,9 +220,13 @@ def analyze(
         seed: seed of the shuffles, for reproducible ``randomize`` results.
         conv2d_norm: multiply convolution eigenvalues by 0.5, as WeightWatcher does.
         split_qkv: split fused ``in_proj_weight`` into q, k, v (WeightWatcher skips it).
-        precision: ``"float64"`` (default) or ``"float32"`` eigensolver.
+        precision: eigensolver precision: ``"auto"`` (default: float32 for weights on a GPU,
+            float64 otherwise), ``"float64"`` or ``"float32"``.
         solver: ``"gram"`` (eigvalsh of the smaller Gram matrix, default) or ``"svd"``.
         keep_evals: keep each layer's eigenvalues on ``LayerResult.evals`` (for plots).
+        batch_elements: consecutive in-memory layers whose matrices have the same shape share one
+            eigensolver call, up to this many weight entries (0 disables). Layers read from files
+            are never batched, so one layer at a time is in memory.
         progress: show a progress bar (tqdm when installed).
         rank_tol, rank_collapse_share: a layer is flagged ``rank-collapse`` when more than
             ``rank_collapse_share`` of its eigenvalues are at most ``rank_tol × λ_max``.
@@ -242,10 +267,56 @@ def analyze(
         else:
             todo.append(lm)
     rng = np.random.default_rng(seed) if randomize else None
-    for lm in _progress(todo, progress):
+    bar = _progress(todo, progress)
+    for lm, batch, raw in _with_eigenvalues(todo, precision, solver, batch_elements):
         result.layers.append(analyze_layer(
-            lm, fix_fingers=fix_fingers or None, max_fingers=max_fingers,
-            finger_thresh=finger_thresh, mp_fit=mp_fit, randomize=randomize, rng=rng,
-            precision=precision, solver=solver, keep_evals=keep_evals, rank_tol=rank_tol,
-            rank_collapse_share=rank_collapse_share, hill_xmin_pos=hill_xmin_pos))
+            lm, batch=batch, raw_evals=raw, fix_fingers=fix_fingers or None,
+            max_fingers=max_fingers, finger_thresh=finger_thresh, mp_fit=mp_fit,
+            randomize=randomize, rng=rng, precision=precision, solver=solver,
+            keep_evals=keep_evals, rank_tol=rank_tol, rank_collapse_share=rank_collapse_share,
+            hill_xmin_pos=hill_xmin_pos))
+        if bar is not todo:
+            bar.update(1)
+    if bar is not todo:
+        bar.close()
     return result
+
+
+def _with_eigenvalues(todo: List[LayerMatrices], precision: str, solver: str, max_elements: int):
+    """Yield ``(layer, batch, raw_evals)`` in order, batching same-shaped in-memory layers.
+
+    ``raw_evals`` is ``None`` for a layer whose weights are not finite (analyze_layer flags it).
+    """
+    i = 0
+    while i < len(todo):
+        group = [todo[i]]
+        size = todo[i].rf * todo[i].rows * todo[i].cols
+        while (i + len(group) < len(todo) and not todo[i].streamed and max_elements > 0):
+            nxt = todo[i + len(group)]
+            nsize = nxt.rf * nxt.rows * nxt.cols
+            if nxt.streamed or (nxt.rows, nxt.cols) != (todo[i].rows, todo[i].cols) or size + nsize > max_elements:
+                break
+            group.append(nxt)
+            size += nsize
+        i += len(group)
+        batches = [lm.load() for lm in group]
+        finite = [_all_finite(b) for b in batches]
+        stackable = [b for b, ok in zip(batches, finite) if ok]
+        raws: List[Optional[np.ndarray]] = [None] * len(group)
+        if len(stackable) == 1:
+            raws[finite.index(True)] = eigenvalues(stackable[0], precision, solver)
+        elif stackable:
+            evals = eigenvalues(_concat(stackable), precision, solver)
+            splits = np.cumsum([b.shape[0] for b in stackable])[:-1]
+            parts = iter(np.split(evals, splits))
+            raws = [next(parts) if ok else None for ok in finite]
+        for lm, batch, raw in zip(group, batches, raws):
+            yield lm, batch, raw
+
+
+def _concat(batches: List[Any]) -> Any:
+    if all(is_torch_tensor(b) for b in batches) and len({b.device for b in batches}) == 1:
+        import torch
+
+        return torch.cat([b.detach() for b in batches])
+    return np.concatenate([np.asarray(b.detach().cpu() if is_torch_tensor(b) else b) for b in batches])

@@ -49,6 +49,8 @@ class LayerMatrices:
     #: Why the layer cannot be analysed even though it has weights (e.g. "meta device").
     unusable: Optional[str] = None
     dtype: str = ""
+    #: Read from a file on demand: never batched with other layers, so one layer is in memory.
+    streamed: bool = False
 
     @property
     def N(self) -> int:
@@ -269,8 +271,8 @@ def _value_unusable(v: Any) -> Optional[str]:
     return None
 
 
-def state_dict_layers(sd: Mapping[str, Any], conv_norm: bool = True, split_qkv: bool = True,
-                      dtypes: Optional[Mapping[str, str]] = None) -> List[LayerMatrices]:
+def state_dict_layers(sd: Mapping[str, Any], conv_norm: bool = True,
+                      split_qkv: bool = True) -> List[LayerMatrices]:
     """Layers of a name → tensor/array mapping (a ``state_dict``), in key order.
 
     Keys ending in ``.weight`` are layers: 2-D dense (embedding when the name says ``embed``,
@@ -408,11 +410,15 @@ def file_layers(path: Path, conv_norm: bool = True, split_qkv: bool = True) -> L
         return layers
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        return state_dict_layers(read_safetensors_header(path), conv_norm, split_qkv)
-    if suffix in (".pt", ".bin", ".pth", ".ckpt"):
-        return state_dict_layers(_load_torch_file(path), conv_norm, split_qkv)
-    raise SourceError(f"{path}: unknown format {suffix or '(no extension)'!r}; expected .safetensors, "
+        layers = state_dict_layers(read_safetensors_header(path), conv_norm, split_qkv)
+    elif suffix in (".pt", ".bin", ".pth", ".ckpt"):
+        layers = state_dict_layers(_load_torch_file(path), conv_norm, split_qkv)   # memory-mapped
+    else:
+        raise SourceError(f"{path}: unknown format {suffix or '(no extension)'!r}; expected .safetensors, "
                       f".pt, .bin, .pth, .ckpt or a folder of shards")
+    for layer in layers:
+        layer.streamed = True
+    return layers
 
 
 # --------------------------------------------------------------------------- dispatch

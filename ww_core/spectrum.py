@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-PRECISIONS = ("float64", "float32")
+PRECISIONS = ("auto", "float64", "float32")
 SOLVERS = ("gram", "svd")
 
 
@@ -29,7 +29,9 @@ def eigenvalues(batch: Any, precision: str = "float64", solver: str = "gram") ->
 
     Args:
         batch: a numpy array or torch tensor of shape (rf, rows, cols), any float dtype.
-        precision: ``"float64"`` (default, matches WeightWatcher to rounding) or ``"float32"``.
+        precision: ``"auto"`` (float32 for weights on a GPU, float64 otherwise), ``"float64"``
+            (matches WeightWatcher to rounding) or ``"float32"``. On CPUs float64 is the faster
+            one as well (eigvalsh of a 4096² Gram: 10.6 s float64, 14.8 s float32 on 2 cores).
         solver: ``"gram"`` (eigvalsh of the smaller Gram matrix) or ``"svd"`` (singular values).
 
     Returns:
@@ -62,7 +64,7 @@ def torch_available() -> bool:
 
 
 def _numpy_eigenvalues(batch: np.ndarray, precision: str, solver: str) -> np.ndarray:
-    dtype = np.float64 if precision == "float64" else np.float32
+    dtype = np.float32 if precision == "float32" else np.float64
     w = batch.astype(dtype, copy=False)
     if solver == "svd":
         sv = np.linalg.svd(w, compute_uv=False)
@@ -77,6 +79,8 @@ def _numpy_eigenvalues(batch: np.ndarray, precision: str, solver: str) -> np.nda
 def _torch_eigenvalues(batch: Any, precision: str, solver: str) -> np.ndarray:
     import torch
 
+    if precision == "auto":
+        precision = "float32" if batch.device.type == "cuda" else "float64"
     dtype = torch.float64 if precision == "float64" else torch.float32
     with torch.no_grad():
         w = batch.detach().to(dtype)
