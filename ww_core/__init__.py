@@ -6,7 +6,7 @@ pandas and matplotlib are used when present.
 
 Example:
     >>> import numpy as np, ww_core
-    >>> res = ww_core.analyze({"fc.weight": np.random.default_rng(0).standard_normal((300, 100))})
+    >>> res = ww_core.analyze({"fc.weight": np.random.default_rng(0).standard_normal((1000, 500))})
     >>> res.names, res["fc"].flags
     (['fc'], ('under-trained',))
 """

@@ -110,7 +110,7 @@ class AnalysisResult:
     Example:
         >>> import numpy as np, ww_core
         >>> rng = np.random.default_rng(0)
-        >>> res = ww_core.analyze({"fc.weight": rng.standard_normal((200, 100))})
+        >>> res = ww_core.analyze({"fc.weight": rng.standard_normal((1000, 500))})
         >>> res["fc"].alpha > 6        # an untrained (random) layer
         True
     """
