@@ -1,0 +1,34 @@
+"""Spectral (HT-SR) monitoring of training runs, on top of :mod:`ww_core`.
+
+``WeightWatcherController`` is the framework-free engine (schedule, history, trackers, actions);
+the framework adapters live in their own modules and are imported lazily, so importing this
+package imports no training framework and no tracker library:
+
+* ``ww_callbacks.lightning.WeightWatcherCallback`` (Lightning, both import names)
+* ``ww_callbacks.huggingface`` (HF ``Trainer``) and ``ww_callbacks.keras`` (Keras 3)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["WeightWatcherController", "Schedule", "History", "__version__"]
+
+_LAZY = {
+    "WeightWatcherController": "ww_callbacks.controller",
+    "Schedule": "ww_callbacks.schedule",
+    "History": "ww_callbacks.history",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

@@ -1,0 +1,467 @@
+"""The framework-free controller behind every adapter (Lightning, Hugging Face, Keras).
+
+It owns the schedule, the weight snapshot, the call into :func:`ww_core.analyze`, the history, the
+tracker fan-out and the hook for actions. Adapters only translate their framework's hooks:
+
+.. code-block:: python
+
+    ctl = WeightWatcherController(start_fraction=0.5, every_n_epochs=1, output_dir="ww-output")
+    ctl.configure(total_steps=1000, total_epochs=10, trackers=[...], is_global_zero=True,
+                  current_step=0)                     # once, when the trainer knows its plan
+    ...
+    if ctl.should_run(step=step, epoch=epoch, epoch_end=True):   # at an epoch end
+        ctl.run(model, step=step, epoch=epoch)
+    ...
+    ctl.finish(model, step=step, epoch=epoch)          # end of training: final analysis, close
+
+``step`` is the number of optimizer steps done (the trainer's global step) and ``epoch`` the
+0-based epoch those weights belong to.
+
+Ranks: the analysis runs on every rank that calls :meth:`run` (weights are identical under DDP and
+actions may need the result everywhere), but only global rank 0 (``is_global_zero=True``) writes
+files, calls trackers and logs.
+
+Errors: an exception in the analysis, a tracker or an action is caught and reported once through
+``log_fn`` with its context (``strict=True`` re-raises instead). A failing tracker is disabled and
+the local record continues.
+
+Actions (hook for the next issue): objects with ``on_analysis(controller, result, step, epoch)``,
+called after the history, the trackers and the log line, on every rank, in order. They can read
+``controller.history`` and report events to the trackers with :meth:`log_event`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import numbers
+import os
+import re
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+from ww_callbacks.history import History
+from ww_callbacks.schedule import Schedule
+from ww_callbacks.trackers.base import Tracker
+
+__all__ = ["WeightWatcherController"]
+
+logger = logging.getLogger("ww_callbacks")
+
+_STATE_VERSION = 1
+#: How many flagged layers the compact log line names before "+N more".
+_MAX_FLAGGED_IN_LINE = 5
+
+
+def _default_analyze(*args: Any, **kwargs: Any) -> Any:
+    import ww_core
+
+    return ww_core.analyze(*args, **kwargs)
+
+
+def _unwrap(model: Any) -> Any:
+    """The module under DDP/DataParallel-style wrappers (``.module``)."""
+    seen = 0
+    while seen < 4 and type(model).__name__ in ("DistributedDataParallel", "DataParallel") \
+            and hasattr(model, "module"):
+        model = model.module
+        seen += 1
+    return model
+
+
+class WeightWatcherController:
+    """Schedules spectral analyses during training and records them.
+
+    Args:
+        start_fraction: share of the planned training after which analyses start (default 0.5;
+            see :mod:`ww_callbacks.schedule` for the fallback when the length is unknown).
+        every_n_epochs: analyse at the end of every n-th epoch (default 1 when ``every_n_steps``
+            is not given).
+        every_n_steps: analyse every n optimizer steps instead (step schedule).
+        layers: regex or list of regexes selecting layers by name (passed to ``ww_core.analyze``).
+        output_dir: folder for ``history.jsonl``/``history.csv`` and the local report; ``None``
+            keeps the history in memory only (and drops the local tracker).
+        trackers: ``"auto"`` (the framework's own loggers mapped by the adapter, plus the local
+            record), ``None``/``[]`` (history files only), or a list of names (``"local"``,
+            ``"wandb"``, ``"mlflow"``, ``"tensorboard"``) and :class:`Tracker` instances. A name
+            uses the adapter's tracker of that name when it found one, else the registry class
+            constructed without arguments.
+        log_fn: where the one-line summary per analysis and error reports go (default: the
+            ``ww_callbacks`` logger at INFO).
+        strict: re-raise errors from the analysis, trackers and actions instead of reporting them.
+        actions: objects with ``on_analysis(controller, result, step, epoch)``.
+        analyze_fn: the analysis function (default :func:`ww_core.analyze`).
+        **analyze_options: passed to ``ww_core.analyze`` (``min_evals``, ``fix_fingers``, ...).
+
+    Raises:
+        ValueError: on invalid arguments (checked here, before training starts).
+    """
+
+    def __init__(self, start_fraction: float = 0.5, every_n_epochs: Optional[int] = None,
+                 every_n_steps: Optional[int] = None,
+                 layers: Union[None, str, Sequence[str]] = None,
+                 output_dir: Optional[Union[str, os.PathLike]] = "ww-output",
+                 trackers: Union[str, Sequence[Union[str, Tracker]], None] = "auto",
+                 log_fn: Optional[Callable[[str], Any]] = None, strict: bool = False,
+                 actions: Optional[Sequence[Any]] = None,
+                 analyze_fn: Optional[Callable[..., Any]] = None, **analyze_options: Any) -> None:
+        self.schedule = Schedule(start_fraction, every_n_epochs, every_n_steps)
+        self.layers = self._check_layers(layers)
+        if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
+            raise ValueError(f"output_dir must be a path or None, got {output_dir!r}")
+        self.output_dir = os.fspath(output_dir) if output_dir is not None else None
+        self.tracker_spec = self._check_trackers(trackers)
+        if log_fn is not None and not callable(log_fn):
+            raise ValueError(f"log_fn must be callable, got {log_fn!r}")
+        self.log_fn = log_fn if log_fn is not None else logger.info
+        self.strict = bool(strict)
+        self.actions = list(actions or ())
+        for action in self.actions:
+            if not callable(getattr(action, "on_analysis", None)):
+                raise ValueError(f"action {action!r} has no on_analysis(controller, result, step, epoch)")
+        if analyze_fn is not None and not callable(analyze_fn):
+            raise ValueError(f"analyze_fn must be callable, got {analyze_fn!r}")
+        self.analyze_fn = analyze_fn or _default_analyze
+        if "layers" in analyze_options:  # pragma: no cover - Python rejects the duplicate anyway
+            raise ValueError("pass layers= once")
+        self.analyze_options = dict(analyze_options)
+        self._check_analyze_options(analyze_fn)
+
+        self.history = History(self.output_dir, write=True)
+        self.trackers: List[Tracker] = []
+        self.is_global_zero = True
+        self.configured = False
+        self.finished = False
+        self.last_step: Optional[int] = None     # last step analysed (or attempted)
+        self.num_analyses = 0
+        self.last_result: Any = None
+        self._reported: set = set()
+        self._warned_unconfigured = False
+
+    # ------------------------------------------------------------------ validation
+    @staticmethod
+    def _check_layers(layers: Any) -> Any:
+        if layers is None:
+            return None
+        patterns = [layers] if isinstance(layers, str) else layers
+        try:
+            patterns = list(patterns)
+        except TypeError:
+            raise ValueError(f"layers must be a regex, a list of regexes or None, got {layers!r}") from None
+        for pat in patterns:
+            if not isinstance(pat, str):
+                raise ValueError(f"layers must contain regex strings, got {pat!r}")
+            try:
+                re.compile(pat)
+            except re.error as exc:
+                raise ValueError(f"invalid layers regex {pat!r}: {exc}") from None
+        return layers if isinstance(layers, str) else patterns
+
+    @staticmethod
+    def _check_trackers(trackers: Any) -> Any:
+        from ww_callbacks.trackers import TRACKERS
+
+        if trackers is None:
+            return []
+        if isinstance(trackers, str):
+            if trackers == "auto":
+                return "auto"
+            trackers = [trackers]
+        if isinstance(trackers, Tracker):
+            trackers = [trackers]
+        try:
+            items = list(trackers)
+        except TypeError:
+            raise ValueError(f"trackers must be 'auto', None or a list, got {trackers!r}") from None
+        for item in items:
+            if isinstance(item, str):
+                if item.lower() not in TRACKERS:
+                    raise ValueError(f"unknown tracker {item!r}; known: {sorted(TRACKERS)}")
+            elif not callable(getattr(item, "log_analysis", None)):
+                raise ValueError(f"tracker {item!r} is neither a name nor a Tracker (no log_analysis)")
+        return [i.lower() if isinstance(i, str) else i for i in items]
+
+    def _check_analyze_options(self, analyze_fn: Optional[Callable[..., Any]]) -> None:
+        if not self.analyze_options:
+            return
+        fn = analyze_fn
+        if fn is None:
+            try:
+                import ww_core
+
+                fn = ww_core.analyze
+            except Exception:  # ww_core missing or broken: the first analysis will report it
+                return
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            return
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return
+        unknown = sorted(set(self.analyze_options) - set(params))
+        if unknown:
+            raise ValueError(f"unknown analysis option(s) {unknown}; ww_core.analyze accepts "
+                             f"{sorted(p for p in params if p not in ('source', 'layers'))}")
+
+    # ------------------------------------------------------------------ setup
+    def configure(self, total_steps: Any = None, total_epochs: Any = None,
+                  trackers: Optional[Sequence[Tracker]] = None, is_global_zero: bool = True,
+                  current_step: Optional[int] = None,
+                  output_dir: Optional[Union[str, os.PathLike]] = None) -> None:
+        """Tell the controller the training plan; call once the trainer knows it.
+
+        Args:
+            total_steps: planned optimizer steps (``None``/``-1``/``inf`` if unknown).
+            total_epochs: planned epochs (``None``/``-1`` if unknown).
+            trackers: the framework's own trackers found by the adapter (used by ``"auto"`` and
+                by names in ``trackers``); only needed on global rank 0.
+            is_global_zero: whether this process writes files, calls trackers and logs.
+            current_step: the trainer's global step now. On resume, history rows after it (from
+                a run that crashed after its last checkpoint) are dropped, rows on disk up to it
+                that the checkpoint missed are recovered, and the files are rewritten. With
+                ``current_step=0`` (or ``None``) and no state loaded the files start afresh.
+            output_dir: overrides the constructor's ``output_dir`` (adapters use it to default
+                to a folder of the trainer).
+        """
+        if output_dir is not None:
+            self.output_dir = os.fspath(output_dir)
+            self.history.output_dir = self.output_dir
+        self.is_global_zero = bool(is_global_zero)
+        self.history.write = self.is_global_zero
+        warning = self.schedule.configure(total_steps, total_epochs)
+        if warning and self.is_global_zero:
+            self._log(f"ww: {warning}")
+        if current_step is not None:
+            self._resume_history(int(current_step))
+        self.trackers = self._build_trackers(list(trackers or ())) if self.is_global_zero else []
+        if self.is_global_zero:
+            self._guard("writing the history files", self.history.sync)
+        self.configured = True
+        self.finished = False
+
+    def _resume_history(self, current_step: int) -> None:
+        dropped = self.history.truncate(current_step)
+        recovered = 0
+        if current_step > 0 and self.is_global_zero:
+            recovered = self._guard("reading the history file", self.history.recover, current_step) or 0
+        steps = [s for s in (self.last_step, self.history.last_step) if s is not None]
+        self.last_step = min(max(steps), current_step) if steps else None
+        if (dropped or recovered) and self.is_global_zero:
+            self._log(f"ww: resumed at step {current_step}: dropped {dropped} history rows recorded "
+                      f"after it, recovered {recovered} rows from {self.history.jsonl_path}")
+
+    def _build_trackers(self, framework: List[Tracker]) -> List[Tracker]:
+        spec = self.tracker_spec
+        if spec == "auto":
+            spec = list(framework) + ["local"]
+        by_name = {getattr(t, "name", None): t for t in framework}
+        out: List[Tracker] = []
+        for item in spec:
+            if not isinstance(item, str):
+                out.append(item)
+                continue
+            if item == "local":
+                if self.output_dir is None:
+                    continue
+                from ww_callbacks.trackers.local import LocalTracker
+
+                out.append(LocalTracker(self.output_dir, log_fn=self._log))
+            elif item in by_name:
+                out.append(by_name[item])
+            else:
+                tracker = self._guard(f"creating the {item!r} tracker", self._make_tracker, item)
+                if tracker is not None:
+                    out.append(tracker)
+        return out
+
+    @staticmethod
+    def _make_tracker(name: str) -> Tracker:
+        from ww_callbacks.trackers import make_tracker
+
+        return make_tracker(name)
+
+    # ------------------------------------------------------------------ scheduling
+    def should_run(self, step: int, epoch: int, epoch_end: bool = False) -> bool:
+        """Whether an analysis is due at this point (and this step was not analysed yet)."""
+        if self.finished:
+            return False
+        if not self.configured:
+            if not self._warned_unconfigured:
+                self._warned_unconfigured = True
+                self._log("ww: configure() was not called; assuming an unknown training length")
+            self.configure(is_global_zero=self.is_global_zero)
+        if self.last_step is not None and step <= self.last_step:
+            return False
+        return self.schedule.should_run(step, epoch, epoch_end)
+
+    # ------------------------------------------------------------------ analysis
+    @property
+    def wants_evals(self) -> bool:
+        """Whether eigenvalues are kept (the options ask for it or a tracker wants ESD images)."""
+        return bool(self.analyze_options.get("keep_evals", False)) or any(
+            getattr(t, "wants_evals", False) for t in self.trackers)
+
+    def snapshot(self, model: Any) -> Any:
+        """What is handed to the engine: the model itself (unwrapped from DDP-style wrappers).
+
+        The analysis is synchronous (training waits), so the live weights are the snapshot;
+        ``ww_core`` reads them one layer at a time with ``detach().float().cpu()``.
+        """
+        return _unwrap(model)
+
+    def run(self, model: Any, step: int, epoch: int) -> Any:
+        """Analyse ``model`` now; record, fan out, log and call the actions.
+
+        Returns the ``AnalysisResult``, or ``None`` when this step was analysed already or the
+        analysis failed (reported once, unless ``strict``).
+        """
+        step, epoch = int(step), int(epoch)
+        if self.last_step is not None and step <= self.last_step:
+            return None
+        self.last_step = step
+        options = dict(self.analyze_options)
+        if self.wants_evals:
+            options["keep_evals"] = True
+        started = time.time()
+        try:
+            result = self.analyze_fn(self.snapshot(model), layers=self.layers, **options)
+        except Exception as exc:
+            if self.strict:
+                raise
+            self._report("analysis", f"analysis at step {step} (epoch {epoch}) failed", exc)
+            return None
+        self.num_analyses += 1
+        self.last_result = result
+        rows = [{"step": step, "epoch": epoch, "time": started, **rec} for rec in result.to_records()]
+        self._guard("writing the history files", self.history.append, rows)
+        if self.is_global_zero:
+            summary = self._guard("summarising", result.summary) or {}
+            for tracker in list(self.trackers):
+                try:
+                    tracker.log_analysis(step=step, epoch=epoch, rows=rows, summary=summary,
+                                         result=result, history=self.history.rows)
+                except Exception as exc:
+                    if self.strict:
+                        raise
+                    self._disable(tracker, f"tracker {self._tracker_name(tracker)} failed at step "
+                                           f"{step}", exc)
+            self._log(self.format_line(result, step, epoch))
+        for action in self.actions:
+            try:
+                action.on_analysis(self, result, step, epoch)
+            except Exception as exc:
+                if self.strict:
+                    raise
+                self._report(f"action {type(action).__name__}",
+                             f"action {type(action).__name__} failed at step {step}", exc)
+        return result
+
+    def finish(self, model: Any, step: int, epoch: int) -> Any:
+        """Final analysis at the end of training (unless this step was analysed), then close."""
+        if self.finished:
+            return None
+        if not self.configured:
+            self.configure(is_global_zero=self.is_global_zero)
+        result = None
+        if model is not None and (self.last_step is None or step > self.last_step):
+            result = self.run(model, step=step, epoch=epoch)
+        self.close()
+        return result
+
+    def close(self) -> None:
+        """Close the trackers (each once); safe to call more than once."""
+        if self.finished:
+            return
+        self.finished = True
+        for tracker in self.trackers:
+            self._guard(f"closing tracker {self._tracker_name(tracker)}", tracker.close)
+
+    def log_event(self, step: int, kind: str, payload: Dict[str, Any]) -> None:
+        """Report an action's event (freeze, LR factors, stop) to the trackers and the log."""
+        if not self.is_global_zero:
+            return
+        self._log(f"ww step {step}: {kind} {payload}")
+        for tracker in list(self.trackers):
+            try:
+                tracker.log_event(step=step, kind=kind, payload=payload)
+            except Exception as exc:
+                if self.strict:
+                    raise
+                self._disable(tracker, f"tracker {self._tracker_name(tracker)} failed on event "
+                                       f"{kind!r}", exc)
+
+    # ------------------------------------------------------------------ output helpers
+    @staticmethod
+    def format_line(result: Any, step: int, epoch: int) -> str:
+        """``ww step 120 epoch 3: mean alpha 4.12 (12 layers), flagged: fc2 under-trained``."""
+        layers = list(getattr(result, "layers", ()))
+        alphas = [l.alpha for l in layers if isinstance(l.alpha, numbers.Real) and math.isfinite(l.alpha)]
+        mean = f"{sum(alphas) / len(alphas):.2f}" if alphas else "n/a"
+        flagged = [f"{l.name} {'/'.join(l.flags)}" for l in layers if l.flags]
+        text = ", ".join(flagged[:_MAX_FLAGGED_IN_LINE]) or "none"
+        if len(flagged) > _MAX_FLAGGED_IN_LINE:
+            text += f", +{len(flagged) - _MAX_FLAGGED_IN_LINE} more"
+        return f"ww step {step} epoch {epoch}: mean alpha {mean} ({len(layers)} layers), flagged: {text}"
+
+    def _log(self, message: str) -> None:
+        try:
+            self.log_fn(message)
+        except Exception:  # a broken log_fn must not break training
+            logger.info(message)
+
+    def _report(self, key: str, context: str, exc: BaseException) -> None:
+        if key in self._reported or not self.is_global_zero:
+            return
+        self._reported.add(key)
+        self._log(f"ww: {context}: {type(exc).__name__}: {exc} (training continues; further "
+                  f"errors of this kind are not reported)")
+        logger.debug("ww_callbacks error details (%s)", context, exc_info=exc)
+
+    def _guard(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:
+            if self.strict:
+                raise
+            self._report(what, what, exc)
+            return None
+
+    def _disable(self, tracker: Tracker, context: str, exc: BaseException) -> None:
+        if tracker in self.trackers:
+            self.trackers.remove(tracker)
+        self._report(f"tracker {id(tracker)}", context + "; tracker disabled", exc)
+        try:
+            tracker.close()
+        except Exception:
+            pass
+
+    @staticmethod
+    def _tracker_name(tracker: Any) -> str:
+        return str(getattr(tracker, "name", type(tracker).__name__))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """JSON-serialisable state for checkpoints: the history rows and the last analysed step."""
+        return {"version": _STATE_VERSION, "last_step": self.last_step,
+                "num_analyses": self.num_analyses, "schedule": self.schedule.describe(),
+                "history": self.history.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore the history; the files are rewritten at the next ``configure``/write."""
+        if not state:
+            return
+        if state.get("version", _STATE_VERSION) > _STATE_VERSION:
+            raise ValueError(f"state version {state.get('version')} is newer than this "
+                             f"ww_callbacks understands ({_STATE_VERSION})")
+        self.history.load_state_dict(state.get("history", {}))
+        last = state.get("last_step")
+        self.last_step = int(last) if last is not None else self.history.last_step
+        self.num_analyses = int(state.get("num_analyses", len(self.history.steps)))
+        self.finished = False
+        if self.configured and self.is_global_zero:
+            self._guard("writing the history files", self.history.sync)
+
+    def __repr__(self) -> str:
+        return (f"WeightWatcherController({self.schedule!r}, layers={self.layers!r}, "
+                f"output_dir={self.output_dir!r}, analyses={self.num_analyses})")
