@@ -1,0 +1,289 @@
+"""Early freezing: which layers have a settled, well-trained alpha (framework-free policy).
+
+A layer is a freeze **candidate** at an analysis when all of these hold:
+
+1. its alpha has **settled**: the last ``window`` values (this analysis included) span a relative
+   range ``(max - min) / |mean|`` of at most ``tol``;
+2. the latest alpha lies in the **well-trained band** ``[lo, hi]`` (default ``(2, 6)``, WeightWatcher's
+   over-/under-trained thresholds; presets in :data:`PRESETS`);
+3. the fit succeeded and the layer carries none of ``exclude_flags`` (correlation trap,
+   rank collapse, failed/non-finite fit, too few eigenvalues);
+4. it is not **protected**: by a ``protect`` regex, or as the output head (by default the last
+   analysed layer, in model order);
+5. the **share** cap allows it: at most ``floor(max_share * number of analysed layers)`` layers are
+   frozen at once. Candidates are taken in model order (front first), because only a frozen
+   prefix also saves backward compute.
+
+With ``unfreeze=True`` a frozen layer whose alpha leaves the band by more than
+``unfreeze_margin``, or that picks up an excluded flag, is released. Note that a layer whose weights
+are really frozen keeps its alpha (the analysis is deterministic), so in ``"apply"`` mode this only
+fires for weights that are shared with a training layer or changed by something else; in
+``"suggest"`` mode the layer keeps training and a suggestion is withdrawn when it drifts.
+
+**Science caveat** (``docs`` / HT-SR reference §10, §13): no published work validates
+alpha-based freezing, and freezing may "overload" the remaining layers (SETOL §6.6). Treat it as
+experimental; ``"suggest"`` is the safe way to try it.
+
+The band and the thresholds refer to WeightWatcher's CSN ``alpha`` (``metric="alpha"``). The Hill
+estimator (``alpha_hill``) reads on a different scale (about 2.1 on noise), so a band must be
+chosen for it explicitly.
+
+The policy only *decides* and keeps the bookkeeping; applying a decision is the adapter's job
+(:func:`ww_callbacks.torch_utils.freeze_layers`, :func:`ww_callbacks.keras_utils.freeze_layers`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from ww_callbacks.actions._common import (
+    Patterns, check_metric, compile_patterns, finite, matches, normalise_mode)
+
+__all__ = ["FreezePolicy", "FreezeDecision", "PRESETS", "DEFAULT_EXCLUDE_FLAGS", "relative_range"]
+
+#: Well-trained alpha bands (CSN alpha) per domain. ``default`` is WeightWatcher's 2 / 6 rule;
+#: ``vision`` follows "well-trained CNN layers sit near 2", ``nlp`` the 3–4 typical of trained
+#: transformer layers. These are starting points, not validated thresholds.
+PRESETS: Dict[str, Tuple[float, float]] = {
+    "default": (2.0, 6.0),
+    "vision": (2.0, 3.0),
+    "nlp": (3.0, 4.0),
+}
+
+#: Flags that disqualify a layer from freezing (and release it with ``unfreeze=True``).
+DEFAULT_EXCLUDE_FLAGS: Tuple[str, ...] = (
+    "correlation-trap", "rank-collapse", "non-finite", "fit-failed", "too-few-evals")
+
+_MODES = {"off": "off", False: "off", None: "off", "suggest": "suggest", "apply": "apply",
+          True: "apply"}
+_STATE_VERSION = 1
+
+
+def relative_range(values: Sequence[float]) -> float:
+    """``(max - min) / |mean|`` of ``values``; ``inf`` when any value is not finite or the mean is 0.
+
+    Example:
+        >>> round(relative_range([3.0, 3.1, 2.95]), 4)
+        0.0497
+    """
+    if not values or not all(finite(v) for v in values):
+        return math.inf
+    mean = sum(values) / len(values)
+    if mean == 0:
+        return math.inf
+    return (max(values) - min(values)) / abs(mean)
+
+
+@dataclass
+class FreezeDecision:
+    """What one analysis decided. ``freeze``/``unfreeze`` are layer names in model order.
+
+    In ``"suggest"`` mode the names are recommendations only; in ``"off"`` mode both are empty.
+    ``reasons`` explains every name in ``freeze`` and ``unfreeze``.
+    """
+
+    freeze: List[str] = field(default_factory=list)
+    unfreeze: List[str] = field(default_factory=list)
+    reasons: Dict[str, str] = field(default_factory=dict)
+    mode: str = "off"
+    step: Optional[int] = None
+    epoch: Optional[int] = None
+
+    def __bool__(self) -> bool:
+        return bool(self.freeze or self.unfreeze)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-serialisable form (the decisions log and tracker events use it)."""
+        return {"mode": self.mode, "step": self.step, "epoch": self.epoch,
+                "freeze": list(self.freeze), "unfreeze": list(self.unfreeze),
+                "reasons": dict(self.reasons)}
+
+
+class FreezePolicy:
+    """Decides which layers to freeze (or unfreeze) from the alpha history.
+
+    Args:
+        mode: ``"off"`` (default; never decides anything), ``"suggest"`` (decides and records,
+            the adapter only logs) or ``"apply"`` (the adapter freezes). ``False``/``True`` are
+            accepted for ``"off"``/``"apply"``.
+        tol: largest relative range ``(max - min)/|mean|`` of the last ``window`` alphas for a
+            layer to count as settled.
+        window: number of analyses (this one included) the settle test looks at; ``>= 2``.
+        band: ``(lo, hi)`` well-trained band, or a preset name from :data:`PRESETS`.
+        metric: ``"alpha"`` (CSN, default; the band's scale) or ``"alpha_hill"``.
+        max_share: most layers frozen at once, as a share of the analysed layers, in ``[0, 1]``.
+        protect: regex or list of regexes (``re.search`` on the layer name) never frozen.
+        protect_head: never freeze the output head, taken as the last analysed layer.
+        unfreeze: release frozen layers whose alpha leaves the band or that get an excluded flag.
+        unfreeze_margin: hysteresis; a frozen layer is released only beyond
+            ``[lo - margin, hi + margin]``.
+        exclude_flags: ``LayerResult.flags`` that disqualify a layer.
+
+    Example:
+        >>> from types import SimpleNamespace as L
+        >>> layers = [L(name=n, alpha=3.0, flags=(), status="success") for n in ("a", "b", "head")]
+        >>> policy = FreezePolicy("suggest", window=3, max_share=1.0)
+        >>> history = {"a": [3.05, 3.0, 3.0], "b": [4.0, 3.0, 3.0], "head": [3.0, 3.0, 3.0]}
+        >>> d = policy.decide(history, layers, step=30)
+        >>> d.freeze                       # b has not settled, the head is protected
+        ['a']
+    """
+
+    PRESETS = PRESETS
+
+    def __init__(self, mode: Union[str, bool, None] = "off", tol: float = 0.05, window: int = 3,
+                 band: Union[str, Tuple[float, float]] = "default", metric: str = "alpha",
+                 max_share: float = 0.5, protect: Patterns = None, protect_head: bool = True,
+                 unfreeze: bool = False, unfreeze_margin: float = 0.0,
+                 exclude_flags: Sequence[str] = DEFAULT_EXCLUDE_FLAGS) -> None:
+        self.mode = normalise_mode("freeze mode", mode, _MODES)
+        if not finite(tol) or tol < 0:
+            raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+            raise ValueError(f"window must be an int >= 2 (analyses compared), got {window!r}")
+        if isinstance(band, str):
+            if band not in PRESETS:
+                raise ValueError(f"unknown band preset {band!r}; presets: {sorted(PRESETS)}")
+            band = PRESETS[band]
+        try:
+            lo, hi = (float(b) for b in band)
+        except (TypeError, ValueError):
+            raise ValueError(f"band must be (lo, hi) or a preset name, got {band!r}") from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"band must satisfy lo < hi (finite), got {band!r}")
+        if not finite(max_share) or not 0.0 <= max_share <= 1.0:
+            raise ValueError(f"max_share must be in [0, 1], got {max_share!r}")
+        if not finite(unfreeze_margin) or unfreeze_margin < 0:
+            raise ValueError(f"unfreeze_margin must be >= 0, got {unfreeze_margin!r}")
+        if isinstance(exclude_flags, str):
+            raise ValueError("exclude_flags must be a sequence of flag names, not one string")
+        self.tol = float(tol)
+        self.window = window
+        self.band = (lo, hi)
+        self.metric = check_metric(metric)
+        self.max_share = float(max_share)
+        self.protect = list(protect) if isinstance(protect, (list, tuple)) else protect
+        self._protect = compile_patterns("protect", protect)
+        self.protect_head = bool(protect_head)
+        self.unfreeze = bool(unfreeze)
+        self.unfreeze_margin = float(unfreeze_margin)
+        self.exclude_flags = tuple(exclude_flags)
+        #: Names currently frozen ("apply") or currently recommended ("suggest"), in model order.
+        self.frozen: List[str] = []
+        #: Non-empty decisions, oldest first (``FreezeDecision.to_dict()`` form).
+        self.decisions: List[Dict[str, Any]] = []
+        #: The output head seen at the last decision (protected when ``protect_head``).
+        self.head: Optional[str] = None
+
+    # ------------------------------------------------------------------ decisions
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    def is_protected(self, name: str) -> bool:
+        """True when ``name`` matches ``protect`` or is the output head (with ``protect_head``)."""
+        return matches(self._protect, name) or (self.protect_head and name == self.head)
+
+    def _excluded_flag(self, layer: Any) -> Optional[str]:
+        bad = [f for f in getattr(layer, "flags", ()) if f in self.exclude_flags]
+        return bad[0] if bad else None
+
+    def decide(self, history_by_layer: Mapping[str, Sequence[float]], latest_result: Any,
+               step: Optional[int] = None, epoch: Optional[int] = None) -> FreezeDecision:
+        """Decide at one analysis and update :attr:`frozen` and :attr:`decisions`.
+
+        Args:
+            history_by_layer: per-layer metric series, oldest first, **including** this analysis
+                (e.g. :func:`ww_callbacks.actions.series_from_rows` of ``controller.history.rows``).
+            latest_result: this analysis: an ``AnalysisResult`` or an iterable of ``LayerResult``
+                (model order; the last one is the output head).
+            step, epoch: recorded with the decision.
+
+        Returns:
+            A :class:`FreezeDecision` (empty in ``"off"`` mode).
+        """
+        decision = FreezeDecision(mode=self.mode, step=step, epoch=epoch)
+        if self.mode == "off":
+            return decision
+        layers = list(getattr(latest_result, "layers", latest_result))
+        if not layers:
+            return decision
+        names = [l.name for l in layers]
+        self.head = names[-1]
+        lo, hi = self.band
+        frozen = set(self.frozen)
+
+        if self.unfreeze:
+            m = self.unfreeze_margin
+            for layer in layers:
+                if layer.name not in frozen:
+                    continue
+                value = getattr(layer, self.metric, math.nan)
+                flag = self._excluded_flag(layer)
+                if flag:
+                    reason = f"flag {flag}"
+                elif not finite(value):
+                    reason = f"{self.metric} not finite"
+                elif value < lo - m or value > hi + m:
+                    reason = f"{self.metric} {value:.3f} left band [{lo:g}, {hi:g}]"
+                    reason += f" (margin {m:g})" if m else ""
+                else:
+                    continue
+                decision.unfreeze.append(layer.name)
+                decision.reasons[layer.name] = reason
+            frozen -= set(decision.unfreeze)
+
+        cap = math.floor(self.max_share * len(layers) + 1e-9)
+        for layer in layers:
+            if len(frozen) >= cap:
+                break
+            name = layer.name
+            if name in frozen or name in decision.unfreeze or self.is_protected(name):
+                continue
+            if getattr(layer, "status", "success") != "success" or self._excluded_flag(layer):
+                continue
+            value = getattr(layer, self.metric, math.nan)
+            if not finite(value) or not lo <= value <= hi:
+                continue
+            series = list(history_by_layer.get(name, ()))[-self.window:]
+            if len(series) < self.window:
+                continue
+            spread = relative_range(series)
+            if spread > self.tol:
+                continue
+            frozen.add(name)
+            decision.freeze.append(name)
+            decision.reasons[name] = (f"{self.metric} {value:.3f} in [{lo:g}, {hi:g}], settled: "
+                                      f"relative range {spread:.4f} <= {self.tol:g} over "
+                                      f"{self.window} analyses")
+
+        order = {n: i for i, n in enumerate(names)}
+        self.frozen = sorted(frozen, key=lambda n: (order.get(n, len(order)), n))
+        if decision:
+            self.decisions.append(decision.to_dict())
+        return decision
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """JSON-serialisable state: the frozen (or suggested) set, the head and the decisions log."""
+        return {"version": _STATE_VERSION, "mode": self.mode, "frozen": list(self.frozen),
+                "head": self.head, "decisions": [dict(d) for d in self.decisions]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`. The adapter must then re-apply :attr:`frozen` to the model
+        (``requires_grad``/``trainable`` are not part of framework checkpoints)."""
+        if not state:
+            return
+        if int(state.get("version", _STATE_VERSION)) > _STATE_VERSION:
+            raise ValueError(f"freeze state version {state.get('version')} is newer than "
+                             f"supported ({_STATE_VERSION})")
+        self.frozen = [str(n) for n in state.get("frozen", [])]
+        self.head = state.get("head")
+        self.decisions = [dict(d) for d in state.get("decisions", [])]
+
+    def __repr__(self) -> str:
+        return (f"FreezePolicy(mode={self.mode!r}, tol={self.tol}, window={self.window}, "
+                f"band={self.band}, metric={self.metric!r}, max_share={self.max_share}, "
+                f"unfreeze={self.unfreeze}, frozen={len(self.frozen)})")

@@ -1,0 +1,371 @@
+"""PyTorch side of the actions: per-layer parameter groups, mid-training freezing, LR factors.
+
+torch is imported inside the functions only, so importing this module costs nothing.
+
+Layer names are ``ww_core`` names: the ``named_modules()`` path of the module that owns the weight
+(``encoder.layer.0.attention.self.query``; the root module is named by its class). Names are
+matched after stripping the wrapper prefixes ``module.`` (DDP/DataParallel) and ``_orig_mod.``
+(``torch.compile``). ``nn.MultiheadAttention``'s split projections (``attn.in_proj_q/_k/_v``)
+share one parameter, so they share one group (``"name": "attn.in_proj"``, ``"ww_layers"`` lists
+the three) whose factor is the mean of theirs.
+
+Freezing mid-training (frameworks reference §0.3, §1): ``requires_grad_(False)`` **and**
+``p.grad = None``. With a ``None`` grad every torch optimizer skips the parameter, so neither
+momentum nor (decoupled) weight decay can move it; the parameter stays in its group so the
+optimizer/scheduler layout and checkpoints are unchanged. ``requires_grad`` is not saved in
+checkpoints: re-freeze after a resume. Under DDP the set of parameters that get gradients changes,
+which needs ``find_unused_parameters=True`` (Lightning ``DDPStrategy(find_unused_parameters=True)``,
+HF ``TrainingArguments(ddp_find_unused_parameters=True)``), and every rank must freeze the same
+layers (use :func:`broadcast_object` on the decision).
+
+LR factors (:func:`apply_lr_factors`) are relative to each group's original LR, stored once in the
+group as ``group["ww_base_lr"]``; the factor in force is ``group["ww_lr_factor"]``. Both live in the
+optimizer's ``state_dict``, ``scheduler.base_lrs`` in the scheduler's, so a resume restores them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+__all__ = ["layer_param_groups", "resolve_layer_params", "freeze_layers", "unfreeze_layers",
+           "apply_lr_factors", "group_factor", "broadcast_object", "unwrap_model",
+           "unwrap_optimizer"]
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_MHA_SUFFIX = re.compile(r"\.(in_proj(_[qkv])?|([qkv])_proj)$")
+
+
+def unwrap_model(model: Any) -> Any:
+    """The module under DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    for _ in range(8):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None or inner is model:
+            break
+        model = inner
+    return model
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The raw ``torch.optim.Optimizer`` under accelerate's ``AcceleratedOptimizer``
+    (``.optimizer``) and Lightning's ``LightningOptimizer`` (``._optimizer``)."""
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
+
+
+def _strip(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix):], True
+    return name
+
+
+def resolve_layer_params(model: Any, names: Iterable[str]) -> Dict[str, Tuple[str, List[Tuple[str, Any]]]]:
+    """Map ``ww_core`` layer names to ``(group name, [(param name, parameter), ...])``.
+
+    The parameters are those the layer's module owns directly (weight and bias; for
+    ``MultiheadAttention`` the projection it names plus its bias).
+
+    Raises:
+        ValueError: a name that matches no module of ``model``.
+    """
+    model = unwrap_model(model)
+    modules = {_strip(path): mod for path, mod in model.named_modules()}
+    root_name = type(model).__name__
+    out: Dict[str, Tuple[str, List[Tuple[str, Any]]]] = {}
+    missing = []
+    for raw in names:
+        name = _strip(str(raw))
+        path, mod = name, modules.get(name)
+        if mod is None and name == root_name:
+            path, mod = "", model
+        params: List[Tuple[str, Any]] = []
+        group = name
+        if mod is None:
+            m = _MHA_SUFFIX.search(name)
+            owner = modules.get(name[: m.start()]) if m else None
+            if owner is not None:
+                path, mod = name[: m.start()], owner
+                if m.group(3):                      # q_proj / k_proj / v_proj: separate weights
+                    params = [(f"{m.group(3)}_proj_weight",
+                               getattr(owner, f"{m.group(3)}_proj_weight"))]
+                else:                               # fused in_proj, shared by q, k and v
+                    params = [(n, getattr(owner, n)) for n in ("in_proj_weight", "in_proj_bias")
+                              if getattr(owner, n, None) is not None]
+                    group = f"{path}.in_proj"
+        if mod is None:
+            missing.append(raw)
+            continue
+        if not params:
+            params = [(n, p) for n, p in mod.named_parameters(recurse=False)]
+        prefix = f"{path}." if path else ""
+        out[str(raw)] = (group, [(prefix + n, p) for n, p in params if p is not None])
+    if missing:
+        raise ValueError(f"{len(missing)} layer name(s) match no module of the model: "
+                         f"{missing[:5]}; names must be ww_core layer names (module paths)")
+    return out
+
+
+def layer_param_groups(model: Any, layer_names: Sequence[str], base_lr: Optional[float] = None,
+                       rest_name: str = "rest", **group_kwargs: Any) -> List[Dict[str, Any]]:
+    """One optimizer param group per analysed layer, plus one for every other parameter.
+
+    Works with any ``torch.optim`` optimizer: each group is a plain dict with ``"params"``,
+    ``"name"`` (the layer name; ``rest_name`` for the rest), ``"ww_layers"`` (the ``ww_core``
+    names it covers) and the extra keys. Every parameter appears exactly once (tied weights go to
+    the first layer that owns them); frozen parameters are included so that they can be unfrozen.
+
+    Args:
+        model: the ``nn.Module`` (DDP/compiled wrappers are unwrapped).
+        layer_names: ``ww_core`` layer names, e.g. ``ww_core.analyze(model).names``.
+        base_lr: ``"lr"`` of every group; ``None`` leaves it to the optimizer's default.
+        rest_name: name of the final group (left out when empty).
+        **group_kwargs: further keys for every group (``weight_decay=...``, ``momentum=...``).
+
+    Returns:
+        The list of groups, layer groups in the order of ``layer_names``, then the rest.
+
+    Raises:
+        ValueError: bad ``base_lr``, a duplicate/unknown name, or ``rest_name`` clashing.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> groups = layer_param_groups(model, ["0", "2"], base_lr=0.1)
+        >>> opt = torch.optim.SGD(groups, momentum=0.9)
+        >>> [g["name"] for g in opt.param_groups], [len(g["params"]) for g in opt.param_groups]
+        (['0', '2'], [2, 2])
+    """
+    if base_lr is not None and (isinstance(base_lr, bool) or not isinstance(base_lr, (int, float))
+                                or not math.isfinite(base_lr) or base_lr < 0):
+        raise ValueError(f"base_lr must be a finite number >= 0 or None, got {base_lr!r}")
+    if isinstance(layer_names, str):
+        raise ValueError("layer_names must be a sequence of names, not one string")
+    if len(set(layer_names)) != len(layer_names):
+        raise ValueError("layer_names contains duplicates")
+    if rest_name in layer_names:
+        raise ValueError(f"rest_name {rest_name!r} is also a layer name; pick another")
+    model = unwrap_model(model)
+    resolved = resolve_layer_params(model, layer_names)
+    extra = dict(group_kwargs)
+    if base_lr is not None:
+        extra["lr"] = float(base_lr)
+    groups: Dict[str, Dict[str, Any]] = {}
+    seen: set = set()
+    for name in layer_names:
+        group_name, params = resolved[name]
+        group = groups.get(group_name)
+        if group is None:
+            group = groups[group_name] = {"params": [], "name": group_name, "ww_layers": [], **extra}
+        group["ww_layers"].append(name)
+        for _, p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                group["params"].append(p)
+    out = [g for g in groups.values() if g["params"]]
+    rest = [p for p in model.parameters() if id(p) not in seen]
+    if rest:
+        out.append({"params": rest, "name": rest_name, "ww_layers": [], **extra})
+    return out
+
+
+def _layer_params(model: Any, names: Iterable[str]) -> List[Any]:
+    params, seen = [], set()
+    for _, plist in resolve_layer_params(model, names).values():
+        for _, p in plist:
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
+
+
+def freeze_layers(model: Any, names: Iterable[str], optimizers: Iterable[Any] = (),
+                  drop_state: bool = False) -> List[str]:
+    """Freeze layers mid-training so that nothing can move their weights any more.
+
+    ``requires_grad_(False)`` stops new gradients and ``p.grad = None`` makes every optimizer skip
+    the parameter (with a zero-but-present grad, SGD momentum and AdamW's decoupled weight decay
+    would still move it). The parameters stay in their param groups.
+
+    Args:
+        model: the ``nn.Module`` (wrappers are unwrapped).
+        names: ``ww_core`` layer names.
+        optimizers: optimizers (raw, accelerate or Lightning wrappers) whose per-parameter state
+            is dropped when ``drop_state`` (frees e.g. Adam's two moment buffers).
+        drop_state: pop the parameters' optimizer state. Off by default: keeping it lets an
+            unfrozen layer resume with its momentum.
+
+    Returns:
+        The parameter names frozen (``module.path.weight``...).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        >>> freeze_layers(model, ["0"])
+        ['0.weight', '0.bias']
+    """
+    if isinstance(names, str):
+        raise ValueError("names must be a sequence of layer names, not one string")
+    resolved = resolve_layer_params(model, names)
+    opts = [unwrap_optimizer(o) for o in optimizers]
+    frozen: List[str] = []
+    for _, plist in resolved.values():
+        for pname, p in plist:
+            p.requires_grad_(False)
+            p.grad = None
+            if drop_state:
+                for opt in opts:
+                    opt.state.pop(p, None)
+            if pname not in frozen:
+                frozen.append(pname)
+    return frozen
+
+
+def unfreeze_layers(model: Any, names: Iterable[str]) -> List[str]:
+    """Make the layers' parameters trainable again (``requires_grad_(True)``).
+
+    They must still be in an optimizer param group to be updated: true for groups from
+    :func:`layer_param_groups` and for Lightning optimizers built over ``model.parameters()``,
+    not for HF's default optimizer when the layer was frozen *before* it was created.
+
+    Returns:
+        The parameter names unfrozen.
+    """
+    if isinstance(names, str):
+        raise ValueError("names must be a sequence of layer names, not one string")
+    out: List[str] = []
+    for _, plist in resolve_layer_params(model, names).values():
+        for pname, p in plist:
+            p.requires_grad_(True)
+            if pname not in out:
+                out.append(pname)
+    return out
+
+
+def group_factor(group: Mapping[str, Any], factors: Mapping[str, float]) -> float:
+    """The factor for one param group: by its ``"name"``, else the mean over its ``"ww_layers"``
+    present in ``factors``, else 1.0."""
+    name = group.get("name")
+    if name is not None and name in factors:
+        return float(factors[name])
+    hits = [float(factors[n]) for n in group.get("ww_layers", ()) if n in factors]
+    return sum(hits) / len(hits) if hits else 1.0
+
+
+def _schedulers_of(schedulers: Iterable[Any]) -> List[Any]:
+    """Flatten ``SequentialLR``/``ChainedScheduler`` and Lightning ``LRSchedulerConfig``s."""
+    out: List[Any] = []
+    for s in schedulers:
+        if s is None:
+            continue
+        s = getattr(s, "scheduler", s)          # Lightning LRSchedulerConfig
+        out.append(s)
+        inner = getattr(s, "_schedulers", None)
+        if inner:
+            out.extend(_schedulers_of(inner))
+    return out
+
+
+def apply_lr_factors(optimizer: Any, schedulers: Iterable[Any] = (),
+                     factors: Optional[Mapping[str, float]] = None,
+                     base: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
+    """Set each named param group's LR to ``factor × its original LR``, durably and idempotently.
+
+    For every group with a ``"name"``:
+
+    * the original LR is stored once as ``group["ww_base_lr"]`` (``base[name]`` when given, else
+      the group's ``"initial_lr"`` (set by schedulers), else its current ``"lr"``), so applying the
+      same factors twice changes nothing and new factors replace old ones instead of compounding;
+    * ``group["lr"]`` is rescaled by ``factor / previous factor`` for immediate effect (it holds
+      ``original × schedule multiplier × previous factor``);
+    * every scheduler's ``base_lrs[i]`` (LambdaLR and HF's default schedulers recompute
+      ``lr = base_lrs[i] × lambda(step)`` each step, which would erase a bare ``lr`` edit) and
+      ``group["initial_lr"]`` become ``original × factor``. Chainable schedulers (StepLR,
+      ExponentialLR, CosineAnnealingLR, ...) multiply the current ``lr``, so the rescale persists;
+    * ``OneCycleLR``: ``group["max_lr"]``/``["min_lr"]`` are rescaled too (it recomputes from them);
+      ``CyclicLR``: ``max_lrs[i]`` too. ``ReduceLROnPlateau`` needs nothing (its ``min_lrs``
+      floor is not scaled, so a factor cannot push a group below it).
+
+    Groups without a ``"name"`` (e.g. HF's two default groups) are left alone: build groups with
+    :func:`layer_param_groups`. A layer name missing from ``factors`` goes back to factor 1.
+
+    Args:
+        optimizer: raw or wrapped (accelerate, Lightning) optimizer.
+        schedulers: the schedulers stepping this optimizer (any on another optimizer are ignored).
+        factors: ``{layer or group name: factor}`` (e.g. ``LRDecision.factors``).
+        base: optional ``{group name: original lr}``, overriding the stored original.
+
+    Returns:
+        ``{group name: lr now in force}``.
+
+    Raises:
+        ValueError: a non-finite or non-positive factor or base LR.
+    """
+    factors = dict(factors or {})
+    for key, f in list(factors.items()) + list((base or {}).items()):
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f <= 0:
+            raise ValueError(f"factors and base LRs must be finite numbers > 0; {key!r}: {f!r}")
+    opt = unwrap_optimizer(optimizer)
+    scheds = [s for s in _schedulers_of(schedulers)
+              if unwrap_optimizer(getattr(s, "optimizer", opt)) is opt]
+    out: Dict[str, float] = {}
+    for i, group in enumerate(opt.param_groups):
+        name = group.get("name")
+        if name is None:
+            continue
+        if base and name in base:
+            group["ww_base_lr"] = float(base[name])
+        elif "ww_base_lr" not in group:
+            group["ww_base_lr"] = float(group.get("initial_lr", group["lr"]))
+        original = group["ww_base_lr"]
+        f = group_factor(group, factors)
+        ratio = f / float(group.get("ww_lr_factor", 1.0))
+        group["ww_lr_factor"] = f
+        group["lr"] = _scaled(group["lr"], ratio)
+        if "initial_lr" in group:
+            group["initial_lr"] = original * f
+        for key in ("max_lr", "min_lr"):           # OneCycleLR recomputes from these
+            if key in group:
+                group[key] = _scaled(group[key], ratio)
+        for s in scheds:
+            base_lrs = getattr(s, "base_lrs", None)
+            if base_lrs is not None and i < len(base_lrs):
+                base_lrs[i] = original * f
+            max_lrs = getattr(s, "max_lrs", None)  # CyclicLR
+            if max_lrs is not None and i < len(max_lrs):
+                max_lrs[i] = _scaled(max_lrs[i], ratio)
+            last = getattr(s, "_last_lr", None)     # what get_last_lr() / LR monitors report
+            if isinstance(last, list) and i < len(last):
+                last[i] = group["lr"]
+        out[name] = float(group["lr"])
+    return out
+
+
+def _scaled(value: Any, ratio: float) -> Any:
+    # lr may be a 0-d tensor (capturable/fused optimizers): scale in place to keep its identity
+    if hasattr(value, "mul_"):
+        value.mul_(ratio)
+        return value
+    return float(value) * ratio
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Return rank ``src``'s ``obj`` on every rank when ``torch.distributed`` is initialised,
+    else ``obj`` itself. Use as the actions' ``sync_fn`` so all DDP ranks decide alike."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch without distributed
+        return obj
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
