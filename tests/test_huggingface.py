@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 import types
 
 import pytest
@@ -29,6 +30,8 @@ def _env(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONSOLE", "off")
+    if "wandb" in sys.modules:  # wandb reads WANDB_DIR once per process setup: start afresh
+        sys.modules["wandb"].teardown()
     monkeypatch.setenv("WANDB_PROJECT", "ww-hf-test")
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
@@ -84,6 +87,7 @@ def test_epoch_schedule_wandb_and_tensorboard(tmp_path):
     run = wandb.run
     assert run is not None
     run_dir = os.path.dirname(run.dir)
+    assert run_dir.startswith(str(tmp_path))
     names = {type(t).__name__ for t in ww.controller.trackers}
     assert {"WandbTracker", "TensorBoardTracker", "LocalTracker"} <= names
     assert _steps(ww.history.rows) == [8, 12, 16]  # epochs 2..4 (start at 50 %), final = last

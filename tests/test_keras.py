@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
@@ -33,6 +34,8 @@ def _env(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONSOLE", "off")
+    if "wandb" in sys.modules:  # wandb reads WANDB_DIR once per process setup: start afresh
+        sys.modules["wandb"].teardown()
 
 
 def _data():

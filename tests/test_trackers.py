@@ -83,9 +83,11 @@ def wandb_env(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONSOLE", "off")
+    wandb.teardown()  # wandb reads WANDB_DIR etc. once per process setup: start a fresh one
     yield wandb
     if wandb.run is not None:
         wandb.run.finish()
+    wandb.teardown()
 
 
 def _finish_and_read(wandb, run):
@@ -103,7 +105,7 @@ def test_wandb_shared_run(wandb_env, tmp_path):
     from ww_callbacks.trackers.wandb import WandbTracker
 
     wandb = wandb_env
-    run = wandb.init(project="ww-test")
+    run = wandb.init(project="ww-test", dir=str(tmp_path))
     # the trainer's own x-axis, as Lightning's WandbLogger declares it
     run.define_metric("trainer/global_step")
     run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
@@ -154,7 +156,7 @@ def test_wandb_shared_run(wandb_env, tmp_path):
     assert sorted({r[step_col] for r in chart["data"]}) == [10, 20, 30]
 
 
-def test_wandb_no_run_and_open_run(wandb_env):
+def test_wandb_no_run_and_open_run(wandb_env, tmp_path):
     from ww_callbacks.trackers.wandb import WandbTracker
 
     wandb = wandb_env
@@ -163,11 +165,12 @@ def test_wandb_no_run_and_open_run(wandb_env):
     with pytest.raises(RuntimeError, match="no W&B run"):
         _feed(WandbTracker(), a[:1])
     tracker = WandbTracker(open_run=True, project="ww-own", step_metric="step",
-                           log_esd_images=False)
+                           log_esd_images=False, init_kwargs={"dir": str(tmp_path)})
     assert not tracker.wants_evals
     _feed(tracker, a)
     run = tracker.run
     run_dir = os.path.dirname(run.dir)
+    assert run_dir.startswith(str(tmp_path))
     tracker.close()  # owns it: finishes it
     assert wandb.run is None
     wandb.teardown()

@@ -85,6 +85,8 @@ class WandbTracker(Tracker):
             ``wants_evals``, and ``ww_core.plots``).
         max_images: at most this many ESD images per analysis.
         prefix: key prefix (``ww``).
+        init_kwargs: more ``wandb.init`` arguments for a run this tracker opens (``dir``,
+            ``name``, ``mode``...).
 
     Per analysis one row is committed holding ``{step_metric: step}``, the per-layer scalars
     ``ww/<layer>/<metric>``, ``ww/summary/<metric>``, the latest layer table ``ww/layers``, the
@@ -96,7 +98,8 @@ class WandbTracker(Tracker):
 
     def __init__(self, run: Any = None, *, step_metric: str = "trainer/global_step",
                  project: Optional[str] = None, open_run: bool = False, log_esd_images: bool = True,
-                 max_images: int = 8, prefix: str = "ww") -> None:
+                 max_images: int = 8, prefix: str = "ww",
+                 init_kwargs: Optional[Dict[str, Any]] = None) -> None:
         if max_images < 0:
             raise ValueError(f"max_images must be >= 0, got {max_images}")
         self._run = run
@@ -106,6 +109,7 @@ class WandbTracker(Tracker):
         self.log_esd_images = log_esd_images
         self.max_images = int(max_images)
         self.prefix = prefix
+        self.init_kwargs = dict(init_kwargs or {})
         self._owns_run = False
         self._defined = False
         self._plots_warned = False
@@ -122,7 +126,8 @@ class WandbTracker(Tracker):
             if wandb.run is not None:
                 self._run = wandb.run
             elif self.open_run:
-                self._run = wandb.init(project=self.project, reinit="create_new")
+                kwargs = {"project": self.project, "reinit": "create_new", **self.init_kwargs}
+                self._run = wandb.init(**kwargs)
                 self._owns_run = True
             else:
                 raise RuntimeError(
