@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import math
 import os
 import subprocess
@@ -172,7 +173,8 @@ def test_run_writes_history_files_and_line(tmp_path):
     for line in (out / "history.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
 
-    assert lines[0] == "ww step 10 epoch 0: mean alpha 5.25 (3 layers), flagged: fc2 under-trained"
+    assert re.fullmatch(r"ww step 10 epoch 0: mean alpha 5\.25 \(3 layers\), flagged: fc2 under-trained"
+                        r" \[training waited \d+\.\d{3} s\]", lines[0]), lines[0]
     html = (out / "report.html").read_text()
     assert all(name in html for name in ("fc1", "fc2", "fc3")) and "class='flag'" in html
     assert (out / "alpha_over_time.png").read_bytes()[:4] == b"\x89PNG"

@@ -17,8 +17,17 @@ from lightning.pytorch.demos.boring_classes import BoringModel  # noqa: E402
 
 import ww_core  # noqa: E402
 from ww_callbacks.history import read_jsonl  # noqa: E402
-from ww_callbacks.lightning import WeightWatcherCallback  # noqa: E402
+from ww_callbacks.lightning import WeightWatcherCallback as _Callback  # noqa: E402
 from ww_callbacks.trackers.base import Tracker  # noqa: E402
+
+
+def WeightWatcherCallback(**kwargs):
+    """The callback, synchronous unless asked: these tests assert exact analysis steps, and a
+    background analysis still running when the next one falls due is skipped by design (the
+    asynchronous mode has its own test below)."""
+    kwargs.setdefault("async_analysis", False)
+    return _Callback(**kwargs)
+
 
 LAYERS = ["layer.0", "layer.2"]  # layer.4 (32x2) has too few eigenvalues and is skipped
 
@@ -214,3 +223,33 @@ def test_state_key_and_validation():
         WeightWatcherCallback(every_n_epochs=1, every_n_steps=1)
     with pytest.raises(ValueError, match="start_fraction"):
         WeightWatcherCallback(start_fraction=2)
+
+
+class SlowBoring(BoringModel):
+    """Each training step sleeps, so a background analysis overlaps it measurably."""
+
+    def training_step(self, batch, batch_idx):
+        import time
+
+        time.sleep(0.02)
+        return super().training_step(batch, batch_idx)
+
+
+def test_async_analysis_records_every_result_with_its_step(tmp_path):
+    lines = []
+    cb = _Callback(start_fraction=0.0, every_n_steps=2, output_dir=str(tmp_path / "ww"),
+                   log_fn=lines.append)                       # async_analysis="auto" -> on
+    model = make_model(SlowBoring)
+    make_trainer(tmp_path, [cb]).fit(model)
+    ctl = cb.controller
+    assert ctl._async and ctl._pending is None and ctl._executor is None
+    steps = steps_of(cb)
+    # every due step (2, 4, ..., 16) was either analysed or counted as skipped; none twice
+    assert len(steps) == len(set(steps)) and steps[-1] == 16
+    assert len(steps) + ctl.skipped_analyses == 8
+    assert all(s % 2 == 0 for s in steps)
+    assert_consistent(cb, str(tmp_path / "ww"))
+    # the final analysis is of the final weights
+    final = {r["name"]: r["alpha"] for r in cb.history.rows_at(16)}
+    assert final == {l.name: pytest.approx(l.alpha, rel=1e-9) for l in ww_core.analyze(model)}
+    assert ctl.blocking_seconds > 0 and all("training waited" in l for l in lines if l.startswith("ww step") and "skipped" not in l)

@@ -39,6 +39,7 @@ import numbers
 import os
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 from ww_callbacks.history import History
@@ -92,6 +93,14 @@ class WeightWatcherController:
         strict: re-raise errors from the analysis, trackers and actions instead of reporting them.
         actions: objects with ``on_analysis(controller, result, step, epoch)``.
         analyze_fn: the analysis function (default :func:`ww_core.analyze`).
+        async_analysis: ``True`` copies the weights at the hook (one copy, on their device) and
+            analyses the copy in a background thread, so training only waits for the copy;
+            results are recorded when ready (checked at every :meth:`poll`/:meth:`run`), stamped
+            with the step they belong to. At most one analysis is in flight: one that falls due
+            meanwhile is skipped and counted (``skipped_analyses``). ``"auto"`` (default) is
+            ``True`` for a single process with the default engine, ``False`` under distributed
+            training (every rank must take its decisions at the same step) or a custom
+            ``analyze_fn``.
         **analyze_options: passed to ``ww_core.analyze`` (``min_evals``, ``fix_fingers``, ...).
 
     Raises:
@@ -105,7 +114,11 @@ class WeightWatcherController:
                  trackers: Union[str, Sequence[Union[str, Tracker]], None] = "auto",
                  log_fn: Optional[Callable[[str], Any]] = None, strict: bool = False,
                  actions: Optional[Sequence[Any]] = None,
-                 analyze_fn: Optional[Callable[..., Any]] = None, **analyze_options: Any) -> None:
+                 analyze_fn: Optional[Callable[..., Any]] = None,
+                 async_analysis: Union[bool, str] = "auto", **analyze_options: Any) -> None:
+        if async_analysis not in (True, False, "auto"):
+            raise ValueError(f"async_analysis must be True, False or 'auto', got {async_analysis!r}")
+        self.async_analysis = async_analysis
         self.schedule = Schedule(start_fraction, every_n_epochs, every_n_steps)
         self.layers = self._check_layers(layers)
         if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
@@ -138,6 +151,14 @@ class WeightWatcherController:
         self.last_result: Any = None
         self._reported: set = set()
         self._warned_unconfigured = False
+        self._async = False
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._pending: Optional[tuple] = None     # (future, step, epoch, started, hook_seconds)
+        #: Analyses that fell due while another was still running (async mode), not run.
+        self.skipped_analyses = 0
+        #: Total seconds the training loop waited inside run() (the analysis itself when
+        #: synchronous, only the weight copy when asynchronous).
+        self.blocking_seconds = 0.0
 
     # ------------------------------------------------------------------ validation
     @staticmethod
@@ -208,7 +229,8 @@ class WeightWatcherController:
     def configure(self, total_steps: Any = None, total_epochs: Any = None,
                   trackers: Optional[Sequence[Tracker]] = None, is_global_zero: bool = True,
                   current_step: Optional[int] = None,
-                  output_dir: Optional[Union[str, os.PathLike]] = None) -> None:
+                  output_dir: Optional[Union[str, os.PathLike]] = None,
+                  world_size: int = 1) -> None:
         """Tell the controller the training plan; call once the trainer knows it.
 
         Args:
@@ -223,7 +245,13 @@ class WeightWatcherController:
                 ``current_step=0`` (or ``None``) and no state loaded the files start afresh.
             output_dir: overrides the constructor's ``output_dir`` (adapters use it to default
                 to a folder of the trainer).
+            world_size: number of training processes; ``async_analysis="auto"`` is synchronous
+                when it is above 1.
         """
+        if self.async_analysis == "auto":
+            self._async = int(world_size) == 1 and self.analyze_fn is _default_analyze
+        else:
+            self._async = bool(self.async_analysis)
         if output_dir is not None:
             self.output_dir = os.fspath(output_dir)
             self.history.output_dir = self.output_dir
@@ -313,17 +341,47 @@ class WeightWatcherController:
     def run(self, model: Any, step: int, epoch: int) -> Any:
         """Analyse ``model`` now; record, fan out, log and call the actions.
 
-        Returns the ``AnalysisResult``, or ``None`` when this step was analysed already or the
-        analysis failed (reported once, unless ``strict``).
+        Synchronous mode returns the ``AnalysisResult`` (``None`` when this step was analysed
+        already or the analysis failed, reported once unless ``strict``). Asynchronous mode copies
+        the weights, starts the analysis in the background and returns ``None``; the result is
+        recorded by a later :meth:`poll` (or :meth:`finish`).
         """
         step, epoch = int(step), int(epoch)
+        self.poll()
         if self.last_step is not None and step <= self.last_step:
+            return None
+        if self._async and self._pending is not None:
+            self.skipped_analyses += 1
+            if self.is_global_zero:
+                self._log(f"ww step {step}: previous analysis still running, skipped this one "
+                          f"({self.skipped_analyses} skipped so far)")
             return None
         self.last_step = step
         options = dict(self.analyze_options)
         if self.wants_evals:
             options["keep_evals"] = True
         started = time.time()
+        t0 = time.perf_counter()
+        if self._async:
+            try:
+                import ww_core
+
+                snap = ww_core.snapshot(self.snapshot(model), layers=self.layers,
+                                        layer_types=options.get("layer_types"),
+                                        conv2d_norm=options.get("conv2d_norm", True),
+                                        split_qkv=options.get("split_qkv", True))
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ww-analysis")
+                future = self._executor.submit(self.analyze_fn, snap, layers=self.layers, **options)
+            except Exception as exc:
+                if self.strict:
+                    raise
+                self._report("analysis", f"analysis at step {step} (epoch {epoch}) failed", exc)
+                return None
+            hook = time.perf_counter() - t0
+            self.blocking_seconds += hook
+            self._pending = (future, step, epoch, started, hook)
+            return None
         try:
             result = self.analyze_fn(self.snapshot(model), layers=self.layers, **options)
         except Exception as exc:
@@ -331,12 +389,41 @@ class WeightWatcherController:
                 raise
             self._report("analysis", f"analysis at step {step} (epoch {epoch}) failed", exc)
             return None
+        hook = time.perf_counter() - t0
+        self.blocking_seconds += hook
+        return self._record(result, step, epoch, started, hook)
+
+    def poll(self, wait: bool = False) -> Any:
+        """Record a finished background analysis, if any (``wait=True`` waits for it).
+
+        Adapters call this from a frequent hook (every batch) so results reach the trackers soon
+        after they are ready; it costs nothing when no analysis is pending. Returns the result
+        recorded now, or ``None``.
+        """
+        if self._pending is None:
+            return None
+        future, step, epoch, started, hook = self._pending
+        if not wait and not future.done():
+            return None
+        self._pending = None
+        try:
+            result = future.result()
+        except Exception as exc:
+            if self.strict:
+                raise
+            self._report("analysis", f"analysis at step {step} (epoch {epoch}) failed", exc)
+            return None
+        return self._record(result, step, epoch, started, hook)
+
+    def _record(self, result: Any, step: int, epoch: int, started: float, hook: float) -> Any:
         self.num_analyses += 1
         self.last_result = result
         rows = [{"step": step, "epoch": epoch, "time": started, **rec} for rec in result.to_records()]
         self._guard("writing the history files", self.history.append, rows)
         if self.is_global_zero:
-            summary = self._guard("summarising", result.summary) or {}
+            summary = dict(self._guard("summarising", result.summary) or {})
+            summary["hook_seconds"] = hook
+            summary["analysis_seconds"] = time.time() - started
             for tracker in list(self.trackers):
                 try:
                     tracker.log_analysis(step=step, epoch=epoch, rows=rows, summary=summary,
@@ -346,7 +433,7 @@ class WeightWatcherController:
                         raise
                     self._disable(tracker, f"tracker {self._tracker_name(tracker)} failed at step "
                                            f"{step}", exc)
-            self._log(self.format_line(result, step, epoch))
+            self._log(self.format_line(result, step, epoch) + f" [training waited {hook:.3f} s]")
         for action in self.actions:
             try:
                 action.on_analysis(self, result, step, epoch)
@@ -363,9 +450,14 @@ class WeightWatcherController:
             return None
         if not self.configured:
             self.configure(is_global_zero=self.is_global_zero)
+        self.poll(wait=True)
         result = None
         if model is not None and (self.last_step is None or step > self.last_step):
-            result = self.run(model, step=step, epoch=epoch)
+            was_async, self._async = self._async, False     # the run is over: nothing to overlap
+            try:
+                result = self.run(model, step=step, epoch=epoch)
+            finally:
+                self._async = was_async
         self.close()
         return result
 
@@ -374,6 +466,10 @@ class WeightWatcherController:
         if self.finished:
             return
         self.finished = True
+        self._guard("waiting for the background analysis", self.poll, True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
         for tracker in self.trackers:
             self._guard(f"closing tracker {self._tracker_name(tracker)}", tracker.close)
 
@@ -442,7 +538,12 @@ class WeightWatcherController:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
-        """JSON-serialisable state for checkpoints: the history rows and the last analysed step."""
+        """JSON-serialisable state for checkpoints: the history rows and the last analysed step.
+
+        Waits for a background analysis in flight, so that a checkpoint never records a step
+        as analysed without its rows.
+        """
+        self._guard("waiting for the background analysis", self.poll, True)
         return {"version": _STATE_VERSION, "last_step": self.last_step,
                 "num_analyses": self.num_analyses, "schedule": self.schedule.describe(),
                 "history": self.history.state_dict()}

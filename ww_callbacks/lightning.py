@@ -124,23 +124,28 @@ class WeightWatcherCallback(pl.Callback):
         self.controller.configure(total_steps=total_steps, total_epochs=max_epochs,
                                   trackers=self._trackers(trainer) if zero else [],
                                   is_global_zero=zero, current_step=trainer.global_step,
-                                  output_dir=output_dir)
+                                  output_dir=output_dir, world_size=trainer.world_size)
 
     def _run(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch_end: bool) -> None:
         if trainer.sanity_checking:
             return
         step, epoch = trainer.global_step, trainer.current_epoch
         if self.controller.should_run(step=step, epoch=epoch, epoch_end=epoch_end):
-            result = self.controller.run(pl_module, step=step, epoch=epoch)
-            if result is not None:
-                summary = result.summary()
-                if math.isfinite(summary.get("alpha", math.nan)):
-                    import torch
+            self._publish(trainer, self.controller.run(pl_module, step=step, epoch=epoch))
 
-                    trainer.callback_metrics["ww/alpha_mean"] = torch.tensor(summary["alpha"])
+    @staticmethod
+    def _publish(trainer: "pl.Trainer", result: Any) -> None:
+        if result is not None:
+            summary = result.summary()
+            if math.isfinite(summary.get("alpha", math.nan)):
+                import torch
+
+                trainer.callback_metrics["ww/alpha_mean"] = torch.tensor(summary["alpha"])
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                            batch: Any, batch_idx: int) -> None:
+        # a background analysis that finished is recorded here, soon after it is ready
+        self._publish(trainer, self.controller.poll())
         if self.controller.schedule.mode == "steps":
             self._run(trainer, pl_module, epoch_end=False)
 

@@ -15,7 +15,7 @@ from .analyze import analyze, analyze_layer
 from .errors import SourceError
 from .powerlaw import PowerLawFit, fit_powerlaw, hill_alpha
 from .result import COLUMNS, AnalysisResult, LayerResult, SkippedLayer
-from .sources import LayerMatrices, find_layers
+from .sources import LayerMatrices, Snapshot, find_layers, snapshot
 from .spectrum import eigenvalues
 
 __version__ = "0.1.0"
@@ -23,5 +23,6 @@ __version__ = "0.1.0"
 __all__ = [
     "analyze", "analyze_layer", "AnalysisResult", "LayerResult", "SkippedLayer", "COLUMNS",
     "SourceError", "PowerLawFit", "fit_powerlaw", "hill_alpha", "LayerMatrices", "find_layers",
+    "Snapshot", "snapshot",
     "eigenvalues", "__version__",
 ]

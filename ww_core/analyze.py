@@ -71,7 +71,7 @@ def _all_finite(batch: Any) -> bool:
     if is_torch_tensor(batch):
         import torch
 
-        return bool(torch.isfinite(batch).all())
+        return bool(torch.isfinite(batch if batch.element_size() > 1 else batch.to(torch.float16)).all())  # float8: no isfinite
     return bool(np.isfinite(batch).all())
 
 

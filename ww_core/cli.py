@@ -6,6 +6,11 @@ Usage::
     ww-analyze checkpoint_dir/ --layers 'attention' --types dense --csv layers.csv --plots plots/
     python -m ww_core.cli model.pt --randomize --seed 0
 
+    torchrun --nproc-per-node 4 -m ww_core.cli checkpoint_dir/ --csv layers.csv
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the layers are sharded across the processes (gloo) with
+:func:`ww_core.distributed.analyze_distributed`; only rank 0 prints and writes files.
+
 Prints one row per analysed layer (an aligned table) and the summary. Exit codes: 0 success,
 1 error (missing file, unknown or corrupt format, missing optional dependency), 2 bad
 arguments or no analysable layer in the file.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import os
 import re
@@ -179,6 +185,33 @@ def _error(message: Any, stderr: TextIO) -> int:
     return EXIT_ERROR
 
 
+def _world() -> tuple:
+    """``(rank, world_size)`` from torchrun's environment variables (``(0, 1)`` otherwise)."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0, 1
+
+
+def _analyze_torchrun(path: str, **kwargs: Any):
+    """Initialise gloo from torchrun's environment, analyse sharded, tear the group down."""
+    import torch.distributed as dist
+
+    from ww_core.distributed import analyze_distributed
+
+    owned = not dist.is_initialized()
+    if owned:
+        try:
+            dist.init_process_group("gloo")
+        except (RuntimeError, ValueError) as exc:
+            raise OSError(f"cannot initialise torch.distributed (gloo): {exc}") from None
+    try:
+        return analyze_distributed(path, **kwargs)
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``ww-analyze`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
@@ -187,6 +220,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exc:  # --help or a usage error: return the code instead of exiting
         return int(exc.code or 0)
     stdout, stderr = sys.stdout, sys.stderr
+    rank, world = _world()
+    if rank != 0:                      # under torchrun only rank 0 prints and writes files
+        stdout, stderr = io.StringIO(), io.StringIO()
 
     for pattern in args.layers or ():
         try:
@@ -240,10 +276,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     progress = args.progress if args.progress is not None else stderr.isatty()
 
     try:
-        result = ww_core.analyze(args.path, progress=progress, **kwargs)
+        if world > 1:
+            result = _analyze_torchrun(args.path, progress=progress, **kwargs)
+        else:
+            result = ww_core.analyze(args.path, progress=progress, **kwargs)
     except FileNotFoundError as exc:
         return _error(exc, stderr)
-    except (SourceError, ValueError, ImportError, OSError) as exc:
+    except (SourceError, ValueError, ImportError, OSError, RuntimeError) as exc:
         return _error(exc, stderr)
     except KeyboardInterrupt:
         stderr.write(f"{PROG}: interrupted\n")
@@ -254,6 +293,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_NO_LAYERS
 
     stdout.write(format_table(result) + "\n\n" + format_summary(result) + "\n")
+    if rank != 0:
+        return EXIT_OK
 
     if args.csv:
         try:

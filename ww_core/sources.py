@@ -126,6 +126,8 @@ def _torch_unusable(p: Any) -> Optional[str]:
         return "uninitialised (lazy) parameter"
     if p.device.type == "meta":
         return "parameter on the meta device"
+    if p.layout != torch.strided:     # sparse / mkldnn weights: no dense eigensolve
+        return f"unsupported layout {p.layout}"
     if not (p.is_floating_point()):
         return f"non-float dtype {p.dtype}"
     return None
@@ -438,6 +440,8 @@ def find_layers(source: Any, conv_norm: bool = True, split_qkv: bool = True) -> 
         FileNotFoundError: a path that does not exist.
         SourceError: an unknown, unreadable or corrupt source.
     """
+    if isinstance(source, Snapshot):
+        return list(source.layers)
     if isinstance(source, (str, os.PathLike)):
         return file_layers(Path(source), conv_norm, split_qkv)
     if _is_keras_model(source):          # before torch: on the torch backend Keras models are Modules
@@ -448,3 +452,60 @@ def find_layers(source: Any, conv_norm: bool = True, split_qkv: bool = True) -> 
         return state_dict_layers(source, conv_norm, split_qkv)
     raise SourceError(f"cannot analyse a {type(source).__name__}: expected a torch nn.Module, a Keras "
                       f"model, a state dict or a path to a weights file")
+
+
+class Snapshot:
+    """A private copy of the analysable weights of a model, taken at one moment.
+
+    ``ww_core.analyze(snapshot)`` analyses it later (e.g. in a background thread) while training
+    goes on changing the live weights. Tensors are copied on their own device (GPU stays GPU).
+
+    Example:
+        >>> import torch, ww_core
+        >>> model = torch.nn.Linear(64, 32)
+        >>> snap = ww_core.snapshot(model)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.mul_(0)                    # training goes on...
+        >>> ww_core.analyze(snap)["Linear"].alpha > 0       # ...the snapshot is unchanged
+        True
+    """
+
+    def __init__(self, layers: List[LayerMatrices]):
+        self.layers = layers
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        return f"Snapshot({len(self.layers)} layers)"
+
+
+def _copy(x: Any) -> Any:
+    return x.detach().clone() if is_torch_tensor(x) else np.array(x, copy=True)
+
+
+def snapshot(source: Any, *, layers: Any = None, layer_types: Any = None, conv2d_norm: bool = True,
+             split_qkv: bool = True) -> Snapshot:
+    """Copy the weights of the layers of ``source`` that an analysis would look at.
+
+    Args:
+        source: anything :func:`ww_core.analyze` accepts (a file source is read once, now).
+        layers: regex or list of regexes; only matching layer names are copied.
+        layer_types: only these layer types are copied.
+        conv2d_norm, split_qkv: as in :func:`ww_core.analyze`; fixed at snapshot time.
+    """
+    patterns = [layers] if isinstance(layers, str) else list(layers or [])
+    compiled = [re.compile(p) for p in patterns]
+    types = {layer_types} if isinstance(layer_types, str) else set(layer_types or [])
+    kept: List[LayerMatrices] = []
+    for lm in find_layers(source, conv_norm=conv2d_norm, split_qkv=split_qkv):
+        if compiled and not any(p.search(lm.name) for p in compiled):
+            continue
+        if types and lm.type not in types:
+            continue
+        if lm.unusable is None:
+            data = _copy(lm.load())
+            lm = LayerMatrices(name=lm.name, type=lm.type, rf=lm.rf, rows=lm.rows, cols=lm.cols,
+                               load=(lambda data=data: data), scale=lm.scale, dtype=lm.dtype)
+        kept.append(lm)
+    return Snapshot(kept)
