@@ -372,3 +372,13 @@ def test_package_import_is_light():
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_named_trackers_without_a_trainer_write_under_output_dir(tmp_path):
+    pytest.importorskip("tensorboard")
+    ctl, _ = make(tmp_path, trackers=["tensorboard"])
+    ctl.configure(total_steps=10, current_step=0)
+    ctl.run(MODEL, step=10, epoch=0)
+    ctl.close()
+    events = list((tmp_path / "ww" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

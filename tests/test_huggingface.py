@@ -81,7 +81,8 @@ def test_epoch_schedule_wandb_and_tensorboard(tmp_path):
 
     from ww_callbacks.trackers.wandb import read_offline_run
 
-    ww = WeightWatcherCallback(start_fraction=0.5, every_n_epochs=1, output_dir=str(tmp_path / "ww"))
+    ww = WeightWatcherCallback(start_fraction=0.5, every_n_epochs=1, output_dir=str(tmp_path / "ww"),
+                               async_analysis=False)  # exact steps asserted below
     trainer = _trainer(tmp_path / "out", ww, report_to=["wandb", "tensorboard"])
     trainer.train()  # 16 samples / 4 = 4 steps per epoch, 16 steps
     run = wandb.run
@@ -129,14 +130,16 @@ def test_step_schedule_and_resume(tmp_path, restore):
     out, wwdir = tmp_path / "out", tmp_path / "ww"
     kw = dict(max_steps=8, num_train_epochs=1, save_strategy="steps", save_steps=4,
               restore_callback_states_from_checkpoint=restore)
-    ww = WeightWatcherCallback(start_fraction=0.0, every_n_steps=2, output_dir=str(wwdir))
+    ww = WeightWatcherCallback(start_fraction=0.0, every_n_steps=2, output_dir=str(wwdir),
+                               async_analysis=False)
     _trainer(out, ww, **kw).train()
     assert _steps(ww.history.rows) == [2, 4, 6, 8]
     saved = json.load(open(out / "checkpoint-4" / "trainer_state.json"))["stateful_callbacks"]
     assert _steps_of_state(saved["WeightWatcherCallback"]) == [2, 4]
 
     # resume from step 4 as if the run had crashed after its checkpoint: 6 and 8 are redone
-    ww2 = WeightWatcherCallback(start_fraction=0.0, every_n_steps=2, output_dir=str(wwdir))
+    ww2 = WeightWatcherCallback(start_fraction=0.0, every_n_steps=2, output_dir=str(wwdir),
+                               async_analysis=False)
     trainer = _trainer(out, ww2, **kw)
     trainer.train(resume_from_checkpoint=str(out / "checkpoint-4"))
     active = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, WeightWatcherCallback)]
@@ -161,7 +164,8 @@ def _steps_of_state(state):
 
 
 def test_non_zero_process_writes_nothing(tmp_path):
-    ww = WeightWatcherCallback(start_fraction=0.0, every_n_steps=1, output_dir=str(tmp_path / "ww"))
+    ww = WeightWatcherCallback(start_fraction=0.0, every_n_steps=1, output_dir=str(tmp_path / "ww"),
+                               async_analysis=False)
     args = types.SimpleNamespace(report_to=["wandb"], output_dir=str(tmp_path), num_train_epochs=1)
     state = types.SimpleNamespace(is_world_process_zero=False, global_step=0, max_steps=2, epoch=0.0,
                                   num_train_epochs=1)

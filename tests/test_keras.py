@@ -67,7 +67,8 @@ def test_epoch_schedule_with_wandb(tmp_path):
     model = _model()
     run = wandb.init(project="ww-keras-test", mode="offline", dir=str(tmp_path))
     run_dir = os.path.dirname(run.dir)
-    ww = WeightWatcherCallback(start_fraction=0.5, every_n_epochs=1, output_dir=str(tmp_path / "ww"))
+    ww = WeightWatcherCallback(start_fraction=0.5, every_n_epochs=1, output_dir=str(tmp_path / "ww"),
+                               async_analysis=False)  # exact steps asserted below
     model.fit(x, y, epochs=4, batch_size=BS, verbose=0, callbacks=[ww])
     assert [type(t).__name__ for t in ww.controller.trackers] == ["WandbTracker", "LocalTracker"]
     assert _steps(ww.history.rows) == [16, 24, 32]  # epochs 2..4; the final one is the last
@@ -92,7 +93,7 @@ def test_step_schedule_and_resume(tmp_path):
     x, y = _data()
     model = _model()
     out = str(tmp_path / "ww")
-    kw = dict(start_fraction=0.0, every_n_steps=4, output_dir=out, trackers=None)
+    kw = dict(start_fraction=0.0, every_n_steps=4, output_dir=out, trackers=None, async_analysis=False)
     ww = WeightWatcherCallback(**kw)
     model.fit(x, y, epochs=2, batch_size=BS, verbose=0, callbacks=[ww])
     assert _steps(ww.history.rows) == [4, 8, 12, 16]

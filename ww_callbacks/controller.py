@@ -303,11 +303,18 @@ class WeightWatcherController:
                     out.append(tracker)
         return out
 
-    @staticmethod
-    def _make_tracker(name: str) -> Tracker:
+    def _make_tracker(self, name: str) -> Tracker:
+        """A tracker the trainer did not provide: its files go under ``output_dir``."""
         from ww_callbacks.trackers import make_tracker
 
-        return make_tracker(name)
+        kwargs: Dict[str, Any] = {}
+        if self.output_dir is not None:
+            if name == "tensorboard":
+                kwargs["log_dir"] = os.path.join(self.output_dir, "tensorboard")
+            elif name == "mlflow":
+                db = os.path.abspath(os.path.join(self.output_dir, "mlflow.db"))
+                kwargs["tracking_uri"] = "sqlite:///" + db
+        return make_tracker(name, **kwargs)
 
     # ------------------------------------------------------------------ scheduling
     def should_run(self, step: int, epoch: int, epoch_end: bool = False) -> bool:

@@ -245,9 +245,11 @@ class WeightWatcherCallback(TrainerCallback, ExportableState):
         total_epochs = getattr(state, "num_train_epochs", None) or getattr(args, "num_train_epochs", None)
         self.controller.configure(total_steps=state.max_steps, total_epochs=total_epochs,
                                   trackers=self._trackers(args, output_dir) if zero else [],
-                                  is_global_zero=zero, current_step=step, output_dir=output_dir)
+                                  is_global_zero=zero, current_step=step, output_dir=output_dir,
+                                  world_size=int(getattr(args, "world_size", 1) or 1))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.controller.poll()          # record a finished background analysis
         if self.controller.schedule.mode != "steps":
             return
         step, epoch = int(state.global_step), _epoch_index(state)

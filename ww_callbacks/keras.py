@@ -226,6 +226,7 @@ class WeightWatcherCallback(keras.callbacks.Callback):
             self.global_step = self.epoch * self._steps_per_epoch + int(batch) + 1
         else:
             self.global_step += 1
+        self.controller.poll()          # record a finished background analysis
         if self.controller.schedule.mode == "steps" and self.controller.should_run(
                 step=self.global_step, epoch=self.epoch, epoch_end=False):
             self.controller.run(self.model, step=self.global_step, epoch=self.epoch)
