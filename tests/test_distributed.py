@@ -46,10 +46,13 @@ CASES = {
     "plain": dict(),
     "filtered": dict(layers=["fc", "attn"], mp_fit=True, keep_evals=True),
     "randomize": dict(randomize=True, seed=7),
+    "one-layer": dict(layers=r"^fc1$"),          # rank 1 has nothing to do
+    "all-skipped": dict(min_evals=1000),          # nobody has anything to do
 }
 
 
 def _worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)                      # 2 processes on a small machine
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = make_model()
@@ -82,6 +85,19 @@ def records(res):
     """Records with NaN made comparable (NaNs unpickled on another rank are distinct objects)."""
     return [{k: ("nan" if isinstance(v, float) and v != v else v) for k, v in r.items()}
             for r in res.to_records()]
+
+
+def assert_close_records(got, ref, label):
+    """Equal up to float64 rounding: the eigensolver's result depends (in the last bits) on the
+    number of BLAS threads, which differs between the workers (1) and this process."""
+    assert len(got) == len(ref), label
+    for g, r in zip(got, ref):
+        assert g.keys() == r.keys()
+        for key in g:
+            if isinstance(r[key], float) and isinstance(g[key], float):
+                assert g[key] == pytest.approx(r[key], rel=1e-9, abs=1e-12), (label, g["name"], key)
+            else:
+                assert g[key] == r[key], (label, g["name"], key)
 
 
 @pytest.fixture(scope="module")
@@ -139,12 +155,15 @@ def test_both_ranks_get_the_single_process_result(two_ranks):
         else:
             ref = ww_core.analyze(model, **opts)
         assert a.names == ref.names, name                         # model order
-        assert records(a) == records(ref), name
+        assert_close_records(records(a), records(ref), name)
         assert a.skipped == ref.skipped and a.options == ref.options
     assert {s.name for s in r0["plain"].skipped} == {"small"}
     assert "emb" in r0["plain"].names and "head" not in r0["plain"].names   # tied: once
-    for l0, ref in zip(r0["filtered"], ww_core.analyze(model, **CASES["filtered"])):
-        np.testing.assert_array_equal(l0.evals, ref.evals)
+    assert r0["one-layer"].names == ["fc1"] and r0["all-skipped"].names == []
+    assert len(r0["all-skipped"].skipped) == 10
+    for l0, l1, ref in zip(r0["filtered"], r1["filtered"], ww_core.analyze(model, **CASES["filtered"])):
+        np.testing.assert_array_equal(l0.evals, l1.evals)
+        np.testing.assert_allclose(l0.evals, ref.evals, rtol=1e-9, atol=1e-12 * ref.evals.max())
 
 
 def test_a_failure_on_one_rank_raises_on_every_rank(two_ranks):
@@ -175,4 +194,4 @@ def test_torchrun_cli_writes_one_result(tmp_path):
         rows = list(csv.DictReader(fh))
     ref = ww_core.analyze(ckpt)
     assert [r["name"] for r in rows] == ref.names
-    assert [float(r["alpha"]) for r in rows] == pytest.approx([l.alpha for l in ref], rel=1e-12)
+    assert [float(r["alpha"]) for r in rows] == pytest.approx([l.alpha for l in ref], rel=1e-9)

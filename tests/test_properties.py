@@ -13,12 +13,14 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import ww_core
 from ww_core.powerlaw import EVALS_THRESH, fit_powerlaw, hill_alpha
+
+pytestmark = pytest.mark.core   # numpy/scipy only (the torch test skips itself)
 
 # Modest and derandomised by default (fast, reproducible); WW_HYPOTHESIS_EXAMPLES=2000 for a hunt.
 _HUNT = int(os.environ.get("WW_HYPOTHESIS_EXAMPLES", "0"))
