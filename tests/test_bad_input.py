@@ -5,6 +5,7 @@ meta/lazy modules, truncated safetensors and a malicious .pt are in test_engine.
 import math
 import pickle
 
+import numpy as np
 import pytest
 
 import ww_core
@@ -101,12 +102,13 @@ def test_float8_and_sparse_module_parameters():
     assert res.names == ["ok"] and "layout" in res.skipped[0].reason
 
 
-@pytest.mark.xfail(strict=True, raises=Exception,
-                   reason="BUG (reported): float64 weights above ~1e154 overflow the Gram matrix "
-                          "and torch.linalg.eigvalsh raises instead of the layer being flagged")
 def test_gram_overflow_is_flagged_not_raised():
-    res = ww_core.analyze({"a.weight": torch.randn(64, 32, dtype=torch.float64) * 1e200})
-    assert res["a"].status == "failed"
+    # float64 weights above ~1e154 overflow the Gram matrix: the layer is flagged, not raised,
+    # alone and when batched with a healthy layer of the same shape
+    big = torch.randn(64, 32, dtype=torch.float64) * 1e200
+    res = ww_core.analyze({"a.weight": big, "b.weight": torch.randn(64, 32, dtype=torch.float64)})
+    assert res["a"].status == "failed" and "fit-failed" in res["a"].flags
+    assert res["b"].ok
 
 
 def test_frozen_parameters_are_analysed():
@@ -257,3 +259,18 @@ def test_bin_with_a_disallowed_pickle_is_refused_unexecuted(tmp_path, capsys):
     torch.save([torch.randn(4, 4)], tmp_path / "list.pt")
     with pytest.raises(ww_core.SourceError, match="not a state dict"):
         ww_core.analyze(tmp_path / "list.pt")
+
+
+def test_sparse_and_long_double_state_dict_values_are_skipped():
+    dense = torch.randn(64, 32)
+    res = ww_core.analyze({"sp.weight": dense.to_sparse(), "ld.weight": np.ones((64, 32), np.longdouble),
+                           "ok.weight": dense})
+    assert res.names == ["ok"]
+    reasons = {s.name: s.reason for s in res.skipped}
+    assert "layout" in reasons["sp"] and "unsupported dtype" in reasons["ld"]
+
+
+def test_hill_alpha_survives_a_huge_dynamic_range():
+    x = np.array([1e-300, 1e-200, 1e-100, 1.0, 1e100, 1e200, 1e300])
+    expected = 1 + 4 / np.sum(np.log(x[3:]) - np.log(x[3]))
+    assert ww_core.hill_alpha(x) == pytest.approx(expected, rel=1e-12)

@@ -136,10 +136,11 @@ def test_single_process_falls_back_to_analyze():
     model = make_model()
     assert records(analyze_distributed(model)) == records(ww_core.analyze(model))
     res = analyze_distributed(model, randomize=True, seed=3)
-    # per-layer seeds: each layer is what analyze() gives that layer alone with its derived seed
+    assert records(res) == records(ww_core.analyze(model, randomize=True, seed=3))
+    # per-layer seeds: each layer is what analyze() gives that layer alone with the same seed
     for layer in res:
         alone = ww_core.analyze(model, layers="^" + layer.name.replace(".", r"\.") + "$",
-                                randomize=True, seed=layer_seed(3, layer.name))
+                                randomize=True, seed=3)
         assert records(alone) == records(ww_core.AnalysisResult(layers=[layer]))
 
 
@@ -150,10 +151,7 @@ def test_both_ranks_get_the_single_process_result(two_ranks):
         a, b = r0[name], r1[name]
         assert records(a) == records(b), name                    # same decisions on every rank
         assert a.skipped == b.skipped and a.options == b.options
-        if name == "randomize":
-            ref = analyze_distributed(model, **opts)              # world size 1, per-layer seeds
-        else:
-            ref = ww_core.analyze(model, **opts)
+        ref = ww_core.analyze(model, **opts)                      # randomize: per-layer seeds
         assert a.names == ref.names, name                         # model order
         assert_close_records(records(a), records(ref), name)
         assert a.skipped == ref.skipped and a.options == ref.options

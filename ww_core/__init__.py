@@ -12,6 +12,7 @@ Example:
 """
 
 from .analyze import analyze, analyze_layer
+from .distributed import analyze_distributed
 from .errors import SourceError
 from .powerlaw import PowerLawFit, fit_powerlaw, hill_alpha
 from .result import COLUMNS, AnalysisResult, LayerResult, SkippedLayer
@@ -21,7 +22,7 @@ from .spectrum import eigenvalues
 __version__ = "0.1.0"
 
 __all__ = [
-    "analyze", "analyze_layer", "AnalysisResult", "LayerResult", "SkippedLayer", "COLUMNS",
+    "analyze", "analyze_layer", "analyze_distributed", "AnalysisResult", "LayerResult", "SkippedLayer", "COLUMNS",
     "SourceError", "PowerLawFit", "fit_powerlaw", "hill_alpha", "LayerMatrices", "find_layers",
     "Snapshot", "snapshot",
     "eigenvalues", "__version__",

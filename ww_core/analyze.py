@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+import zlib
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
@@ -19,6 +20,16 @@ from .spectrum import PRECISIONS, SOLVERS, eigenvalues, is_torch_tensor
 DEFAULT_MIN_EVALS = 8
 DEFAULT_MAX_EVALS = 15000
 DEFAULT_MAX_N = 50000
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """A 63-bit seed for one layer's shuffles, from the run seed and the layer name.
+
+    Seeding each layer on its own makes ``randomize`` results independent of which other layers
+    are analysed, and of how layers are spread over processes (``analyze_distributed``).
+    """
+    state = np.random.SeedSequence([int(seed) & (2**64 - 1), zlib.crc32(name.encode("utf-8"))])
+    return int(state.generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def _compile_filters(layers: Union[None, str, Sequence[str]]) -> List["re.Pattern[str]"]:
@@ -132,7 +143,12 @@ def analyze_layer(
         if not _all_finite(batch):
             res.status, res.flags = "failed", ("non-finite",)
             return res
-        raw_evals = eigenvalues(batch, precision, solver)
+        try:
+            raw_evals = eigenvalues(batch, precision, solver)
+        except (RuntimeError, ValueError, np.linalg.LinAlgError):
+            # e.g. entries near the float64 limit overflow the Gram matrix: flag, never raise
+            res.status, res.flags = "failed", ("fit-failed",)
+            return res
     evals = np.sort(raw_evals.ravel()) * lm.scale
     fit = fit_powerlaw(evals, fix_fingers=fix_fingers, max_fingers=max_fingers,
                        finger_thresh=finger_thresh)
@@ -217,7 +233,8 @@ def analyze(
         mp_fit: also fit the Marchenko–Pastur bulk (``num_spikes``, ``sigma_mp``, ``mp_softrank``).
         randomize: also analyse each layer with its entries shuffled (``rand_distance``,
             ``max_rand_eval``, ``num_traps``: correlation traps).
-        seed: seed of the shuffles, for reproducible ``randomize`` results.
+        seed: seed of the shuffles, for reproducible ``randomize`` results; each layer is seeded
+            from ``(seed, layer name)``, so a layer's result does not depend on the others.
         conv2d_norm: multiply convolution eigenvalues by 0.5, as WeightWatcher does.
         split_qkv: split fused ``in_proj_weight`` into q, k, v (WeightWatcher skips it).
         precision: eigensolver precision: ``"auto"`` (default: float32 for weights on a GPU,
@@ -266,13 +283,15 @@ def analyze(
             result.skipped.append(SkippedLayer(lm.name, lm.type, lm.N, lm.M, reason))
         else:
             todo.append(lm)
-    rng = np.random.default_rng(seed) if randomize else None
+    shared_rng = np.random.default_rng() if randomize and seed is None else None
     bar = _progress(todo, progress)
     for lm, batch, raw in _with_eigenvalues(todo, precision, solver, batch_elements):
         result.layers.append(analyze_layer(
             lm, batch=batch, raw_evals=raw, fix_fingers=fix_fingers or None,
             max_fingers=max_fingers, finger_thresh=finger_thresh, mp_fit=mp_fit,
-            randomize=randomize, rng=rng, precision=precision, solver=solver,
+            randomize=randomize,
+            rng=np.random.default_rng(layer_seed(seed, lm.name)) if randomize and seed is not None else shared_rng,
+            precision=precision, solver=solver,
             keep_evals=keep_evals, rank_tol=rank_tol, rank_collapse_share=rank_collapse_share,
             hill_xmin_pos=hill_xmin_pos))
         if bar is not todo:
@@ -303,13 +322,15 @@ def _with_eigenvalues(todo: List[LayerMatrices], precision: str, solver: str, ma
         finite = [_all_finite(b) for b in batches]
         stackable = [b for b, ok in zip(batches, finite) if ok]
         raws: List[Optional[np.ndarray]] = [None] * len(group)
-        if len(stackable) == 1:
-            raws[finite.index(True)] = eigenvalues(stackable[0], precision, solver)
-        elif stackable:
-            evals = eigenvalues(_concat(stackable), precision, solver)
-            splits = np.cumsum([b.shape[0] for b in stackable])[:-1]
-            parts = iter(np.split(evals, splits))
-            raws = [next(parts) if ok else None for ok in finite]
+        if len(stackable) > 1:
+            try:
+                evals = eigenvalues(_concat(stackable), precision, solver)
+            except (RuntimeError, ValueError, np.linalg.LinAlgError):
+                evals = None          # analyze_layer retries each layer alone and flags failures
+            if evals is not None:
+                splits = np.cumsum([b.shape[0] for b in stackable])[:-1]
+                parts = iter(np.split(evals, splits))
+                raws = [next(parts) if ok else None for ok in finite]
         for lm, batch, raw in zip(group, batches, raws):
             yield lm, batch, raw
 

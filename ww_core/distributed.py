@@ -10,10 +10,9 @@ ranks. Without an initialised process group (or with one rank) it is plain :func
 Under ``torchrun`` with the gloo backend this needs nothing more; with NCCL the caller must have
 selected the rank's GPU (``torch.cuda.set_device``) as ``all_gather_object`` requires.
 
-``randomize=True`` with a ``seed``: each layer's shuffles are seeded from ``(seed, layer name)``
-(:func:`layer_seed`), so the randomised metrics do not depend on the world size, nor on which rank
-analysed the layer. They differ from ``ww_core.analyze(..., randomize=True, seed=seed)``, whose
-single random stream runs through the layers in order.
+``randomize=True`` with a ``seed``: the engine seeds each layer's shuffles from
+``(seed, layer name)`` (:func:`layer_seed`), so the randomised metrics do not depend on the world
+size, nor on which rank analysed the layer, and equal a single-process ``ww_core.analyze``.
 """
 
 from __future__ import annotations
@@ -21,11 +20,11 @@ from __future__ import annotations
 import heapq
 import importlib
 import re
-import zlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .analyze import layer_seed  # noqa: F401  (re-exported)
 from .errors import SourceError
 from .result import AnalysisResult, LayerResult, SkippedLayer
 from .sources import LayerMatrices, find_layers
@@ -50,12 +49,6 @@ def dist_info(group: Any = None) -> Tuple[int, int]:
 def layer_cost(lm: LayerMatrices) -> float:
     """Estimated eigensolve cost of a layer: ``num_evals · N · M`` (= rf · M² · N)."""
     return float(lm.num_evals) * float(lm.N) * float(lm.M)
-
-
-def layer_seed(seed: int, name: str) -> int:
-    """A 63-bit seed for one layer's shuffles, derived from the run seed and the layer name."""
-    state = np.random.SeedSequence([int(seed) & (2**64 - 1), zlib.crc32(name.encode("utf-8"))])
-    return int(state.generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def assign_layers(names: Sequence[str], costs: Sequence[float], world_size: int) -> List[List[int]]:
@@ -119,13 +112,6 @@ def _analyze_share(source: Any, names: List[str], options: Dict[str, Any]) -> Li
         return []        # (analyze(layers=[]) would mean "no filter": every layer)
     opts = dict(options)
     opts.pop("layers", None)
-    seed = opts.get("seed")
-    if opts.get("randomize") and seed is not None:
-        out: List[LayerResult] = []
-        for name in dict.fromkeys(names):
-            opts["seed"] = layer_seed(seed, name)
-            out.extend(_analyze_mod.analyze(source, layers=_exact([name]), **opts).layers)
-        return out
     return _analyze_mod.analyze(source, layers=_exact(names), **opts).layers
 
 
@@ -139,9 +125,9 @@ def analyze_distributed(source: Any, *, group: Any = None, **options: Any) -> An
 
     Returns:
         The full result, identical on every rank, layers in model order. With one process (or no
-        initialised process group) this is ``ww_core.analyze(source, **options)``, except that
-        ``randomize=True`` with a ``seed`` uses per-layer seeds (:func:`layer_seed`) so that the
-        result is the same for every world size.
+        initialised process group) this is ``ww_core.analyze(source, **options)``. Layers are
+        seeded one by one (:func:`ww_core.analyze.layer_seed`), so ``randomize=True`` with a
+        ``seed`` gives the same result for every world size.
 
     Raises:
         The exceptions of :func:`ww_core.analyze`. When any rank fails while analysing its share,
@@ -149,8 +135,7 @@ def analyze_distributed(source: Any, *, group: Any = None, **options: Any) -> An
         failing rank's one-line message), so no rank is left waiting in a collective.
     """
     rank, world = dist_info(group)
-    per_layer_seeds = bool(options.get("randomize")) and options.get("seed") is not None
-    if world <= 1 and not per_layer_seeds:
+    if world <= 1:
         return _analyze_mod.analyze(source, **options)
 
     todo, skipped = _plan(source, options)            # identical on every rank

@@ -197,5 +197,5 @@ def hill_alpha(evals: np.ndarray, xmin_pos: float = 2.0) -> float:
     i = int(n / xmin_pos)
     if n - i < 2 or x[i] <= 0:
         return math.nan
-    S = float(np.sum(np.log(x[i:] / x[i])))
+    S = float(np.sum(np.log(x[i:]) - math.log(x[i])))   # logs first: ratios may overflow
     return 1.0 + (n - i) / S if S > 0 else math.nan

@@ -270,6 +270,8 @@ def _value_unusable(v: Any) -> Optional[str]:
     dt = np.dtype(getattr(v, "dtype", np.float64))
     if dt.kind != "f":
         return f"non-float dtype {dt}"
+    if dt.itemsize > 8:
+        return f"unsupported dtype {dt}"
     return None
 
 
@@ -291,7 +293,8 @@ def state_dict_layers(sd: Mapping[str, Any], conv_norm: bool = True,
         if info is None:
             continue
         if is_torch_tensor(value):
-            ident = (value.data_ptr(), shape, value.stride()) if value.device.type != "meta" else id(value)
+            plain = value.device.type != "meta" and str(value.layout) == "torch.strided"
+            ident = (value.data_ptr(), shape, value.stride()) if plain else id(value)
             if ident in seen:
                 continue
             seen.add(ident)
