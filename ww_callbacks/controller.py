@@ -369,28 +369,11 @@ class WeightWatcherController:
             options["keep_evals"] = True
         started = time.time()
         t0 = time.perf_counter()
-        if self._async:
-            try:
-                import ww_core
-
-                snap = ww_core.snapshot(self.snapshot(model), layers=self.layers,
-                                        layer_types=options.get("layer_types"),
-                                        conv2d_norm=options.get("conv2d_norm", True),
-                                        split_qkv=options.get("split_qkv", True))
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ww-analysis")
-                future = self._executor.submit(self.analyze_fn, snap, layers=self.layers, **options)
-            except Exception as exc:
-                if self.strict:
-                    raise
-                self._report("analysis", f"analysis at step {step} (epoch {epoch}) failed", exc)
-                return None
-            hook = time.perf_counter() - t0
-            self.blocking_seconds += hook
-            self._pending = (future, step, epoch, started, hook)
-            return None
         try:
-            result = self.analyze_fn(self.snapshot(model), layers=self.layers, **options)
+            if self._async:
+                future = self._submit(model, options)
+            else:
+                result = self.analyze_fn(self.snapshot(model), layers=self.layers, **options)
         except Exception as exc:
             if self.strict:
                 raise
@@ -398,7 +381,22 @@ class WeightWatcherController:
             return None
         hook = time.perf_counter() - t0
         self.blocking_seconds += hook
+        if self._async:
+            self._pending = (future, step, epoch, started, hook)
+            return None
         return self._record(result, step, epoch, started, hook)
+
+    def _submit(self, model: Any, options: Dict[str, Any]) -> "Future":
+        """Copy the weights (the only part training waits for) and analyse the copy in a thread."""
+        import ww_core
+
+        snap = ww_core.snapshot(self.snapshot(model), layers=self.layers,
+                                layer_types=options.get("layer_types"),
+                                conv2d_norm=options.get("conv2d_norm", True),
+                                split_qkv=options.get("split_qkv", True))
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ww-analysis")
+        return self._executor.submit(self.analyze_fn, snap, layers=self.layers, **options)
 
     def poll(self, wait: bool = False) -> Any:
         """Record a finished background analysis, if any (``wait=True`` waits for it).
