@@ -19,7 +19,12 @@ tracker fan-out and the hook for actions. Adapters only translate their framewor
 
 Ranks: the analysis runs on every rank that calls :meth:`run` (weights are identical under DDP and
 actions may need the result everywhere), but only global rank 0 (``is_global_zero=True``) writes
-files, calls trackers and logs.
+files, calls trackers and logs. With ``configure(world_size>1)``, an initialised
+``torch.distributed`` and the default engine, the layers are sharded across the ranks
+(:func:`ww_core.analyze_distributed` over a gloo group made once in :meth:`configure`): each rank
+analyses its share, the results are all-gathered, and every rank records the same full result at
+the same step. FSDP (``FullyShardedDataParallel``) units are gathered one unit at a time into a
+CPU copy before the analysis (see :meth:`snapshot`). See ``docs/reliability.md``.
 
 Errors: an exception in the analysis, a tracker or an action is caught and reported once through
 ``log_fn`` with its context (``strict=True`` re-raises instead). A failing tracker is disabled and
@@ -38,6 +43,7 @@ import math
 import numbers
 import os
 import re
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
@@ -69,6 +75,44 @@ def _unwrap(model: Any) -> Any:
         model = model.module
         seen += 1
     return model
+
+
+#: Path segments that FSDP1 (and activation checkpointing) insert into module names.
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def _clean_name(name: str) -> str:
+    """``_fsdp_wrapped_module.0._fsdp_wrapped_module`` -> ``0``: the user's module path."""
+    return ".".join(p for p in name.split(".") if p not in _WRAPPER_SEGMENTS)
+
+
+def _fsdp_units(model: Any) -> List[tuple]:
+    """``(path, module)`` of every FSDP1 unit in ``model`` (model order), ``[]`` without FSDP.
+
+    Looks only when ``torch.distributed.fsdp`` is already imported (FSDP cannot be in use
+    otherwise), so plain runs never import it.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    cls = getattr(fsdp, "FullyShardedDataParallel", None)
+    if cls is None or not hasattr(model, "named_modules"):
+        return []
+    return [(path, mod) for path, mod in model.named_modules() if isinstance(mod, cls)]
+
+
+def _failing_layer(exc: BaseException) -> Optional[str]:
+    """The layer ``ww_core`` was working on when ``exc`` was raised (innermost frame), if any."""
+    name = None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if str(frame.f_globals.get("__name__", "")).startswith("ww_core"):
+            for key in ("lm", "res"):       # LayerMatrices / LayerResult locals of the engine
+                obj = frame.f_locals.get(key)
+                if isinstance(getattr(obj, "name", None), str) and hasattr(obj, "num_evals"):
+                    name = obj.name
+                    break
+        tb = tb.tb_next
+    return name
 
 
 class WeightWatcherController:
@@ -154,6 +198,8 @@ class WeightWatcherController:
         self._async = False
         self._executor: Optional[ThreadPoolExecutor] = None
         self._pending: Optional[tuple] = None     # (future, step, epoch, started, hook_seconds)
+        #: gloo process group for sharded analyses (world_size > 1, default engine), else None.
+        self._group: Any = None
         #: Analyses that fell due while another was still running (async mode), not run.
         self.skipped_analyses = 0
         #: Total seconds the training loop waited inside run() (the analysis itself when
@@ -246,12 +292,16 @@ class WeightWatcherController:
             output_dir: overrides the constructor's ``output_dir`` (adapters use it to default
                 to a folder of the trainer).
             world_size: number of training processes; ``async_analysis="auto"`` is synchronous
-                when it is above 1.
+                when it is above 1, and with the default engine and an initialised
+                ``torch.distributed`` the layers are sharded across the ranks. Every rank must
+                call ``configure`` (it creates a process group, a collective).
         """
         if self.async_analysis == "auto":
             self._async = int(world_size) == 1 and self.analyze_fn is _default_analyze
         else:
             self._async = bool(self.async_analysis)
+        if int(world_size) > 1 and self.analyze_fn is _default_analyze and self._group is None:
+            self._group = self._make_group()
         if output_dir is not None:
             self.output_dir = os.fspath(output_dir)
             self.history.output_dir = self.output_dir
@@ -267,6 +317,23 @@ class WeightWatcherController:
             self._guard("writing the history files", self.history.sync)
         self.configured = True
         self.finished = False
+
+    @staticmethod
+    def _make_group() -> Any:
+        """A gloo group over all ranks for :func:`ww_core.analyze_distributed`, or ``None``.
+
+        gloo, whatever the training backend: the exchange is small pickled per-layer results on
+        the CPU, and it keeps NCCL's device and stream rules out of it. ``new_group`` is a
+        collective: every rank reaches it from ``configure`` (called on every rank by the
+        adapters). Without an initialised default group (e.g. Keras) each rank analyses alone.
+        """
+        try:
+            import torch.distributed as dist
+        except ImportError:  # pragma: no cover - torch without distributed
+            return None
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return None
+        return dist.new_group(backend="gloo")
 
     def _resume_history(self, current_step: int) -> None:
         dropped = self.history.truncate(current_step)
@@ -342,8 +409,70 @@ class WeightWatcherController:
 
         The analysis is synchronous (training waits), so the live weights are the snapshot;
         ``ww_core`` reads them one layer at a time with ``detach().float().cpu()``.
+
+        Under FSDP1 each rank holds only a shard of every weight, so the units are gathered one
+        at a time (``summon_full_params(unit, recurse=False, writeback=False)``, a collective
+        that every rank enters in the same order) and the layers each unit owns are copied to
+        the CPU; the result is a ``ww_core`` snapshot with the user's module names (FSDP's
+        ``_fsdp_wrapped_module`` segments removed). Peak device memory is one unit unsharded.
         """
-        return _unwrap(model)
+        model = _unwrap(model)
+        units = _fsdp_units(model)
+        return self._fsdp_snapshot(model, units) if units else model
+
+    def _fsdp_snapshot(self, model: Any, units: List[tuple]) -> Any:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        from ww_core.sources import LayerMatrices, Snapshot, find_layers
+
+        opts = self.analyze_options
+        patterns = [self.layers] if isinstance(self.layers, str) else list(self.layers or ())
+        compiled = [re.compile(p) for p in patterns]
+        types = opts.get("layer_types")
+        types = {types} if isinstance(types, str) else set(types or ())
+        # model order of the layers (units are visited outer first, not in model order)
+        order = {_clean_name(path): i for i, (path, _) in enumerate(model.named_modules())}
+
+        def position(name: str) -> int:
+            while name not in order and "." in name:
+                name = name.rsplit(".", 1)[0]
+            return order.get(name, len(order))
+
+        kept: List[Any] = []
+        for path, unit in units:
+            nested = [p for p, m in unit.named_modules() if m is not unit and isinstance(m, FSDP)]
+            with FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=False):
+                for lm in find_layers(unit, conv_norm=opts.get("conv2d_norm", True),
+                                      split_qkv=opts.get("split_qkv", True)):
+                    if any(lm.name == p or lm.name.startswith(p + ".") for p in nested):
+                        continue                   # owned (and gathered) by a nested unit
+                    name = _clean_name(f"{path}.{lm.name}" if path else lm.name)
+                    if compiled and not any(p.search(name) for p in compiled):
+                        continue
+                    if types and lm.type not in types:
+                        continue
+                    load = lm.load
+                    if lm.unusable is None:
+                        data = lm.load()
+                        data = data.detach().to("cpu", copy=True) if hasattr(data, "detach") else data.copy()
+                        load = (lambda data=data: data)
+                    kept.append(LayerMatrices(name=name, type=lm.type, rf=lm.rf, rows=lm.rows,
+                                              cols=lm.cols, load=load, scale=lm.scale,
+                                              unusable=lm.unusable, dtype=lm.dtype))
+        kept.sort(key=lambda lm: position(lm.name))
+        return Snapshot(kept)
+
+    def _analyze(self, model: Any, options: Dict[str, Any]) -> Any:
+        """The synchronous analysis: sharded across the ranks when a group was made."""
+        source = self.snapshot(model)
+        if self._group is None:
+            return self.analyze_fn(source, layers=self.layers, **options)
+        import ww_core
+
+        # Every rank gets here at the same step (the schedule is a pure function of the step),
+        # analyses its share of the layers and receives the others' (all_gather): the same full
+        # result everywhere, so the actions decide alike.
+        return ww_core.analyze_distributed(source, group=self._group, layers=self.layers, **options)
 
     def run(self, model: Any, step: int, epoch: int) -> Any:
         """Analyse ``model`` now; record, fan out, log and call the actions.
@@ -373,11 +502,11 @@ class WeightWatcherController:
             if self._async:
                 future = self._submit(model, options)
             else:
-                result = self.analyze_fn(self.snapshot(model), layers=self.layers, **options)
+                result = self._analyze(model, options)
         except Exception as exc:
             if self.strict:
                 raise
-            self._report("analysis", f"analysis at step {step} (epoch {epoch}) failed", exc)
+            self._report("analysis", self._analysis_context(step, epoch, exc), exc)
             return None
         hook = time.perf_counter() - t0
         self.blocking_seconds += hook
@@ -416,9 +545,15 @@ class WeightWatcherController:
         except Exception as exc:
             if self.strict:
                 raise
-            self._report("analysis", f"analysis at step {step} (epoch {epoch}) failed", exc)
+            self._report("analysis", self._analysis_context(step, epoch, exc), exc)
             return None
         return self._record(result, step, epoch, started, hook)
+
+    @staticmethod
+    def _analysis_context(step: int, epoch: int, exc: BaseException) -> str:
+        layer = _failing_layer(exc)
+        where = f" in layer {layer!r}" if layer else ""
+        return f"analysis at step {step} (epoch {epoch}) failed{where}"
 
     def _record(self, result: Any, step: int, epoch: int, started: float, hook: float) -> Any:
         self.num_analyses += 1
