@@ -361,7 +361,7 @@ class WeightWatcherController:
                     continue
                 from ww_callbacks.trackers.local import LocalTracker
 
-                out.append(LocalTracker(self.output_dir, log_fn=self._log))
+                out.append(LocalTracker(self.output_dir, log_fn=self._log, strict=self.strict))
             elif item in by_name:
                 out.append(by_name[item])
             else:

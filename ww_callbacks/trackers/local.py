@@ -101,12 +101,14 @@ class LocalTracker(Tracker):
     REPORT = "report.html"
 
     def __init__(self, output_dir: str, plot: bool = True, report: bool = True,
-                 title: str = "WeightWatcher report", log_fn: Optional[Callable[[str], Any]] = None) -> None:
+                 title: str = "WeightWatcher report", log_fn: Optional[Callable[[str], Any]] = None,
+                 strict: bool = False) -> None:
         self.output_dir = os.fspath(output_dir)
         self.plot = plot
         self.report = report
         self.title = title
         self.log_fn = log_fn or logger.info
+        self.strict = strict
         self._no_matplotlib = False
 
     @property
@@ -120,7 +122,17 @@ class LocalTracker(Tracker):
     def log_analysis(self, *, step: int, epoch: int, rows: List[Dict[str, Any]],
                      summary: Dict[str, float], result: Any, history: List[Dict[str, Any]]) -> None:
         os.makedirs(self.output_dir, exist_ok=True)
-        png = self._plot_png(history) if self.plot else None
+        png = None
+        if self.plot:
+            try:
+                png = self._plot_png(history)
+            except Exception as exc:
+                if self.strict:
+                    raise
+                # the plot is a nice-to-have: the report goes on without it, reported once
+                self.plot = False
+                self.log_fn(f"ww: the alpha plot failed ({type(exc).__name__}: {exc}); "
+                            f"{self.REPORT} continues without it (training continues)")
         if png is not None:
             self._write_bytes(self.plot_path, png)
         if self.report:
