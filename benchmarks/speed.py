@@ -1,0 +1,442 @@
+#!/usr/bin/env python
+"""Speed of ``ww_core.analyze`` against WeightWatcher 0.7.7 and against the bare eigensolver.
+
+Run with the dev python (the one that imports ``ww_core``)::
+
+    python benchmarks/speed.py                       # all models, median of 3, waits for a quiet machine
+    python benchmarks/speed.py --models minilm-l6 --repeat 1 --no-wait --no-svd   # quick check
+
+WeightWatcher runs in its own environment (``--wwref-python``, default ``/work/wwref-venv``) in a
+long-lived worker process (``benchmarks/ww_worker.py``): interpreter start, imports and model
+loading happen once and are reported separately; only ``WeightWatcher(model).analyze()`` is timed
+there, and only ``ww_core.analyze(model)`` here. Both sides load the same weights: the same loader
+code (``benchmarks/ww_agreement.py``) reading the files shipped in the same pip packages, or, for the
+4096-wide layer, the same ``.npy`` file written by this driver to a temporary folder.
+
+Per model and per ``randomize`` setting the runs alternate (ours, floor, WW) ``--repeat`` times and
+the medians are reported:
+
+* **WW**: ``WeightWatcher(model=m).analyze(randomize=...)`` (its defaults otherwise, CPU).
+* **ours**: ``ww_core.analyze(m, randomize=..., seed=0)`` (defaults: precision ``auto`` = float64 on
+  CPU, same-shaped layers batched).
+* **floor**: ``torch.linalg.eigvalsh`` alone on the very Gram matrices ``ww_core`` solves (same
+  layers, same batches, same dtype; with ``randomize`` also the shuffled replicas' Gram matrices),
+  i.e. what the engine would cost if everything but the eigensolver were free. The Gram products
+  themselves are timed separately (``gram`` column) and are *not* part of the floor.
+* **svd**: ``scipy.linalg.svdvals`` in float64 on every matrix slice (the eigensolver
+  WeightWatcher uses on CPU), timed once, as a second reference.
+
+The float32-vs-float64 check runs ``ww_core.analyze`` with ``precision="float32"`` and
+``"float64"`` and reports the largest |Δalpha| over the layers (the fitted tail exponent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+import ww_agreement as wa  # noqa: E402  (the model loaders shared with the agreement harness)
+
+DEFAULT_MODELS = ["minilm-l6", "efficientnet-lite0", "linear-4096"]
+KIND = {"minilm-l6": "transformer", "efficientnet-lite0": "conv net (state dict)",
+        "crepe-full": "conv net", "crepe-tiny": "conv net", "digit-cnn": "conv net",
+        "linear-4096": "one 4096×4096 Linear"}
+WIDE = 4096
+
+
+# ----------------------------------------------------------------------------------- the machine
+
+def machine() -> Dict[str, Any]:
+    import scipy
+    import torch
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 2**20:.0f} GiB"
+    except Exception:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "numpy": np.__version__,
+            "scipy": scipy.__version__}
+
+
+def loadavg() -> float:
+    return os.getloadavg()[0]
+
+
+def wait_for_quiet(threshold: float, max_s: float, poll_s: float = 60.0) -> Tuple[bool, List[float]]:
+    """Poll the 1-minute load average until it is below ``threshold`` (or ``max_s`` passed)."""
+    seen = [loadavg()]
+    t0 = time.time()
+    while seen[-1] >= threshold and time.time() - t0 < max_s:
+        print(f"[speed] load average {seen[-1]:.2f} >= {threshold}; waiting "
+              f"({(time.time() - t0) / 60:.0f}/{max_s / 60:.0f} min)", flush=True)
+        time.sleep(poll_s)
+        seen.append(loadavg())
+    return seen[-1] < threshold, seen
+
+
+# ----------------------------------------------------------------------------------- the models
+
+def write_linear_npy(folder: Path, n: int = WIDE, seed: int = 0) -> Path:
+    """A heavy-tailed n×n matrix (Student-t, 3 d.o.f., entries / sqrt(n)) as float32 ``.npy``.
+
+    Heavy-tailed entries give a heavy-tailed ESD like a trained layer's, so the power-law scan does
+    real work; the spectrum's shape does not change the eigensolver's cost.
+    """
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_t(3.0, size=(n, n)) / math.sqrt(n)).astype(np.float32)
+    path = folder / f"linear_{n}.npy"
+    np.save(path, w)
+    return path
+
+
+def load_model(name: str, npy: Optional[Path]):
+    if name == "linear-4096":
+        from ww_worker import linear_from_npy  # the same builder the worker uses
+        return linear_from_npy(str(npy))
+    return wa.MODELS[name]()[0]
+
+
+# ----------------------------------------------------------------------------------- WW worker
+
+class Worker:
+    def __init__(self, python: str, log: Path):
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+        self.log = open(log, "w")
+        t0 = time.perf_counter()
+        self.p = subprocess.Popen([python, str(HERE / "ww_worker.py")], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
+                                  cwd=str(REPO))
+        self.hello = self._read()
+        self.hello["startup_s"] = time.perf_counter() - t0
+
+    def _read(self) -> Dict[str, Any]:
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"WW worker died; see {self.log.name}")
+        msg = json.loads(line)
+        if not msg.get("ok"):
+            raise RuntimeError(f"WW worker: {msg.get('error')}")
+        return msg
+
+    def ask(self, **req) -> Dict[str, Any]:
+        self.p.stdin.write(json.dumps(req) + "\n")
+        self.p.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        try:
+            self.ask(op="quit")
+        except Exception:
+            pass
+        self.p.wait(timeout=60)
+        self.log.close()
+
+
+# ----------------------------------------------------------------------------------- floor
+
+def _groups(todo, max_elements: int = 1 << 24):
+    """The batches ``ww_core.analyze._with_eigenvalues`` forms (same rule, same order)."""
+    i = 0
+    while i < len(todo):
+        group = [todo[i]]
+        size = todo[i].rf * todo[i].rows * todo[i].cols
+        while i + len(group) < len(todo) and not todo[i].streamed and max_elements > 0:
+            nxt = todo[i + len(group)]
+            nsize = nxt.rf * nxt.rows * nxt.cols
+            if nxt.streamed or (nxt.rows, nxt.cols) != (todo[i].rows, todo[i].cols) or \
+                    size + nsize > max_elements:
+                break
+            group.append(nxt)
+            size += nsize
+        i += len(group)
+        yield group
+
+
+def _gram(w):
+    import torch
+    rows, cols = w.shape[-2:]
+    return w.mT @ w if rows >= cols else w @ w.mT
+
+
+class Floor:
+    """The Gram matrices ww_core solves for one model, and the bare eigensolver timed on them."""
+
+    def __init__(self, source: Any, randomize: bool):
+        import torch
+        from ww_core import rmt
+        from ww_core.analyze import (DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS,
+                                     _skip_reason)
+        from ww_core.sources import find_layers
+        todo = [lm for lm in find_layers(source)
+                if not _skip_reason(lm, DEFAULT_MIN_EVALS, DEFAULT_MAX_EVALS, DEFAULT_MAX_N)]
+        self.n_layers = len(todo)
+        self.slices: List[Any] = []   # float64 matrices (for the svd reference)
+        self.grams: List[Any] = []
+        rng = np.random.default_rng(0)
+        t_gram = 0.0
+        with torch.no_grad():
+            for group in _groups(todo):
+                stacks = [torch.as_tensor(lm.load()).detach().to(torch.float64) for lm in group]
+                batch = torch.cat(stacks) if len(stacks) > 1 else stacks[0]
+                t0 = time.perf_counter()
+                self.grams.append(_gram(batch))
+                t_gram += time.perf_counter() - t0
+                self.slices.append(batch)
+                if randomize:
+                    for lm, st in zip(group, stacks):
+                        for _ in range(rmt.num_replicas(lm.num_evals)):
+                            sh = rmt.shuffle_slices(st, rng)
+                            t0 = time.perf_counter()
+                            self.grams.append(_gram(sh))
+                            t_gram += time.perf_counter() - t0
+                            self.slices.append(sh)
+        self.gram_s = t_gram
+        self.n_solves = len(self.grams)
+
+    def eigvalsh_s(self) -> float:
+        import torch
+        t0 = time.perf_counter()
+        for g in self.grams:
+            torch.linalg.eigvalsh(g)
+        return time.perf_counter() - t0
+
+    def svdvals_s(self) -> float:
+        import scipy.linalg
+        mats = [m.numpy() for m in self.slices]
+        t0 = time.perf_counter()
+        for st in mats:
+            for w in st:
+                scipy.linalg.svdvals(w, check_finite=False)
+        return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------- ours
+
+def ours_s(source: Any, randomize: bool) -> float:
+    import ww_core
+    t0 = time.perf_counter()
+    ww_core.analyze(source, randomize=randomize, seed=0)
+    return time.perf_counter() - t0
+
+
+def precision_check(source: Any) -> Dict[str, Any]:
+    import ww_core
+    t0 = time.perf_counter()
+    r64 = ww_core.analyze(source, precision="float64")
+    t64 = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    r32 = ww_core.analyze(source, precision="float32")
+    t32 = time.perf_counter() - t0
+    a64 = {l.name: l for l in r64.layers}
+    worst, worst_name, n, one_failed, dxmin_rel = 0.0, "", 0, 0, 0.0
+    for l32 in r32.layers:
+        l64 = a64.get(l32.name)
+        if l64 is None:
+            continue
+        f32, f64 = math.isfinite(l32.alpha), math.isfinite(l64.alpha)
+        if f32 != f64:
+            one_failed += 1
+            continue
+        if not f32:
+            continue
+        n += 1
+        d = abs(l32.alpha - l64.alpha)
+        if d > worst:
+            worst, worst_name = d, l32.name
+        if l64.xmin:
+            dxmin_rel = max(dxmin_rel, abs(l32.xmin - l64.xmin) / abs(l64.xmin))
+    return {"layers": n, "max_dalpha": worst, "worst_layer": worst_name, "one_side_failed": one_failed,
+            "max_rel_dxmin": dxmin_rel, "f64_s": t64, "f32_s": t32}
+
+
+# ----------------------------------------------------------------------------------- main
+
+def _med(xs: List[float]) -> float:
+    return statistics.median(xs) if xs else math.nan
+
+
+def _f(x: float, d: int = 2) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x:.{d}f}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=DEFAULT_MODELS,
+                    help=f"from {list(wa.MODELS) + ['linear-4096']}")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per side (median reported)")
+    ap.add_argument("--randomize", choices=["both", "off", "on"], default="both")
+    ap.add_argument("--wwref-python", default=os.environ.get("WWREF_PY", "/work/wwref-venv/bin/python"))
+    ap.add_argument("--no-ww", action="store_true", help="skip WeightWatcher (quick engine checks)")
+    ap.add_argument("--no-svd", action="store_true", help="skip the scipy svdvals reference column")
+    ap.add_argument("--no-precision", action="store_true", help="skip the float32/float64 check")
+    ap.add_argument("--wait-load", type=float, default=2.0,
+                    help="wait until the 1-min load average is below this before starting")
+    ap.add_argument("--wait-max", type=float, default=1800.0, help="give up waiting after this many s")
+    ap.add_argument("--no-wait", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "results" / "speed.md"), help="markdown report ('' = none)")
+    args = ap.parse_args(argv)
+
+    waited: List[float] = []
+    quiet = None
+    if not args.no_wait:
+        quiet, waited = wait_for_quiet(args.wait_load, args.wait_max)
+    mach = machine()
+    load_start = loadavg()
+    started = _dt.datetime.now().isoformat(timespec="seconds")
+    print(f"[speed] {mach}", flush=True)
+    print(f"[speed] load average at start {load_start:.2f}", flush=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix="ww-speed-"))
+    npy = write_linear_npy(tmp) if "linear-4096" in args.models else None
+    worker = None
+    if not args.no_ww:
+        worker = Worker(args.wwref_python, tmp / "ww_worker.log")
+        print(f"[speed] WW worker: {worker.hello}", flush=True)
+    # Untimed warm-up of both sides (first-call costs: lazy imports, LAPACK/OpenMP start-up).
+    import ww_core
+    from ww_worker import _tiny
+    for rnd in (False, True):
+        ww_core.analyze(_tiny(), randomize=rnd, seed=0)
+    if worker:
+        worker.ask(op="warmup")
+    settings = {"both": [False, True], "off": [False], "on": [True]}[args.randomize]
+
+    rows: List[Dict[str, Any]] = []
+    prec: Dict[str, Dict[str, Any]] = {}
+    loads: List[float] = [load_start]
+    for name in args.models:
+        t0 = time.perf_counter()
+        src = load_model(name, npy)
+        our_load = time.perf_counter() - t0
+        ww_load = math.nan
+        if worker:
+            ww_load = worker.ask(op="load", model=name, npy=str(npy) if npy and name == "linear-4096" else None)["load_s"]
+        for rnd in settings:
+            floor = Floor(src, rnd)
+            t_ours, t_floor, t_ww, ww_rows = [], [], [], None
+            for k in range(max(1, args.repeat)):
+                t_ours.append(ours_s(src, rnd))
+                t_floor.append(floor.eigvalsh_s())
+                if worker:
+                    r = worker.ask(op="analyze", model=name, randomize=rnd)
+                    t_ww.append(r["s"])
+                    ww_rows = r["rows"]
+                loads.append(loadavg())
+                print(f"[speed] {name} randomize={rnd} run {k + 1}: ours {t_ours[-1]:.2f} s, floor "
+                      f"{t_floor[-1]:.2f} s" + (f", WW {t_ww[-1]:.2f} s" if t_ww else "")
+                      + f" (load {loads[-1]:.2f})", flush=True)
+            svd = math.nan if args.no_svd else floor.svdvals_s()
+            row = {"model": name, "kind": KIND.get(name, ""), "randomize": rnd,
+                   "layers": floor.n_layers, "solves": floor.n_solves, "ww_rows": ww_rows,
+                   "ww_s": _med(t_ww), "ours_s": _med(t_ours), "floor_s": _med(t_floor),
+                   "gram_s": floor.gram_s, "svd_s": svd, "runs_ours": t_ours, "runs_ww": t_ww,
+                   "runs_floor": t_floor, "our_load_s": our_load, "ww_load_s": ww_load}
+            row["ratio"] = row["ww_s"] / row["ours_s"]
+            row["over_floor"] = row["ours_s"] / row["floor_s"]
+            rows.append(row)
+            del floor
+        if not args.no_precision:
+            prec[name] = precision_check(src)
+            print(f"[speed] {name} float32 vs float64: {prec[name]}", flush=True)
+        del src
+    if worker:
+        worker.close()
+    load_end = loadavg()
+    loads.append(load_end)
+
+    report = render(rows, prec, mach, worker.hello if worker else None, args, started,
+                    load_start, load_end, loads, quiet, waited)
+    print(report)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(report)
+        Path(args.out).with_suffix(".json").write_text(json.dumps(
+            {"rows": rows, "precision": prec, "machine": mach, "ww": worker.hello if worker else None,
+             "loadavg": {"start": load_start, "end": load_end, "samples": loads, "waited": waited}},
+            indent=2, default=str))
+        print(f"[speed] wrote {args.out}")
+    return 0
+
+
+def render(rows, prec, mach, ww_hello, args, started, load_start, load_end, loads, quiet, waited) -> str:
+    L = ["# ww_core speed vs WeightWatcher 0.7.7", "",
+         f"Generated by `benchmarks/speed.py` on {started}; median of {args.repeat} alternating runs "
+         "per side (ours, floor, WW). Times in seconds, wall clock, weights already in memory.", "",
+         f"* Machine: {mach['cpu']}, {mach['cores']} cores, {mach['memory']} RAM, {mach['platform']}, "
+         "no GPU.",
+         f"* Dev side: python {mach['python']}, torch {mach['torch']} ({mach['torch_threads']} threads), "
+         f"numpy {mach['numpy']}, scipy {mach['scipy']}.",
+         ]
+    if ww_hello:
+        L.append(f"* WW side: weightwatcher {ww_hello['weightwatcher']}, torch {ww_hello['torch']} "
+                 f"({ww_hello['threads']} threads), numpy {ww_hello['numpy']}, scipy {ww_hello['scipy']}; "
+                 f"worker start + imports {ww_hello['startup_s']:.1f} s (not in the table).")
+    L.append(f"* 1-min load average: {load_start:.2f} at start, {load_end:.2f} at end, "
+             f"max {max(loads):.2f} during the runs"
+             + ("" if quiet is None else
+                (f" (waited {len(waited) - 1} min for < {args.wait_load})" if quiet else
+                 f" — **the machine never got below {args.wait_load} in {args.wait_max / 60:.0f} min; "
+                 "run anyway, numbers are noisy**")) + ".")
+    L += ["", "| model | randomize | layers | WW s | ours s | WW / ours | floor s (eigvalsh) | "
+          "ours / floor | Gram s | scipy svdvals f64 s |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        L.append(f"| `{r['model']}` ({r['kind']}) | {'on' if r['randomize'] else 'off'} | {r['layers']} "
+                 f"| {_f(r['ww_s'])} | {_f(r['ours_s'])} | {_f(r['ratio'], 1)}× | {_f(r['floor_s'])} "
+                 f"| {_f(r['over_floor'])} | {_f(r['gram_s'])} | {_f(r['svd_s'])} |")
+    L += ["", "*floor*: bare `torch.linalg.eigvalsh` on the Gram matrices ww_core solves (same batches, "
+          "float64; with randomize also the shuffled replicas). *Gram s*: forming those Gram matrices "
+          "(once, not in the floor). *scipy svdvals*: float64 singular values of every slice, the "
+          "solver WeightWatcher uses on CPU, timed once.", ""]
+    L += ["Individual runs (s):", ""]
+    for r in rows:
+        L.append(f"* `{r['model']}` randomize={'on' if r['randomize'] else 'off'}: ours "
+                 + ", ".join(f"{x:.2f}" for x in r["runs_ours"]) + "; floor "
+                 + ", ".join(f"{x:.2f}" for x in r["runs_floor"])
+                 + ("; WW " + ", ".join(f"{x:.2f}" for x in r["runs_ww"]) if r["runs_ww"] else ""))
+    if prec:
+        L += ["", "## float32 vs float64 (ww_core, precision=...)", "",
+              "| model | layers fitted | max \\|Δalpha\\| | worst layer | max rel. Δxmin | fit failed on one side only | "
+              "float64 s | float32 s |", "|---|---|---|---|---|---|---|---|"]
+        for name, p in prec.items():
+            L.append(f"| `{name}` | {p['layers']} | {p['max_dalpha']:.2e} | `{p['worst_layer']}` | "
+                     f"{p['max_rel_dxmin']:.1e} | {p['one_side_failed']} | {p['f64_s']:.2f} | {p['f32_s']:.2f} |")
+    L.append("")
+    return "\n".join(L)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
