@@ -14,7 +14,7 @@ from . import metrics as _metrics
 from .powerlaw import fit_powerlaw, hill_alpha
 from .result import AnalysisResult, LayerResult, SkippedLayer
 from .sources import LAYER_TYPES, LayerMatrices, find_layers
-from .spectrum import PRECISIONS, SOLVERS, eigenvalues, is_torch_tensor
+from .spectrum import PRECISIONS, SOLVERS, NonFiniteError, eigenvalues, is_torch_tensor
 
 #: WeightWatcher 0.7.7's defaults.
 DEFAULT_MIN_EVALS = 8
@@ -140,14 +140,13 @@ def analyze_layer(
     if batch is None:
         batch = lm.load()
     if raw_evals is None:
-        if not _all_finite(batch):
-            res.status, res.flags = "failed", ("non-finite",)
-            return res
         try:
             raw_evals = eigenvalues(batch, precision, solver)
-        except (RuntimeError, ValueError, np.linalg.LinAlgError):
-            # e.g. entries near the float64 limit overflow the Gram matrix: flag, never raise
-            res.status, res.flags = "failed", ("fit-failed",)
+        except (NonFiniteError, RuntimeError, ValueError, np.linalg.LinAlgError):
+            # NaN/inf weights, or entries so large their squares overflow: flag, never raise.
+            # (The full finiteness pass runs only here, on failure.)
+            res.status = "failed"
+            res.flags = ("non-finite",) if not _all_finite(batch) else ("fit-failed",)
             return res
     evals = np.sort(raw_evals.ravel()) * lm.scale
     fit = fit_powerlaw(evals, fix_fingers=fix_fingers, max_fingers=max_fingers,
@@ -174,8 +173,11 @@ def analyze_layer(
 
         rng = rng if rng is not None else np.random.default_rng()
         replicas = rmt.num_replicas(lm.num_evals)
-        rand = [np.sort(eigenvalues(rmt.shuffle_slices(batch, rng), precision, solver).ravel()) * lm.scale
-                for _ in range(replicas)]
+        # all replicas' shuffled slices go through one eigensolver call
+        stacked = batch if replicas == 1 else (
+            batch.repeat(replicas, 1, 1) if is_torch_tensor(batch) else np.tile(batch, (replicas, 1, 1)))
+        shuffled = eigenvalues(rmt.shuffle_slices(stacked, rng), precision, solver)
+        rand = [np.sort(part.ravel()) * lm.scale for part in np.split(shuffled, replicas)]
         # replicas concatenated in order: rand_distance compares the first one with the ESD
         rm = rmt.randomization_metrics(evals, np.concatenate(rand), Q, lm.M,
                                        n_per_replica=rand[0].size)
@@ -304,7 +306,8 @@ def analyze(
 def _with_eigenvalues(todo: List[LayerMatrices], precision: str, solver: str, max_elements: int):
     """Yield ``(layer, batch, raw_evals)`` in order, batching same-shaped in-memory layers.
 
-    ``raw_evals`` is ``None`` for a layer whose weights are not finite (analyze_layer flags it).
+    ``raw_evals`` is ``None`` when the layer is alone or its group's solve failed (NaN weights
+    in one layer, say): ``analyze_layer`` then solves (and flags) that layer on its own.
     """
     i = 0
     while i < len(todo):
@@ -319,18 +322,14 @@ def _with_eigenvalues(todo: List[LayerMatrices], precision: str, solver: str, ma
             size += nsize
         i += len(group)
         batches = [lm.load() for lm in group]
-        finite = [_all_finite(b) for b in batches]
-        stackable = [b for b, ok in zip(batches, finite) if ok]
         raws: List[Optional[np.ndarray]] = [None] * len(group)
-        if len(stackable) > 1:
+        if len(batches) > 1:
             try:
-                evals = eigenvalues(_concat(stackable), precision, solver)
-            except (RuntimeError, ValueError, np.linalg.LinAlgError):
+                evals = eigenvalues(_concat(batches), precision, solver)
+            except (NonFiniteError, RuntimeError, ValueError, np.linalg.LinAlgError):
                 evals = None          # analyze_layer retries each layer alone and flags failures
             if evals is not None:
-                splits = np.cumsum([b.shape[0] for b in stackable])[:-1]
-                parts = iter(np.split(evals, splits))
-                raws = [next(parts) if ok else None for ok in finite]
+                raws = list(np.split(evals, np.cumsum([b.shape[0] for b in batches])[:-1]))
         for lm, batch, raw in zip(group, batches, raws):
             yield lm, batch, raw
 
