@@ -21,10 +21,15 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("ww_callbacks.huggingface needs transformers: "
                       "pip install 'ww_callbacks[huggingface]'") from exc
 
+from ww_callbacks.actions.build import ActionSet
 from ww_callbacks.controller import WeightWatcherController
 from ww_callbacks.history import History, read_jsonl
 
-__all__ = ["WeightWatcherCallback"]
+__all__ = ["WeightWatcherCallback", "create_layer_optimizer"]
+
+#: File in each ``checkpoint-N`` folder holding the actions' state (frozen layers, decisions,
+#: LR factors) for resumes without ``restore_callback_states_from_checkpoint``.
+ACTIONS_FILE = "ww_actions.json"
 
 log = logging.getLogger("ww_callbacks")
 
@@ -74,7 +79,20 @@ class WeightWatcherCallback(TrainerCallback, ExportableState):
             / ``Tracker`` instances. A named ``"tensorboard"`` without HF's TensorBoardCallback
             writes to ``<output_dir>/tensorboard``.
         strict: raise errors from the analysis or trackers instead of reporting them once.
-        actions: objects with ``on_analysis(controller, result, step, epoch)``.
+        freeze: ``"off"`` (default), ``"suggest"`` (record and log the layers that could be frozen)
+            or ``"apply"`` (freeze them mid-training; works with the Trainer's default optimizer).
+        freeze_options: :class:`~ww_callbacks.actions.FreezePolicy` options (``band``/``preset``,
+            ``tol``, ``window``, ``max_share``, ``protect``, ``unfreeze``, ...).
+        balance_lr: ``False`` (default), ``"suggest"`` (log TempBalance factors) or ``True``:
+            scale per-layer LRs, composed with the Trainer's scheduler (factors go into its
+            ``base_lrs``). Needs per-layer named groups: call
+            :func:`create_layer_optimizer(trainer) <create_layer_optimizer>` before ``train()``.
+        lr_options: :class:`~ww_callbacks.actions.LRBalancePolicy` options (``s1``, ``s2``,
+            ``metric``, ...).
+        early_stop: ``True`` sets ``control.should_training_stop`` when the mean alpha stops
+            improving for ``patience`` analyses or falls below ``lower_bound``.
+        early_stop_options: :class:`~ww_callbacks.actions.EarlyStopPolicy` options.
+        actions: further objects with ``on_analysis(controller, result, step, epoch)``.
         log_fn: where the per-analysis line goes (default: the ``ww_callbacks`` logger).
         analyze_fn: replaces ``ww_core.analyze`` (testing).
         **analyze_options: passed to ``ww_core.analyze`` (``min_evals``, ``fix_fingers``, ...).
@@ -106,17 +124,32 @@ class WeightWatcherCallback(TrainerCallback, ExportableState):
                  every_n_steps: Optional[int] = None, layers: Union[None, str, Sequence[str]] = None,
                  output_dir: Optional[str] = None, trackers: Any = "auto", strict: bool = False,
                  actions: Optional[Sequence[Any]] = None, log_fn: Any = None, analyze_fn: Any = None,
+                 freeze: Any = "off", freeze_options: Optional[Dict[str, Any]] = None,
+                 balance_lr: Any = False, lr_options: Optional[Dict[str, Any]] = None,
+                 early_stop: bool = False, early_stop_options: Optional[Dict[str, Any]] = None,
                  **analyze_options: Any) -> None:
         self._output_dir = output_dir
         self._args = dict(start_fraction=start_fraction, every_n_epochs=every_n_epochs,
                           every_n_steps=every_n_steps, layers=layers, output_dir=output_dir,
-                          trackers=trackers, strict=strict, **analyze_options)
+                          trackers=trackers, strict=strict, freeze=freeze,
+                          freeze_options=freeze_options, balance_lr=balance_lr,
+                          lr_options=lr_options, early_stop=early_stop,
+                          early_stop_options=early_stop_options, **analyze_options)
+        self._model: Any = None
+        self._optimizer: Any = None
+        self._scheduler: Any = None
+        self._stop_reason: Optional[str] = None
+        self.action_set = ActionSet(freeze, freeze_options, balance_lr, lr_options, early_stop,
+                                    early_stop_options)
+        self.action_set.bind(freeze_fn=self._freeze, lr_fn=self._set_lr_factors,
+                             stop_fn=self._stop, sync_fn=_broadcast)
         self.controller = WeightWatcherController(
             start_fraction=start_fraction, every_n_epochs=every_n_epochs,
             every_n_steps=every_n_steps, layers=layers, output_dir=output_dir, trackers=trackers,
-            log_fn=log_fn, strict=strict, actions=actions, analyze_fn=analyze_fn,
-            **analyze_options)
+            log_fn=log_fn, strict=strict, actions=self.action_set.actions() + list(actions or ()),
+            analyze_fn=analyze_fn, **analyze_options)
         self._restored = False
+        self._actions_restored = False
 
     # ------------------------------------------------------------------ public
     @property
@@ -137,7 +170,10 @@ class WeightWatcherCallback(TrainerCallback, ExportableState):
                 else:
                     continue
             args[key] = value
-        return {"args": args, "attributes": {"controller_state": self.controller.state_dict()}}
+        attributes = {"controller_state": self.controller.state_dict()}
+        if self.action_set.enabled:
+            attributes["actions_state"] = self.action_set.state_dict()
+        return {"args": args, "attributes": attributes}
 
     @property
     def controller_state(self) -> Dict[str, Any]:
@@ -148,6 +184,94 @@ class WeightWatcherCallback(TrainerCallback, ExportableState):
         # HF's restore does ``setattr(new_callback, "controller_state", value)``.
         self.controller.load_state_dict(value)
         self._restored = True
+
+    @property
+    def actions_state(self) -> Dict[str, Any]:
+        return self.action_set.state_dict()
+
+    @actions_state.setter
+    def actions_state(self, value: Dict[str, Any]) -> None:
+        self.action_set.load_state_dict(value)
+        self._actions_restored = True
+
+    @property
+    def frozen_layers(self) -> List[str]:
+        """Layers frozen (``freeze="apply"``) or suggested (``"suggest"``) so far."""
+        return list(self.action_set.freeze_policy.frozen)
+
+    @property
+    def lr_factors(self) -> Dict[str, float]:
+        """The latest TempBalance factors (``balance_lr`` on)."""
+        return dict(self.action_set.lr_policy.factors)
+
+    # ------------------------------------------------------------------ actions
+    def _bind(self, kwargs: Dict[str, Any]) -> None:
+        for attr, key in (("_model", "model"), ("_optimizer", "optimizer"),
+                          ("_scheduler", "lr_scheduler")):
+            if kwargs.get(key) is not None:
+                setattr(self, attr, kwargs[key])
+
+    def _freeze(self, freeze: List[str], unfreeze: List[str]) -> None:
+        from ww_callbacks.torch_utils import freeze_layers, unfreeze_layers
+
+        if freeze:
+            freeze_layers(self._model, freeze, [self._optimizer] if self._optimizer is not None else [])
+        if unfreeze:
+            unfreeze_layers(self._model, unfreeze)
+
+    def _set_lr_factors(self, factors: Dict[str, float]) -> None:
+        from ww_callbacks.torch_utils import apply_lr_factors
+
+        apply_lr_factors(self._optimizer, [self._scheduler], factors)
+
+    def _stop(self, reason: str) -> None:
+        self._stop_reason = reason
+
+    def _after(self, control: Any) -> None:
+        if self._stop_reason is not None:
+            control.should_training_stop = True
+
+    def _check_actions(self, args: Any) -> None:
+        if self.action_set.lr_mode == "apply":
+            from ww_callbacks.torch_utils import unwrap_optimizer
+
+            opt = unwrap_optimizer(self._optimizer) if self._optimizer is not None else None
+            if opt is None or not any(g.get("name") for g in opt.param_groups):
+                raise ValueError(
+                    "balance_lr=True needs per-layer named param groups; the Trainer's default "
+                    "optimizer has two unnamed ones. Call "
+                    "ww_callbacks.huggingface.create_layer_optimizer(trainer) before train()")
+        if self.action_set.freeze_mode == "apply" and int(getattr(args, "world_size", 1) or 1) > 1 \
+                and not getattr(args, "ddp_find_unused_parameters", False):
+            raise ValueError("freeze='apply' under DDP needs "
+                             "TrainingArguments(ddp_find_unused_parameters=True)")
+
+    def _load_actions_file(self, args: Any, step: int) -> None:
+        path = os.path.join(args.output_dir or ".", f"checkpoint-{step}", ACTIONS_FILE)
+        if not os.path.exists(path):
+            return
+        try:
+            with open(path, encoding="utf-8") as fh:
+                self.action_set.load_state_dict(json.load(fh))
+        except Exception as exc:
+            if self.controller.strict:
+                raise
+            self.controller._report("actions file", f"could not read {path}", exc)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self.action_set.enabled or not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir or ".", f"checkpoint-{state.global_step}")
+        if not os.path.isdir(folder):
+            return
+        self.controller.poll(wait=True)  # an analysis in flight decides before the state is saved
+        try:
+            with open(os.path.join(folder, ACTIONS_FILE), "w", encoding="utf-8") as fh:
+                json.dump(self.action_set.state_dict(), fh)
+        except Exception as exc:
+            if self.controller.strict:
+                raise
+            self.controller._report("actions file", f"could not write {folder}/{ACTIONS_FILE}", exc)
 
     # ------------------------------------------------------------------ trackers
     def _requested(self) -> set:
@@ -238,6 +362,20 @@ class WeightWatcherCallback(TrainerCallback, ExportableState):
         output_dir = self._output_dir or os.path.join(args.output_dir or ".", "ww-output")
         zero = bool(state.is_world_process_zero)
         step = int(state.global_step or 0)
+        self._bind(kwargs)
+        if self.action_set.enabled:
+            self._check_actions(args)
+            if self.action_set.freeze_policy.protect_head and self._model is not None:
+                from ww_callbacks.torch_utils import tied_head_layers
+
+                # an input embedding tied to lm_head is the output head too: never freeze it
+                self.action_set.freeze_policy.protect_names(tied_head_layers(self._model))
+            if step > 0 and not self._actions_restored:
+                self._load_actions_file(args, step)
+            # requires_grad is not in checkpoints: re-freeze what the restored state froze.
+            # LR factors live in the optimizer's param groups and the scheduler's base_lrs,
+            # both restored by the Trainer.
+            self.action_set.reapply()
         if step > 0 and not self._restored and not len(self.controller.history):
             # resumed without restore_callback_states_from_checkpoint: the files are the record
             self.controller.output_dir = output_dir
@@ -249,20 +387,76 @@ class WeightWatcherCallback(TrainerCallback, ExportableState):
                                   world_size=int(getattr(args, "world_size", 1) or 1))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._bind(kwargs)
         self.controller.poll()          # record a finished background analysis
-        if self.controller.schedule.mode != "steps":
-            return
-        step, epoch = int(state.global_step), _epoch_index(state)
-        if self.controller.should_run(step=step, epoch=epoch, epoch_end=False):
-            self.controller.run(kwargs.get("model"), step=step, epoch=epoch)
+        if self.controller.schedule.mode == "steps":
+            step, epoch = int(state.global_step), _epoch_index(state)
+            if self.controller.should_run(step=step, epoch=epoch, epoch_end=False):
+                self.controller.run(kwargs.get("model"), step=step, epoch=epoch)
+        self._after(control)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.controller.schedule.mode != "epochs":
-            return
-        step, epoch = int(state.global_step), _epoch_index(state)
-        if self.controller.should_run(step=step, epoch=epoch, epoch_end=True):
-            self.controller.run(kwargs.get("model"), step=step, epoch=epoch)
+        self._bind(kwargs)
+        if self.controller.schedule.mode == "epochs":
+            step, epoch = int(state.global_step), _epoch_index(state)
+            if self.controller.should_run(step=step, epoch=epoch, epoch_end=True):
+                self.controller.run(kwargs.get("model"), step=step, epoch=epoch)
+        self._after(control)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.controller.finish(kwargs.get("model"), step=int(state.global_step),
                                epoch=_epoch_index(state))
+
+
+def create_layer_optimizer(trainer: Any, layers: Any = None) -> Any:
+    """Give ``trainer`` an optimizer with one named param group per analysable layer.
+
+    Needed for ``balance_lr=True``: the Trainer's default optimizer has two unnamed groups
+    (decay / no decay) that per-layer factors cannot address. Call it after building the Trainer
+    and before ``train()``; the Trainer keeps this optimizer (``create_optimizer`` only builds one
+    when ``trainer.optimizer`` is ``None``) and still creates its default scheduler
+    (``args.lr_scheduler_type``, warmup included) over all groups. The optimizer class and its
+    arguments are the Trainer's own (``args.optim``, ``learning_rate``, ``adam_*``...), and each
+    layer keeps HF's weight-decay split (two groups of the same ``name``: decayed weights, and
+    biases/norms at ``weight_decay=0``). Call it again (on a new Trainer) when resuming: the
+    checkpoint's optimizer state then loads into the same layout.
+
+    Args:
+        trainer: a ``transformers.Trainer`` (not yet trained).
+        layers: regex(es) restricting the layers that get their own groups.
+
+    Returns:
+        The optimizer (also set as ``trainer.optimizer``).
+
+    Example::
+
+        >>> trainer = Trainer(model, args, train_dataset=ds,
+        ...                   callbacks=[WeightWatcherCallback(balance_lr=True)])  # doctest: +SKIP
+        >>> create_layer_optimizer(trainer)                                          # doctest: +SKIP
+        >>> trainer.train()                                                          # doctest: +SKIP
+    """
+    from ww_callbacks.torch_utils import model_param_groups
+
+    model = trainer.model
+    decay = set(trainer.get_decay_parameter_names(model))
+    names = {id(p): n for n, p in model.named_parameters()}
+    wd = float(trainer.args.weight_decay)
+    groups: List[Dict[str, Any]] = []
+    for group in model_param_groups(model, layers=layers):
+        params = group.pop("params")
+        on = [p for p in params if names.get(id(p)) in decay]
+        off = [p for p in params if names.get(id(p)) not in decay]
+        if on:
+            groups.append({**group, "params": on, "weight_decay": wd})
+        if off:
+            groups.append({**group, "params": off, "weight_decay": 0.0})
+    cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, model)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("params", "model")}
+    trainer.optimizer = cls(groups, **kwargs)
+    return trainer.optimizer
+
+
+def _broadcast(obj: Any) -> Any:
+    from ww_callbacks.torch_utils import broadcast_object
+
+    return broadcast_object(obj)

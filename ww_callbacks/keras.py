@@ -21,6 +21,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("ww_callbacks.keras needs Keras 3: pip install 'ww_callbacks[keras]' "
                       "(and set KERAS_BACKEND before importing keras)") from exc
 
+from ww_callbacks.actions.build import ActionSet
 from ww_callbacks.controller import WeightWatcherController
 
 __all__ = ["WeightWatcherCallback"]
@@ -64,7 +65,19 @@ class WeightWatcherCallback(keras.callbacks.Callback):
             of names / ``Tracker`` instances (``"tensorboard"`` writes to
             ``<output_dir>/tensorboard``).
         strict: raise errors from the analysis or trackers instead of reporting them once.
-        actions: objects with ``on_analysis(controller, result, step, epoch)``.
+        freeze: ``"off"`` (default), ``"suggest"`` (record and log the layers that could be frozen)
+            or ``"apply"`` (``layer.trainable = False`` mid-fit; effective at the next step on the
+            torch backend; re-applied on resume).
+        freeze_options: :class:`~ww_callbacks.actions.FreezePolicy` options (``band``/``preset``,
+            ``tol``, ``window``, ``max_share``, ``protect``, ``unfreeze``, ...).
+        balance_lr: ``False`` (default), ``"suggest"`` (log TempBalance factors) or ``True``:
+            per-layer LRs through :class:`~ww_callbacks.keras_utils.LayerLRScaler` (each
+            variable's update is scaled, i.e. ``factor × the optimizer's LR or schedule``).
+        lr_options: :class:`~ww_callbacks.actions.LRBalancePolicy` options (``s1``, ``s2``, ...).
+        early_stop: ``True`` sets ``model.stop_training`` when the mean alpha stops improving
+            for ``patience`` analyses or falls below ``lower_bound``.
+        early_stop_options: :class:`~ww_callbacks.actions.EarlyStopPolicy` options.
+        actions: further objects with ``on_analysis(controller, result, step, epoch)``.
         log_fn: where the per-analysis line goes (default: the ``ww_callbacks`` logger).
         analyze_fn: replaces ``ww_core.analyze`` (testing).
         **analyze_options: passed to ``ww_core.analyze``.
@@ -90,13 +103,22 @@ class WeightWatcherCallback(keras.callbacks.Callback):
                  every_n_steps: Optional[int] = None, layers: Union[None, str, Sequence[str]] = None,
                  output_dir: Optional[str] = "ww-output", trackers: Any = "auto",
                  strict: bool = False, actions: Optional[Sequence[Any]] = None, log_fn: Any = None,
-                 analyze_fn: Any = None, **analyze_options: Any) -> None:
+                 analyze_fn: Any = None, freeze: Any = "off",
+                 freeze_options: Optional[Dict[str, Any]] = None, balance_lr: Any = False,
+                 lr_options: Optional[Dict[str, Any]] = None, early_stop: bool = False,
+                 early_stop_options: Optional[Dict[str, Any]] = None,
+                 **analyze_options: Any) -> None:
         super().__init__()
+        self.action_set = ActionSet(freeze, freeze_options, balance_lr, lr_options, early_stop,
+                                    early_stop_options)
+        self.action_set.bind(freeze_fn=self._freeze, lr_fn=self._set_lr_factors,
+                             stop_fn=self._stop, sync_fn=_broadcast)
+        self.lr_scaler: Any = None
         self.controller = WeightWatcherController(
             start_fraction=start_fraction, every_n_epochs=every_n_epochs,
             every_n_steps=every_n_steps, layers=layers, output_dir=output_dir, trackers=trackers,
-            log_fn=log_fn, strict=strict, actions=actions, analyze_fn=analyze_fn,
-            **analyze_options)
+            log_fn=log_fn, strict=strict, actions=self.action_set.actions() + list(actions or ()),
+            analyze_fn=analyze_fn, **analyze_options)
         self.output_dir = output_dir
         self.global_step = 0
         self.epoch = 0
@@ -116,13 +138,60 @@ class WeightWatcherCallback(keras.callbacks.Callback):
     def state_path(self) -> Optional[str]:
         return os.path.join(self.output_dir, self.STATE_FILE) if self.output_dir else None
 
+    @property
+    def frozen_layers(self) -> List[str]:
+        """Layers frozen (``freeze="apply"``) or suggested (``"suggest"``) so far."""
+        return list(self.action_set.freeze_policy.frozen)
+
+    @property
+    def lr_factors(self) -> Dict[str, float]:
+        """The latest TempBalance factors (``balance_lr`` on)."""
+        return dict(self.action_set.lr_policy.factors)
+
     def state_dict(self) -> Dict[str, Any]:
-        return {"controller": self.controller.state_dict(), "global_step": self.global_step,
-                "epoch": self.epoch}
+        state = {"controller": self.controller.state_dict(), "global_step": self.global_step,
+                 "epoch": self.epoch}
+        if self.action_set.enabled:
+            state["actions"] = self.action_set.state_dict()
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.controller.load_state_dict(state.get("controller", {}))
+        self.action_set.load_state_dict(state.get("actions"))
         self._saved_step = state.get("global_step")
+
+    # ------------------------------------------------------------------ actions
+    def _freeze(self, freeze: List[str], unfreeze: List[str]) -> None:
+        from ww_callbacks.keras_utils import freeze_layers, unfreeze_layers
+
+        if freeze:
+            freeze_layers(self.model, freeze)
+        if unfreeze:
+            unfreeze_layers(self.model, unfreeze)
+
+    def _set_lr_factors(self, factors: Dict[str, float]) -> None:
+        if self.lr_scaler is None:
+            from ww_callbacks.keras_utils import LayerLRScaler
+
+            self.lr_scaler = LayerLRScaler(self.model).install()
+        self.lr_scaler.set_factors(factors)
+
+    def _stop(self, reason: str) -> None:
+        self.model.stop_training = True
+
+    def _start_actions(self) -> None:
+        """At fit start: install the LR scaler and re-apply a restored state (resume)."""
+        if self.action_set.lr_mode == "apply":
+            from ww_callbacks.keras_utils import LayerLRScaler
+
+            if self.lr_scaler is None or self.lr_scaler.model is not self.model \
+                    or self.lr_scaler.optimizer is not self.model.optimizer:
+                if self.lr_scaler is not None:
+                    self.lr_scaler.uninstall()
+                self.lr_scaler = LayerLRScaler(self.model).install()
+            self.lr_scaler.set_factors(self.action_set.lr_policy.factors)
+        # trainable flags are not in .weights.h5: re-freeze what the restored state froze
+        self.action_set.reapply()
 
     # ------------------------------------------------------------------ state file
     def _load_state_file(self) -> None:
@@ -196,6 +265,8 @@ class WeightWatcherCallback(keras.callbacks.Callback):
         self._is_zero = _is_global_zero()
         if not self._state_loaded:
             self._load_state_file()
+        if self.action_set.enabled:
+            self._start_actions()
         steps = (self.params or {}).get("steps")
         self._steps_per_epoch = int(steps) if steps else None
         self._needs_configure = True  # at the first epoch, when initial_epoch is known
@@ -244,3 +315,14 @@ class WeightWatcherCallback(keras.callbacks.Callback):
             return
         self.controller.finish(self.model, step=self.global_step, epoch=self.epoch)
         self._save_state_file()
+
+
+def _broadcast(obj: Any) -> Any:
+    """rank 0's ``obj`` on every rank under a torch process group (Keras on torch), else ``obj``."""
+    import sys
+
+    if "torch" not in sys.modules:
+        return obj
+    from ww_callbacks.torch_utils import broadcast_object
+
+    return broadcast_object(obj)

@@ -21,9 +21,10 @@ except ImportError:  # pragma: no cover - depends on which package is installed
     except ImportError as exc:
         raise ImportError("ww_callbacks.lightning needs Lightning: pip install 'ww_callbacks[lightning]'") from exc
 
+from ww_callbacks.actions.build import ActionSet
 from ww_callbacks.controller import WeightWatcherController
 
-__all__ = ["WeightWatcherCallback"]
+__all__ = ["WeightWatcherCallback", "layer_param_groups"]
 
 log = logging.getLogger("ww_callbacks")
 
@@ -56,7 +57,21 @@ class WeightWatcherCallback(pl.Callback):
         trackers: ``"auto"`` (the Trainer's loggers plus the local record), ``None``, or a list of
             names / ``Tracker`` instances.
         strict: raise errors from the analysis or trackers instead of reporting them once.
-        actions: objects with ``on_analysis(controller, result, step, epoch)``.
+        freeze: ``"off"`` (default), ``"suggest"`` (record and log the layers that could be frozen,
+            change nothing) or ``"apply"`` (freeze them mid-training: ``requires_grad=False`` and
+            ``grad=None``; re-applied on resume). See ``docs/actions.md``.
+        freeze_options: :class:`~ww_callbacks.actions.FreezePolicy` options (``band``/``preset``,
+            ``tol``, ``window``, ``max_share``, ``protect``, ``protect_head``, ``unfreeze``, ...).
+        balance_lr: ``False`` (default), ``"suggest"`` (log TempBalance factors) or ``True``
+            (apply them to the optimizers' *named* param groups, e.g. from
+            :func:`layer_param_groups`; composes with any scheduler, LambdaLR included).
+        lr_options: :class:`~ww_callbacks.actions.LRBalancePolicy` options (``s1``, ``s2``,
+            ``metric``, ``min_evals``, ...).
+        early_stop: ``True`` sets ``trainer.should_stop`` when the mean alpha stops improving for
+            ``patience`` analyses or falls below ``lower_bound`` (default ``False``).
+        early_stop_options: :class:`~ww_callbacks.actions.EarlyStopPolicy` options
+            (``patience``, ``min_delta``, ``lower_bound``, ``metric``).
+        actions: further objects with ``on_analysis(controller, result, step, epoch)``.
         log_fn: where the per-analysis line goes (default: ``rank_zero_info``).
         analyze_fn: replaces ``ww_core.analyze`` (testing).
         **analyze_options: passed to ``ww_core.analyze`` (``min_evals``, ``fix_fingers``, ...).
@@ -78,12 +93,22 @@ class WeightWatcherCallback(pl.Callback):
                  every_n_steps: Optional[int] = None, layers: Union[None, str, Sequence[str]] = None,
                  output_dir: Optional[str] = None, trackers: Any = "auto", strict: bool = False,
                  actions: Optional[Sequence[Any]] = None, log_fn: Any = None, analyze_fn: Any = None,
+                 freeze: Any = "off", freeze_options: Optional[Dict[str, Any]] = None,
+                 balance_lr: Any = False, lr_options: Optional[Dict[str, Any]] = None,
+                 early_stop: bool = False, early_stop_options: Optional[Dict[str, Any]] = None,
                  **analyze_options: Any) -> None:
         self._output_dir = output_dir
+        self._trainer: Any = None
+        self._module: Any = None
+        self.action_set = ActionSet(freeze, freeze_options, balance_lr, lr_options, early_stop,
+                                    early_stop_options)
+        self.action_set.bind(freeze_fn=self._freeze, lr_fn=self._set_lr_factors,
+                             stop_fn=self._stop, sync_fn=_broadcast)
         self.controller = WeightWatcherController(
             start_fraction=start_fraction, every_n_epochs=every_n_epochs, every_n_steps=every_n_steps,
             layers=layers, output_dir=output_dir, trackers=trackers, log_fn=log_fn or rank_zero_info,
-            strict=strict, actions=actions, analyze_fn=analyze_fn, **analyze_options)
+            strict=strict, actions=self.action_set.actions() + list(actions or ()),
+            analyze_fn=analyze_fn, **analyze_options)
         self._key = dict(start_fraction=start_fraction, every_n_epochs=every_n_epochs,
                          every_n_steps=every_n_steps, layers=layers)
 
@@ -95,6 +120,70 @@ class WeightWatcherCallback(pl.Callback):
     def history(self):
         """:class:`ww_callbacks.history.History` of this run."""
         return self.controller.history
+
+    @staticmethod
+    def param_groups(pl_module: Any, base_lr: Optional[float] = None, layers: Any = None,
+                     **group_kwargs: Any) -> List[Dict[str, Any]]:
+        """Per-layer named param groups for ``configure_optimizers`` (see :func:`layer_param_groups`)."""
+        return layer_param_groups(pl_module, base_lr=base_lr, layers=layers, **group_kwargs)
+
+    # ------------------------------------------------------------------ actions
+    @property
+    def frozen_layers(self) -> List[str]:
+        """Layers frozen (``freeze="apply"``) or suggested (``"suggest"``) so far."""
+        return list(self.action_set.freeze_policy.frozen)
+
+    @property
+    def lr_factors(self) -> Dict[str, float]:
+        """The latest TempBalance factors (``balance_lr`` on)."""
+        return dict(self.action_set.lr_policy.factors)
+
+    def _freeze(self, freeze: List[str], unfreeze: List[str]) -> None:
+        from ww_callbacks.torch_utils import freeze_layers, unfreeze_layers
+
+        if freeze:
+            freeze_layers(self._module, freeze, self._trainer.optimizers if self._trainer else ())
+        if unfreeze:
+            unfreeze_layers(self._module, unfreeze)
+
+    def _set_lr_factors(self, factors: Dict[str, float]) -> None:
+        from ww_callbacks.torch_utils import apply_lr_factors
+
+        scheds = [c.scheduler for c in self._trainer.lr_scheduler_configs]
+        for opt in self._trainer.optimizers:
+            apply_lr_factors(opt, scheds, factors)
+
+    def _stop(self, reason: str) -> None:
+        if self._trainer is not None:
+            self._trainer.should_stop = True
+
+    def _check_actions(self, trainer: "pl.Trainer") -> None:
+        """Fail early when an ``apply`` mode cannot work with this trainer's setup."""
+        if self.action_set.lr_mode == "apply":
+            named = sum(1 for o in trainer.optimizers for g in o.param_groups if g.get("name"))
+            if not named:
+                raise ValueError(
+                    "balance_lr=True needs per-layer named param groups; build the optimizer with "
+                    "WeightWatcherCallback.param_groups(self, base_lr=...) (or "
+                    "ww_callbacks.lightning.layer_param_groups) in configure_optimizers")
+        if self.action_set.freeze_mode == "apply" and trainer.world_size > 1:
+            kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
+            if isinstance(kwargs, dict) and not kwargs.get("find_unused_parameters", False):
+                raise ValueError(
+                    "freeze='apply' under DDP needs DDPStrategy(find_unused_parameters=True): a "
+                    "frozen layer gets no gradient and DDP would raise in the next backward")
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._trainer, self._module = trainer, pl_module
+        if self.action_set.enabled:
+            self._check_actions(trainer)
+            if self.action_set.freeze_policy.protect_head:
+                from ww_callbacks.torch_utils import tied_head_layers
+
+                # an input embedding tied to the output head (HF-style) is the head too
+                self.action_set.freeze_policy.protect_names(tied_head_layers(pl_module))
+            # requires_grad is not in checkpoints: re-freeze what the restored state froze
+            self.action_set.reapply()
 
     def _trackers(self, trainer: "pl.Trainer") -> List[Any]:
         from ww_callbacks.trackers import get_tracker_class
@@ -117,6 +206,8 @@ class WeightWatcherCallback(pl.Callback):
         return out
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._trainer, self._module = trainer, pl_module
+        self.action_set.reapply()
         total_steps = trainer.estimated_stepping_batches
         max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
         output_dir = self._output_dir or os.path.join(trainer.default_root_dir, "ww-output")
@@ -163,7 +254,38 @@ class WeightWatcherCallback(pl.Callback):
         self.controller.close()
 
     def state_dict(self) -> Dict[str, Any]:
-        return self.controller.state_dict()
+        state = self.controller.state_dict()      # records an analysis in flight (and its actions)
+        if self.action_set.enabled:
+            state["actions"] = self.action_set.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self.controller.load_state_dict(state_dict)
+        self.action_set.load_state_dict(state_dict.get("actions"))
+
+
+def layer_param_groups(pl_module: Any, base_lr: Optional[float] = None, layers: Any = None,
+                       **group_kwargs: Any) -> List[Dict[str, Any]]:
+    """One named param group per analysable layer plus ``"rest"``, for ``balance_lr=True``.
+
+    Use in ``configure_optimizers``::
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(layer_param_groups(self, base_lr=0.1), momentum=0.9)
+            return [opt], [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.99 ** s)]
+
+    Args:
+        pl_module: the module (or any ``nn.Module``).
+        base_lr: ``lr`` of every group (``None``: the optimizer's default).
+        layers: regex(es) restricting the layers that get their own group.
+        **group_kwargs: extra keys for every group (``weight_decay``, ...).
+    """
+    from ww_callbacks.torch_utils import model_param_groups
+
+    return model_param_groups(pl_module, base_lr=base_lr, layers=layers, **group_kwargs)
+
+
+def _broadcast(obj: Any) -> Any:
+    from ww_callbacks.torch_utils import broadcast_object
+
+    return broadcast_object(obj)

@@ -29,7 +29,7 @@ import math
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["layer_param_groups", "resolve_layer_params", "freeze_layers", "unfreeze_layers",
+__all__ = ["model_layer_names", "model_param_groups", "layer_param_groups", "resolve_layer_params", "freeze_layers", "unfreeze_layers",
            "apply_lr_factors", "group_factor", "broadcast_object", "unwrap_model",
            "unwrap_optimizer"]
 
@@ -112,6 +112,57 @@ def resolve_layer_params(model: Any, names: Iterable[str]) -> Dict[str, Tuple[st
         raise ValueError(f"{len(missing)} layer name(s) match no module of the model: "
                          f"{missing[:5]}; names must be ww_core layer names (module paths)")
     return out
+
+
+def model_layer_names(model: Any, layers: Any = None) -> List[str]:
+    """The ``ww_core`` names of every analysable layer of ``model`` (no analysis is run).
+
+    Args:
+        model: the ``nn.Module`` (wrappers are unwrapped).
+        layers: optional regex or list of regexes (``re.search`` on the name), as the callbacks'
+            ``layers`` argument.
+    """
+    import ww_core
+
+    pats = [layers] if isinstance(layers, str) else list(layers or [])
+    names = [l.name for l in ww_core.find_layers(unwrap_model(model))]
+    if pats:
+        names = [n for n in names if any(re.search(p, n) for p in pats)]
+    return names
+
+
+def tied_head_layers(model: Any, names: Optional[Iterable[str]] = None) -> List[str]:
+    """Layer names whose parameters are the model's output head (``get_output_embeddings()``
+    of HF models, e.g. a word embedding tied to ``lm_head``); ``[]`` when there is none."""
+    model = unwrap_model(model)
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return []
+    ids = {id(p) for p in head.parameters()}
+    names = list(names) if names is not None else model_layer_names(model)
+    out = []
+    for name, (_, plist) in resolve_layer_params(model, names).items():
+        if any(id(p) in ids for _, p in plist):
+            out.append(name)
+    return out
+
+
+def model_param_groups(model: Any, base_lr: Optional[float] = None, layers: Any = None,
+                       rest_name: str = "rest", **group_kwargs: Any) -> List[Dict[str, Any]]:
+    """:func:`layer_param_groups` over every analysable layer of ``model`` (:func:`model_layer_names`).
+
+    The groups ``balance_lr=True`` needs: pass them to the optimizer instead of
+    ``model.parameters()``.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> [g["name"] for g in model_param_groups(model, base_lr=0.1)]
+        ['0', '2']
+    """
+    return layer_param_groups(model, model_layer_names(model, layers), base_lr=base_lr,
+                              rest_name=rest_name, **group_kwargs)
 
 
 def layer_param_groups(model: Any, layer_names: Sequence[str], base_lr: Optional[float] = None,

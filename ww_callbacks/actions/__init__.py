@@ -28,3 +28,7 @@ __all__ = [
     "FreezeAction", "LRBalanceAction", "EarlyStopAction",
     "series_from_rows", "mean_series_from_rows", "mean_metric",
 ]
+
+from ww_callbacks.actions.build import ActionSet  # noqa: E402
+
+__all__.append("ActionSet")

@@ -186,6 +186,16 @@ class FreezePolicy:
         """True when ``name`` matches ``protect`` or is the output head (with ``protect_head``)."""
         return matches(self._protect, name) or (self.protect_head and name == self.head)
 
+    def protect_names(self, names: Sequence[str]) -> None:
+        """Never freeze these exact layer names (adapters use it for an output head tied to an
+        input embedding, which the "last analysed layer" rule does not catch)."""
+        import re
+
+        for name in names:
+            pat = re.compile("^" + re.escape(str(name)) + "$")
+            if all(p.pattern != pat.pattern for p in self._protect):
+                self._protect.append(pat)
+
     def _excluded_flag(self, layer: Any) -> Optional[str]:
         bad = [f for f in getattr(layer, "flags", ()) if f in self.exclude_flags]
         return bad[0] if bad else None
