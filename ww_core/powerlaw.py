@@ -186,8 +186,8 @@ def hill_alpha(evals: np.ndarray, xmin_pos: float = 2.0) -> float:
     Returns ``nan`` when undefined (fewer than 2 tail values, or a flat tail).
 
     Example:
-        >>> hill_alpha([1.0, 2.0, 4.0, 8.0])     # tail = [4, 8]: 1 + 2 / ln 2
-        3.8853900817779268
+        >>> round(hill_alpha([1.0, 2.0, 4.0, 8.0]), 6)     # tail = [4, 8]: 1 + 2 / ln 2
+        3.88539
     """
     if xmin_pos <= 1.0:
         raise ValueError(f"xmin_pos must be > 1, got {xmin_pos}")
