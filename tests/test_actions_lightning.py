@@ -225,3 +225,17 @@ def test_bad_options_fail_at_construction():
                dict(early_stop_options={"patience": 2})]:
         with pytest.raises(ValueError):
             WeightWatcherCallback(**kw)
+
+
+def test_freeze_apply_with_async_analysis(tmp_path):
+    # the default for one process: decisions land at the batch after the background analysis
+    model = Model()
+    snap = Snapshot(model)
+    cb = ww(tmp_path, freeze="apply", freeze_options=LOOSE, actions=[snap], async_analysis=True)
+    trainer = make_trainer(tmp_path, [cb], max_epochs=4)
+    trainer.fit(model)
+    assert trainer.global_step == 24
+    assert cb.controller._async and cb.frozen_layers == ["layer.0", "layer.2"]
+    for name, (_, w) in snap.at.items():
+        assert torch.equal(dict(model.named_parameters())[name], w), name
+    assert len(snap.at) == 4
