@@ -178,9 +178,6 @@ def test_history_line_cut_short_by_a_crash_is_skipped_on_resume(tmp_path):
     assert_history(tmp_path, [1, 2, 3])
 
 
-@pytest.mark.xfail(strict=True, reason="HF adapter reads history.jsonl without skip_bad_lines: a "
-                   "line cut short by a crash makes the resume raise (one-line fix proposed in "
-                   "docs/reliability.md)")
 def test_hf_resume_from_files_tolerates_a_partial_last_line(tmp_path):
     pytest.importorskip("transformers")
     from ww_callbacks.huggingface import WeightWatcherCallback

@@ -350,7 +350,7 @@ class WeightWatcherCallback(TrainerCallback, ExportableState):
         path = os.path.join(output_dir, History.JSONL)
         if not os.path.exists(path):
             return
-        rows = read_jsonl(path)
+        rows = read_jsonl(path, skip_bad_lines=True)   # a crash may cut the last line short
         if not rows:
             return
         # through the controller's own state format (non-finite values as None)
