@@ -86,6 +86,8 @@ class DigitsMLP(pl.LightningModule):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--start-fraction", type=float, default=0.5,
+                        help="share of training before the first analysis (0: every epoch)")
     parser.add_argument("--out", default="ww-output/lightning", help="output folder")
     parser.add_argument("--no-wandb", action="store_true", help="skip the offline W&B run")
     args = parser.parse_args(argv)
@@ -109,7 +111,8 @@ def main(argv=None) -> int:
         except ModuleNotFoundError:
             print("wandb is not installed: no W&B run (pip install wandb)")
     out_dir = os.path.join(args.out, "ww")
-    watcher = WeightWatcherCallback(start_fraction=0.5, every_n_epochs=1, output_dir=out_dir)
+    watcher = WeightWatcherCallback(start_fraction=args.start_fraction, every_n_epochs=1,
+                                    output_dir=out_dir)
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=loggers or False,
                          callbacks=[watcher], enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, log_every_n_steps=10,
@@ -120,8 +123,12 @@ def main(argv=None) -> int:
     if loggers:
         loggers[0].experiment.finish()
 
+    wall = time.time() - t0
     val_acc = trainer.callback_metrics.get("val/acc")
-    print(f"\ndone in {time.time() - t0:.1f} s; val accuracy {float(val_acc):.3f}" if val_acc is not None else "")
+    print(f"\ndone in {wall:.1f} s; val accuracy {float(val_acc):.3f}" if val_acc is not None else "")
+    ctl = watcher.controller
+    print(f"training waited {ctl.blocking_seconds:.3f} s for {ctl.num_analyses} analyses "
+          f"({100 * ctl.blocking_seconds / wall:.2f}% of the run; {ctl.skipped_analyses} skipped)")
     print(f"analyses at steps {watcher.history.steps}")
     print(f"report:  {os.path.abspath(os.path.join(out_dir, 'report.html'))}")
     print(f"history: {os.path.abspath(os.path.join(out_dir, 'history.csv'))}")
