@@ -13,16 +13,18 @@ there, and only ``ww_core.analyze(model)`` here. Both sides load the same weight
 code (``benchmarks/ww_agreement.py``) reading the files shipped in the same pip packages, or, for the
 4096-wide layer, the same ``.npy`` file written by this driver to a temporary folder.
 
-Per model and per ``randomize`` setting the runs alternate (ours, floor, WW) ``--repeat`` times and
-the medians are reported:
+Per model and per ``randomize`` setting the runs alternate (ours f64, ours f32, floor, WW)
+``--repeat`` times and the medians are reported:
 
 * **WW**: ``WeightWatcher(model=m).analyze(randomize=...)`` (its defaults otherwise, CPU).
-* **ours**: ``ww_core.analyze(m, randomize=..., seed=0)`` (defaults: precision ``auto`` = float64 on
-  CPU, same-shaped layers batched).
-* **floor**: ``torch.linalg.eigvalsh`` alone on the very Gram matrices ``ww_core`` solves (same
-  layers, same batches, same dtype; with ``randomize`` also the shuffled replicas' Gram matrices),
-  i.e. what the engine would cost if everything but the eigensolver were free. The Gram products
-  themselves are timed separately (``gram`` column) and are *not* part of the floor.
+* **ours f64**: ``ww_core.analyze(m, randomize=..., seed=0)`` (defaults: precision ``auto`` =
+  float64 on CPU, same-shaped layers batched).
+* **ours f32**: the same with ``precision="float32"`` (an option, not the CPU default).
+* **floor**: what the engine must at least do: the Gram products ``WᵀW`` (or ``WWᵀ``, the smaller)
+  plus ``torch.linalg.eigvalsh`` on them, in float64, on the very matrices ``ww_core`` solves (same
+  layers, same batches; with ``randomize`` also each layer's shuffled replicas, stacked into one
+  call as the engine does; the shuffles themselves are not timed). ``ours / floor`` is against
+  this. Its two parts are reported too (``Gram s``, ``eigvalsh s``; informative).
 * **svd**: ``scipy.linalg.svdvals`` in float64 on every matrix slice (the eigensolver
   WeightWatcher uses on CPU), timed once, as a second reference.
 
@@ -95,7 +97,7 @@ def loadavg() -> float:
     return os.getloadavg()[0]
 
 
-def wait_for_quiet(threshold: float, max_s: float, poll_s: float = 60.0) -> Tuple[bool, List[float]]:
+def wait_for_quiet(threshold: float, max_s: float, poll_s: float = 30.0) -> Tuple[bool, List[float]]:
     """Poll the 1-minute load average until it is below ``threshold`` (or ``max_s`` passed)."""
     seen = [loadavg()]
     t0 = time.time()
@@ -203,35 +205,32 @@ class Floor:
         todo = [lm for lm in find_layers(source)
                 if not _skip_reason(lm, DEFAULT_MIN_EVALS, DEFAULT_MAX_EVALS, DEFAULT_MAX_N)]
         self.n_layers = len(todo)
-        self.slices: List[Any] = []   # float64 matrices (for the svd reference)
-        self.grams: List[Any] = []
+        self.slices: List[Any] = []   # float64 (rf, rows, cols) stacks, one per eigensolver call
         rng = np.random.default_rng(0)
-        t_gram = 0.0
         with torch.no_grad():
             for group in _groups(todo):
                 stacks = [torch.as_tensor(lm.load()).detach().to(torch.float64) for lm in group]
-                batch = torch.cat(stacks) if len(stacks) > 1 else stacks[0]
-                t0 = time.perf_counter()
-                self.grams.append(_gram(batch))
-                t_gram += time.perf_counter() - t0
-                self.slices.append(batch)
-                if randomize:
+                self.slices.append(torch.cat(stacks) if len(stacks) > 1 else stacks[0])
+                if randomize:   # per layer, all replicas in one call (ww_core.analyze_layer)
                     for lm, st in zip(group, stacks):
-                        for _ in range(rmt.num_replicas(lm.num_evals)):
-                            sh = rmt.shuffle_slices(st, rng)
-                            t0 = time.perf_counter()
-                            self.grams.append(_gram(sh))
-                            t_gram += time.perf_counter() - t0
-                            self.slices.append(sh)
-        self.gram_s = t_gram
-        self.n_solves = len(self.grams)
+                        k = rmt.num_replicas(lm.num_evals)
+                        self.slices.append(rmt.shuffle_slices(st.repeat(k, 1, 1) if k > 1 else st, rng))
+        self.n_solves = len(self.slices)
 
-    def eigvalsh_s(self) -> float:
+    def time_s(self) -> Tuple[float, float]:
+        """(Gram s, eigvalsh s) for one pass over all matrices; the floor is their sum."""
         import torch
-        t0 = time.perf_counter()
-        for g in self.grams:
-            torch.linalg.eigvalsh(g)
-        return time.perf_counter() - t0
+        t_gram = t_eig = 0.0
+        with torch.no_grad():
+            for w in self.slices:
+                t0 = time.perf_counter()
+                g = _gram(w)
+                t1 = time.perf_counter()
+                torch.linalg.eigvalsh(g)
+                t_gram += t1 - t0
+                t_eig += time.perf_counter() - t1
+                del g
+        return t_gram, t_eig
 
     def svdvals_s(self) -> float:
         import scipy.linalg
@@ -245,10 +244,10 @@ class Floor:
 
 # ----------------------------------------------------------------------------------- ours
 
-def ours_s(source: Any, randomize: bool) -> float:
+def ours_s(source: Any, randomize: bool, precision: str = "auto") -> float:
     import ww_core
     t0 = time.perf_counter()
-    ww_core.analyze(source, randomize=randomize, seed=0)
+    ww_core.analyze(source, randomize=randomize, seed=0, precision=precision)
     return time.perf_counter() - t0
 
 
@@ -302,9 +301,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ww", action="store_true", help="skip WeightWatcher (quick engine checks)")
     ap.add_argument("--no-svd", action="store_true", help="skip the scipy svdvals reference column")
     ap.add_argument("--no-precision", action="store_true", help="skip the float32/float64 check")
-    ap.add_argument("--wait-load", type=float, default=2.0,
+    ap.add_argument("--wait-load", type=float, default=2.5,
                     help="wait until the 1-min load average is below this before starting")
-    ap.add_argument("--wait-max", type=float, default=1800.0, help="give up waiting after this many s")
+    ap.add_argument("--wait-max", type=float, default=1200.0, help="give up waiting after this many s")
     ap.add_argument("--no-wait", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results" / "speed.md"), help="markdown report ('' = none)")
     args = ap.parse_args(argv)
@@ -346,26 +345,34 @@ def main(argv=None) -> int:
             ww_load = worker.ask(op="load", model=name, npy=str(npy) if npy and name == "linear-4096" else None)["load_s"]
         for rnd in settings:
             floor = Floor(src, rnd)
-            t_ours, t_floor, t_ww, ww_rows = [], [], [], None
+            t_ours, t_f32, t_gram, t_eig, t_floor, t_ww, ww_rows = [], [], [], [], [], [], None
             for k in range(max(1, args.repeat)):
                 t_ours.append(ours_s(src, rnd))
-                t_floor.append(floor.eigvalsh_s())
+                t_f32.append(ours_s(src, rnd, precision="float32"))
+                g, e = floor.time_s()
+                t_gram.append(g)
+                t_eig.append(e)
+                t_floor.append(g + e)
                 if worker:
                     r = worker.ask(op="analyze", model=name, randomize=rnd)
                     t_ww.append(r["s"])
                     ww_rows = r["rows"]
                 loads.append(loadavg())
-                print(f"[speed] {name} randomize={rnd} run {k + 1}: ours {t_ours[-1]:.2f} s, floor "
+                print(f"[speed] {name} randomize={rnd} run {k + 1}: ours f64 {t_ours[-1]:.2f} s, "
+                      f"f32 {t_f32[-1]:.2f} s, floor "
                       f"{t_floor[-1]:.2f} s" + (f", WW {t_ww[-1]:.2f} s" if t_ww else "")
                       + f" (load {loads[-1]:.2f})", flush=True)
             svd = math.nan if args.no_svd else floor.svdvals_s()
             row = {"model": name, "kind": KIND.get(name, ""), "randomize": rnd,
                    "layers": floor.n_layers, "solves": floor.n_solves, "ww_rows": ww_rows,
-                   "ww_s": _med(t_ww), "ours_s": _med(t_ours), "floor_s": _med(t_floor),
-                   "gram_s": floor.gram_s, "svd_s": svd, "runs_ours": t_ours, "runs_ww": t_ww,
+                   "ww_s": _med(t_ww), "ours_s": _med(t_ours), "ours_f32_s": _med(t_f32),
+                   "floor_s": _med(t_floor), "gram_s": _med(t_gram), "eigvalsh_s": _med(t_eig),
+                   "svd_s": svd, "runs_ours": t_ours, "runs_ours_f32": t_f32, "runs_ww": t_ww,
                    "runs_floor": t_floor, "our_load_s": our_load, "ww_load_s": ww_load}
             row["ratio"] = row["ww_s"] / row["ours_s"]
+            row["ratio_f32"] = row["ww_s"] / row["ours_f32_s"]
             row["over_floor"] = row["ours_s"] / row["floor_s"]
+            row["over_floor_f32"] = row["ours_f32_s"] / row["floor_s"]
             rows.append(row)
             del floor
         if not args.no_precision:
@@ -394,7 +401,7 @@ def main(argv=None) -> int:
 def render(rows, prec, mach, ww_hello, args, started, load_start, load_end, loads, quiet, waited) -> str:
     L = ["# ww_core speed vs WeightWatcher 0.7.7", "",
          f"Generated by `benchmarks/speed.py` on {started}; median of {args.repeat} alternating runs "
-         "per side (ours, floor, WW). Times in seconds, wall clock, weights already in memory.", "",
+         "per side (ours f64, ours f32, floor, WW). Times in seconds, wall clock, weights already in memory.", "",
          f"* Machine: {mach['cpu']}, {mach['cores']} cores, {mach['memory']} RAM, {mach['platform']}, "
          "no GPU.",
          f"* Dev side: python {mach['python']}, torch {mach['torch']} ({mach['torch_threads']} threads), "
@@ -407,24 +414,28 @@ def render(rows, prec, mach, ww_hello, args, started, load_start, load_end, load
     L.append(f"* 1-min load average: {load_start:.2f} at start, {load_end:.2f} at end, "
              f"max {max(loads):.2f} during the runs"
              + ("" if quiet is None else
-                (f" (waited {len(waited) - 1} min for < {args.wait_load})" if quiet else
+                (f" (waited {30 * (len(waited) - 1)} s for < {args.wait_load})" if quiet else
                  f" — **the machine never got below {args.wait_load} in {args.wait_max / 60:.0f} min; "
                  "run anyway, numbers are noisy**")) + ".")
-    L += ["", "| model | randomize | layers | WW s | ours s | WW / ours | floor s (eigvalsh) | "
-          "ours / floor | Gram s | scipy svdvals f64 s |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+    L += ["", "| model | randomize | layers | WW s | ours f64 s | WW / ours f64 | ours f32 s | "
+          "WW / ours f32 | floor s (Gram + eigvalsh, f64) | ours f64 / floor | ours f32 / floor | "
+          "Gram s | eigvalsh s | scipy svdvals f64 s |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         L.append(f"| `{r['model']}` ({r['kind']}) | {'on' if r['randomize'] else 'off'} | {r['layers']} "
-                 f"| {_f(r['ww_s'])} | {_f(r['ours_s'])} | {_f(r['ratio'], 1)}× | {_f(r['floor_s'])} "
-                 f"| {_f(r['over_floor'])} | {_f(r['gram_s'])} | {_f(r['svd_s'])} |")
-    L += ["", "*floor*: bare `torch.linalg.eigvalsh` on the Gram matrices ww_core solves (same batches, "
-          "float64; with randomize also the shuffled replicas). *Gram s*: forming those Gram matrices "
-          "(once, not in the floor). *scipy svdvals*: float64 singular values of every slice, the "
-          "solver WeightWatcher uses on CPU, timed once.", ""]
+                 f"| {_f(r['ww_s'])} | {_f(r['ours_s'])} | {_f(r['ratio'], 1)}× | {_f(r['ours_f32_s'])} "
+                 f"| {_f(r['ratio_f32'], 1)}× | {_f(r['floor_s'])} | {_f(r['over_floor'])} "
+                 f"| {_f(r['over_floor_f32'])} | {_f(r['gram_s'])} | {_f(r['eigvalsh_s'])} | {_f(r['svd_s'])} |")
+    L += ["", "*floor*: what the engine must at least do: the Gram products plus `torch.linalg.eigvalsh` "
+          "on the matrices ww_core solves (same batches, float64; with randomize also each layer's "
+          "shuffled replicas, stacked in one call), timed each run; *Gram s* and *eigvalsh s* are its "
+          "two parts (medians, informative). *scipy svdvals*: float64 singular values of every slice, "
+          "the solver WeightWatcher uses on CPU, timed once.", ""]
     L += ["Individual runs (s):", ""]
     for r in rows:
-        L.append(f"* `{r['model']}` randomize={'on' if r['randomize'] else 'off'}: ours "
-                 + ", ".join(f"{x:.2f}" for x in r["runs_ours"]) + "; floor "
+        L.append(f"* `{r['model']}` randomize={'on' if r['randomize'] else 'off'}: ours f64 "
+                 + ", ".join(f"{x:.2f}" for x in r["runs_ours"]) + "; ours f32 "
+                 + ", ".join(f"{x:.2f}" for x in r["runs_ours_f32"]) + "; floor "
                  + ", ".join(f"{x:.2f}" for x in r["runs_floor"])
                  + ("; WW " + ", ".join(f"{x:.2f}" for x in r["runs_ww"]) if r["runs_ww"] else ""))
     if prec:
