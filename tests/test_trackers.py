@@ -64,7 +64,7 @@ def _feed(tracker, analyses):
 
 
 def test_flat_metrics_and_nan_skipped():
-    from ww_callbacks.trackers.wandb import flat_metrics
+    from ww_callbacks.trackers.base import flat_metrics
 
     layers = [LayerResult(name="a", type="dense", N=4, M=2, alpha=2.5, D=0.1),
               LayerResult(name="b", type="dense", N=4, M=2, status="failed", flags=("fit-failed",))]

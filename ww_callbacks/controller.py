@@ -46,7 +46,7 @@ import re
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from ww_callbacks.history import History
 from ww_callbacks.schedule import Schedule

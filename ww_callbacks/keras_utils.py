@@ -35,7 +35,7 @@ What we found on **Keras 3.15.1, torch backend** (checked by experiment, see
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping
 
 __all__ = ["layer_name", "find_layers", "freeze_layers", "unfreeze_layers", "LayerLRScaler"]
 

@@ -22,7 +22,6 @@ import importlib
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 
 from .analyze import layer_seed  # noqa: F401  (re-exported)
 from .errors import SourceError

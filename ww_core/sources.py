@@ -17,13 +17,12 @@ Matrix conventions (so that alphas agree with WeightWatcher):
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 

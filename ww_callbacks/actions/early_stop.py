@@ -19,7 +19,6 @@ The adapter asks the trainer to stop with its own mechanism (Lightning
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+import math
+from typing import Any, Dict, Iterable, List, Optional
 
 
 class Tracker:
@@ -33,3 +34,62 @@ class Tracker:
 
     def close(self) -> None:
         """Flush and release; never closes a run the trainer owns."""
+
+
+# -- helpers shared by the backends: metric keys and plain values ------------------------------
+LAYER_METRICS = (
+    "alpha", "alpha_hill", "alpha_weighted", "log_alpha_norm", "D", "log_norm", "log_spectral_norm",
+    "spectral_norm", "stable_rank", "entropy", "num_pl_spikes", "rand_distance", "num_traps",
+    "mp_softrank",
+)
+
+
+def _as_float(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def metric_key(prefix: str, layer: str, metric: str) -> str:
+    """``<prefix>/<layer>/<metric>``."""
+    return f"{prefix}/{layer}/{metric}"
+
+
+def flat_metrics(rows: Iterable[Dict[str, Any]], summary: Dict[str, Any], prefix: str = "ww",
+                 metrics: Iterable[str] = LAYER_METRICS) -> Dict[str, float]:
+    """Scalars of one analysis: ``<prefix>/<layer>/<metric>`` and ``<prefix>/summary/<metric>``.
+
+    Non-finite values (``alpha`` of a failed fit is ``nan``) and non-numeric columns are left out,
+    so every backend receives the same plottable set.
+    """
+    out: Dict[str, float] = {}
+    metrics = tuple(metrics)
+    for row in rows:
+        name = str(row.get("name"))
+        for metric in metrics:
+            value = _as_float(row.get(metric))
+            if value is not None:
+                out[metric_key(prefix, name, metric)] = value
+    for metric, value in (summary or {}).items():
+        value = _as_float(value)
+        if value is not None:
+            out[f"{prefix}/summary/{metric}"] = value
+    return out
+
+
+def _table_value(value: Any) -> Any:
+    """Table cells: plain types, non-finite floats as None (valid JSON)."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        try:
+            value = value.item()
+        except Exception:
+            pass
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return value

@@ -25,7 +25,7 @@ import zlib
 from typing import Any, Dict, List, Optional
 
 from .base import Tracker
-from .wandb import _table_value, flat_metrics
+from .base import _table_value, flat_metrics
 
 __all__ = ["MLflowTracker", "sanitize_metric_key"]
 

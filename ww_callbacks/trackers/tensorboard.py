@@ -13,7 +13,7 @@ import json
 from typing import Any, Dict, List, Optional
 
 from .base import Tracker
-from .wandb import _table_value, flat_metrics
+from .base import _table_value, flat_metrics
 
 __all__ = ["TensorBoardTracker"]
 

@@ -15,60 +15,15 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import re
 import warnings
 from typing import Any, Dict, Iterable, List, Optional
 
-from .base import Tracker
+from .base import LAYER_METRICS, Tracker, _as_float, _table_value, flat_metrics, metric_key  # noqa: F401
 
 __all__ = ["WandbTracker", "LAYER_METRICS", "flat_metrics", "metric_key", "read_offline_run"]
 
 #: Per-layer columns logged as scalars (when finite) by the scalar trackers.
-LAYER_METRICS = (
-    "alpha", "alpha_hill", "alpha_weighted", "log_alpha_norm", "D", "log_norm", "log_spectral_norm",
-    "spectral_norm", "stable_rank", "entropy", "num_pl_spikes", "rand_distance", "num_traps",
-    "mp_softrank",
-)
-
-
-def _as_float(value: Any) -> Optional[float]:
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
-
-
-def metric_key(prefix: str, layer: str, metric: str) -> str:
-    """``<prefix>/<layer>/<metric>``."""
-    return f"{prefix}/{layer}/{metric}"
-
-
-def flat_metrics(rows: Iterable[Dict[str, Any]], summary: Dict[str, Any], prefix: str = "ww",
-                 metrics: Iterable[str] = LAYER_METRICS) -> Dict[str, float]:
-    """Scalars of one analysis: ``<prefix>/<layer>/<metric>`` and ``<prefix>/summary/<metric>``.
-
-    Non-finite values (``alpha`` of a failed fit is ``nan``) and non-numeric columns are left out,
-    so every backend receives the same plottable set.
-    """
-    out: Dict[str, float] = {}
-    metrics = tuple(metrics)
-    for row in rows:
-        name = str(row.get("name"))
-        for metric in metrics:
-            value = _as_float(row.get(metric))
-            if value is not None:
-                out[metric_key(prefix, name, metric)] = value
-    for metric, value in (summary or {}).items():
-        value = _as_float(value)
-        if value is not None:
-            out[f"{prefix}/summary/{metric}"] = value
-    return out
-
-
 class WandbTracker(Tracker):
     """Log each analysis into a W&B run.
 
@@ -238,20 +193,6 @@ class WandbTracker(Tracker):
                                   RuntimeWarning)
                     self._plots_warned = True
         return images
-
-
-def _table_value(value: Any) -> Any:
-    """Table cells: plain types, non-finite floats as None (valid JSON)."""
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        try:
-            value = value.item()
-        except Exception:
-            pass
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (tuple, list)):
-        return ",".join(map(str, value))
-    return value
 
 
 # -- reading offline runs back ------------------------------------------------------------------
