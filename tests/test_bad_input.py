@@ -274,3 +274,31 @@ def test_hill_alpha_survives_a_huge_dynamic_range():
     x = np.array([1e-300, 1e-200, 1e-100, 1.0, 1e100, 1e200, 1e300])
     expected = 1 + 4 / np.sum(np.log(x[3:]) - np.log(x[3]))
     assert ww_core.hill_alpha(x) == pytest.approx(expected, rel=1e-12)
+
+
+def test_review_regressions_byte_order_lazy_conv_old_pickle_and_bad_shape(tmp_path):
+    import json
+    import struct
+
+    w = np.random.default_rng(0).standard_normal((200, 100))
+    # big-endian arrays are analysed like native ones (torch.from_numpy refuses them)
+    assert ww_core.analyze({"fc.weight": w.astype(">f8")})["fc"].alpha == ww_core.analyze({"fc.weight": w})["fc"].alpha
+    # a lazy convolution is skipped with a reason, not a crash
+    res = ww_core.analyze(torch.nn.Sequential(torch.nn.LazyLinear(10), torch.nn.LazyConv2d(8, 3)))
+    assert [s.type for s in res.skipped] == ["dense", "conv2d"]
+    # pre-1.6 (non-zip) checkpoints cannot be memory-mapped: still readable
+    old = tmp_path / "old.pt"
+    torch.save({"fc.weight": torch.randn(64, 32)}, old, _use_new_zipfile_serialization=False)
+    assert ww_core.analyze(old).names == ["fc"]
+    # a header whose shape does not fit its byte range must not read the neighbour's bytes
+    hdr = {"a.weight": {"dtype": "F32", "shape": [64, 64], "data_offsets": [0, 8192]},
+           "b.weight": {"dtype": "F32", "shape": [64, 32], "data_offsets": [8192, 16384]}}
+    blob = json.dumps(hdr).encode()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(blob)) + blob + np.zeros(4096, np.float32).tobytes())
+    with pytest.raises(ww_core.SourceError, match="does not fit"):
+        ww_core.analyze(bad)
+    # a snapshot reports the options it was taken with
+    snap = ww_core.snapshot({"c.weight": torch.randn(16, 8, 3, 3)}, conv2d_norm=False)
+    res = ww_core.analyze(snap)
+    assert res.options["conv2d_norm"] is False and res["c"].scale == 1.0

@@ -12,7 +12,7 @@ import numpy as np
 from . import metrics as _metrics
 from .powerlaw import fit_powerlaw, hill_alpha
 from .result import AnalysisResult, LayerResult, SkippedLayer
-from .sources import LAYER_TYPES, LayerMatrices, find_layers
+from .sources import LAYER_TYPES, LayerMatrices, Snapshot, find_layers
 from .spectrum import PRECISIONS, SOLVERS, NonFiniteError, eigenvalues, is_torch_tensor
 
 #: WeightWatcher 0.7.7's defaults.
@@ -131,9 +131,15 @@ def analyze_layer(
 ) -> LayerResult:
     """Analyse one layer (weights loaded here and released on return). See :func:`analyze`.
 
+    Raises:
+        ValueError: an invalid ``precision`` or ``solver`` (numerical trouble is a flag instead).
+
     ``batch`` (the loaded ``(rf, rows, cols)`` stack) and ``raw_evals`` (its unscaled
     eigenvalues) may be passed when the caller already has them, e.g. from a batched eigensolve.
     """
+    if precision not in PRECISIONS or solver not in SOLVERS:
+        raise ValueError(f"precision must be one of {PRECISIONS} and solver one of {SOLVERS}, "
+                         f"got {precision!r}, {solver!r}")
     res = LayerResult(name=lm.name, type=lm.type, N=lm.N, M=lm.M, rf=lm.rf,
                       num_evals=lm.num_evals, scale=lm.scale)
     if batch is None:
@@ -266,12 +272,20 @@ def analyze(
         ['0', '2']
     """
     types = _validate(min_evals, max_evals, max_N, layer_types, fix_fingers, precision, solver)
+    if hill_xmin_pos <= 1.0:
+        raise ValueError(f"hill_xmin_pos must be > 1, got {hill_xmin_pos}")
+    if not 0.0 <= rank_collapse_share <= 1.0:
+        raise ValueError(f"rank_collapse_share must be in [0, 1], got {rank_collapse_share}")
     filters = _compile_filters(layers)
+    if isinstance(source, Snapshot):          # these were fixed when the snapshot was taken
+        conv2d_norm, split_qkv = source.conv2d_norm, source.split_qkv
     options: Dict[str, Any] = dict(
-        layers=layers, layer_types=sorted(types) if types else None, min_evals=min_evals,
-        max_evals=max_evals, max_N=max_N, fix_fingers=fix_fingers, mp_fit=mp_fit,
+        layers=layers, layer_types=sorted(types) if types is not None else None,
+        min_evals=min_evals, max_evals=max_evals, max_N=max_N, fix_fingers=fix_fingers,
+        max_fingers=max_fingers, finger_thresh=finger_thresh, mp_fit=mp_fit,
         randomize=randomize, seed=seed, conv2d_norm=conv2d_norm, split_qkv=split_qkv,
-        precision=precision, solver=solver)
+        precision=precision, solver=solver, rank_tol=rank_tol,
+        rank_collapse_share=rank_collapse_share, hill_xmin_pos=hill_xmin_pos)
     result = AnalysisResult(options=options)
     todo: List[LayerMatrices] = []
     for lm in find_layers(source, conv_norm=conv2d_norm, split_qkv=split_qkv):
@@ -286,19 +300,23 @@ def analyze(
             todo.append(lm)
     shared_rng = np.random.default_rng() if randomize and seed is None else None
     bar = _progress(todo, progress)
-    for lm, batch, raw in _with_eigenvalues(todo, precision, solver, batch_elements):
-        result.layers.append(analyze_layer(
-            lm, batch=batch, raw_evals=raw, fix_fingers=fix_fingers or None,
-            max_fingers=max_fingers, finger_thresh=finger_thresh, mp_fit=mp_fit,
-            randomize=randomize,
-            rng=np.random.default_rng(layer_seed(seed, lm.name)) if randomize and seed is not None else shared_rng,
-            precision=precision, solver=solver,
-            keep_evals=keep_evals, rank_tol=rank_tol, rank_collapse_share=rank_collapse_share,
-            hill_xmin_pos=hill_xmin_pos))
+    layers = _with_eigenvalues(todo, precision, solver, batch_elements)
+    try:
+        for lm, batch, raw in layers:
+            rng = (np.random.default_rng(layer_seed(seed, lm.name)) if randomize and seed is not None
+                   else shared_rng)
+            result.layers.append(analyze_layer(
+                lm, batch=batch, raw_evals=raw, fix_fingers=fix_fingers or None,
+                max_fingers=max_fingers, finger_thresh=finger_thresh, mp_fit=mp_fit,
+                randomize=randomize, rng=rng, precision=precision, solver=solver,
+                keep_evals=keep_evals, rank_tol=rank_tol, rank_collapse_share=rank_collapse_share,
+                hill_xmin_pos=hill_xmin_pos))
+            if bar is not todo:
+                bar.update(1)
+    finally:                     # release the loaded batches and the bar even on an error
+        layers.close()
         if bar is not todo:
-            bar.update(1)
-    if bar is not todo:
-        bar.close()
+            bar.close()
     return result
 
 

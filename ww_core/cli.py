@@ -305,7 +305,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if plots is not None:
         try:
             written = plots.save_plots(result, args.plots)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:     # ValueError: no layer has a spectrum to plot
             return _error(f"cannot write plots to {args.plots}: {exc}", stderr)
         stdout.write(f"wrote {len(written)} plots to {args.plots}\n")
     stdout.flush()

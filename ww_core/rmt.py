@@ -190,12 +190,11 @@ def mp_fit(evals: np.ndarray, Q: float, M: int) -> Dict[str, Any]:
         s0 = math.sqrt(lambda_max / (1.0 + inv_sqrt_q) ** 2)
         to_fit = np.sqrt(lam) if Q == 1 else lam
         objective = _make_objective(to_fit, Q)
-        with warnings.catch_warnings():
-            # brute warns when fmin hits its iteration limit; WW ignores that too.
-            warnings.simplefilter("ignore", RuntimeWarning)
-            sigma = optimize.brute(
-                objective, (slice(0.05 * s0, 2.0 * s0, 0.01 * s0),), full_output=True
-            )[0][0]
+        # (no warnings.catch_warnings(): it swaps process-global state, unsafe when the analysis
+        # runs in a background thread; brute does not warn with its default disp=False)
+        sigma = optimize.brute(
+            objective, (slice(0.05 * s0, 2.0 * s0, 0.01 * s0),), full_output=True, disp=False
+        )[0][0]
         sigma = float(sigma)
         if not math.isfinite(sigma):
             return _nan_mp_fit()

@@ -168,7 +168,7 @@ def torch_module_layers(model: Any, conv_norm: bool = True, split_qkv: bool = Tr
         if not isinstance(w, nn.Parameter) and not is_torch_tensor(w):
             continue
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            add(name, _conv_type(w.dim() - 2), w, "torch_conv")
+            add(name, _conv_type(len(mod.kernel_size)), w, "torch_conv")   # (lazy w has no dim())
         elif isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
             add(name, "embedding", w, "matrix")
         elif isinstance(mod, nn.Linear) or ("linear" in cls.lower() and w.dim() == 2):
@@ -329,6 +329,12 @@ class _LazyTensor:
         elif kind != "bf16" and np.dtype(kind).kind != "f":
             self.unusable = f"non-float dtype {dtype}"
 
+    @property
+    def nbytes(self) -> int:
+        kind = _ST_DTYPES[self.dtype_name]
+        itemsize = 2 if kind == "bf16" else np.dtype(kind).itemsize
+        return int(np.prod(self.shape)) * itemsize if self.shape else itemsize
+
     def read(self) -> np.ndarray:
         kind = _ST_DTYPES[self.dtype_name]
         count = int(np.prod(self.shape)) if self.shape else 1
@@ -367,10 +373,15 @@ def read_safetensors_header(path: Path) -> Dict[str, _LazyTensor]:
         items.sort(key=lambda kv: kv[1]["data_offsets"][0])
         for key, info in items:
             start, end = (int(x) for x in info["data_offsets"])
-            if end < start or base + end > size:
+            if start < 0 or end < start or base + end > size:
                 raise SourceError(f"{path}: truncated safetensors file (tensor {key!r} runs past the end)")
-            tensors[key] = _LazyTensor(path, str(info["dtype"]), tuple(int(s) for s in info["shape"]),
-                                       base + start, base + end)
+            tensor = _LazyTensor(path, str(info["dtype"]), tuple(int(s) for s in info["shape"]),
+                                 base + start, base + end)
+            if tensor.unusable is None and tensor.nbytes != end - start:
+                # a shape that does not match its byte range would read a neighbour's bytes
+                raise SourceError(f"{path}: corrupt safetensors header (tensor {key!r}: shape "
+                                  f"{list(tensor.shape)} does not fit {end - start} bytes)")
+            tensors[key] = tensor
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, SourceError):
             raise
@@ -384,7 +395,13 @@ def _load_torch_file(path: Path) -> Mapping[str, Any]:
     except ImportError:
         raise SourceError(f"{path}: reading .pt/.bin files needs torch (pip install torch)") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            # pre-1.6 (non-zip) checkpoints cannot be memory-mapped: read them whole
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types here
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
@@ -472,8 +489,10 @@ class Snapshot:
         True
     """
 
-    def __init__(self, layers: List[LayerMatrices]):
+    def __init__(self, layers: List[LayerMatrices], conv2d_norm: bool = True, split_qkv: bool = True):
         self.layers = layers
+        #: Fixed when the snapshot was taken; ``analyze(snapshot)`` reports these.
+        self.conv2d_norm, self.split_qkv = conv2d_norm, split_qkv
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -510,4 +529,4 @@ def snapshot(source: Any, *, layers: Any = None, layer_types: Any = None, conv2d
             lm = LayerMatrices(name=lm.name, type=lm.type, rf=lm.rf, rows=lm.rows, cols=lm.cols,
                                load=(lambda data=data: data), scale=lm.scale, dtype=lm.dtype)
         kept.append(lm)
-    return Snapshot(kept)
+    return Snapshot(kept, conv2d_norm=conv2d_norm, split_qkv=split_qkv)

@@ -3,8 +3,8 @@
 The eigenvalues of WᵀW are the squared singular values of W. They are computed from the Gram
 matrix of the smaller side with a symmetric eigensolver, which is several times cheaper than an SVD
 and gives the same spectrum to float64 rounding for every eigenvalue that matters to the tail fit.
-torch is used when the weights are torch tensors (on their own device, GPU included); numpy/scipy
-otherwise.
+torch is used whenever it is installed (for torch tensors on their own device, GPU included);
+numpy's LAPACK otherwise.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def eigenvalues(batch: Any, precision: str = "float64", solver: str = "gram") ->
         # bit-identical eigenvalues (numpy's LAPACK and torch's round differently).
         import torch
 
-        return _torch_eigenvalues(torch.from_numpy(np.require(batch, requirements=["C", "W"])), precision, solver)
+        return _torch_eigenvalues(torch.from_numpy(np.require(batch, dtype=batch.dtype.newbyteorder("="), requirements=["C", "W"])), precision, solver)
     return _numpy_eigenvalues(np.asarray(batch), precision, solver)
 
 
@@ -96,7 +96,7 @@ def _torch_eigenvalues(batch: Any, precision: str, solver: str) -> np.ndarray:
     import torch
 
     if precision == "auto":
-        precision = "float32" if batch.device.type == "cuda" else "float64"
+        precision = "float64" if batch.device.type == "cpu" else "float32"   # (MPS has no float64)
     dtype = torch.float64 if precision == "float64" else torch.float32
     with torch.no_grad():
         w = batch.detach().to(dtype)
