@@ -119,8 +119,10 @@ def test_freeze_resume_keeps_layers_frozen_and_decisions(tmp_path):
     seen = {}
 
     class Probe(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            seen["trainable"] = {l.name: l.trainable for l in self.model.layers}
+        # before the first batch of the resumed fit (the callback re-freezes when it learns
+        # initial_epoch, at the first on_epoch_begin; it runs before this probe)
+        def on_epoch_begin(self, epoch, logs=None):
+            seen.setdefault("trainable", {l.name: l.trainable for l in self.model.layers})
 
     model2 = _model(keras.optimizers.AdamW(0.01, weight_decay=0.1))
     model2.load_weights(weights)
@@ -168,9 +170,9 @@ def test_balance_lr_scales_updates_under_a_schedule_and_survives_resume(tmp_path
     seen = {}
 
     class Probe(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            seen["installed"] = "apply" in vars(self.model.optimizer)
-            seen["factors"] = dict(cb2.lr_scaler.factors)
+        def on_epoch_begin(self, epoch, logs=None):     # before the first resumed batch
+            seen.setdefault("installed", "apply" in vars(self.model.optimizer))
+            seen.setdefault("factors", dict(cb2.lr_scaler.factors))
 
     model2 = _model(keras.optimizers.SGD(sched))
     cb2 = _ww(tmp_path, balance_lr=True)
@@ -200,3 +202,21 @@ def test_early_stop_sets_stop_training(tmp_path):
     hist = model.fit(x, y, batch_size=BS, epochs=5, callbacks=[cb], verbose=0)
     assert len(hist.history["loss"]) == 1 and cb.global_step == 2
     assert [k for _, k, _ in events.events] == ["early-stop"]
+
+
+def test_fresh_fit_does_not_take_over_an_earlier_runs_actions(tmp_path):
+    x, y = _data()
+    model = _model(keras.optimizers.AdamW(0.01, weight_decay=0.1))
+    cb = _ww(tmp_path, freeze="apply", freeze_options=LOOSE)
+    model.fit(x, y, batch_size=BS, epochs=2, callbacks=[cb], verbose=0)
+    assert cb.frozen_layers                        # the first run froze something
+    seen = {}
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            seen.setdefault("trainable", {l.name: l.trainable for l in self.model.layers})
+
+    model2 = _model(keras.optimizers.AdamW(0.01, weight_decay=0.1))
+    cb2 = _ww(tmp_path, freeze="apply", freeze_options=LOOSE)   # same output_dir, initial_epoch=0
+    model2.fit(x, y, batch_size=BS, epochs=1, callbacks=[cb2, Probe()], verbose=0)
+    assert all(seen["trainable"].values())

@@ -30,7 +30,7 @@ Errors: an exception in the analysis, a tracker or an action is caught and repor
 ``log_fn`` with its context (``strict=True`` re-raises instead). A failing tracker is disabled and
 the local record continues.
 
-Actions (hook for the next issue): objects with ``on_analysis(controller, result, step, epoch)``,
+Actions (``ww_callbacks.actions``, or your own): objects with ``on_analysis(controller, result, step, epoch)``,
 called after the history, the trackers and the log line, on every rank, in order. They can read
 ``controller.history`` and report events to the trackers with :meth:`log_event`.
 """
@@ -46,6 +46,7 @@ import re
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from ww_callbacks.history import History
@@ -196,6 +197,7 @@ class WeightWatcherController:
         self._reported: set = set()
         self._warned_unconfigured = False
         self._async = False
+        self._keep_evals = False
         self._executor: Optional[ThreadPoolExecutor] = None
         self._pending: Optional[tuple] = None     # (future, step, epoch, started, hook_seconds)
         #: gloo process group for sharded analyses (world_size > 1, default engine), else None.
@@ -313,6 +315,14 @@ class WeightWatcherController:
         if current_step is not None:
             self._resume_history(int(current_step))
         self.trackers = self._build_trackers(list(trackers or ())) if self.is_global_zero else []
+        self._keep_evals = any(getattr(t, "wants_evals", False) for t in self.trackers)
+        if self._group is not None:
+            # only rank 0 has trackers, but a sharded analysis needs the same options everywhere
+            import torch.distributed as dist
+
+            flag = [self._keep_evals]
+            dist.broadcast_object_list(flag, src=0, group=self._group)
+            self._keep_evals = bool(flag[0])
         if self.is_global_zero:
             self._guard("writing the history files", self.history.sync)
         self.configured = True
@@ -400,9 +410,11 @@ class WeightWatcherController:
     # ------------------------------------------------------------------ analysis
     @property
     def wants_evals(self) -> bool:
-        """Whether eigenvalues are kept (the options ask for it or a tracker wants ESD images)."""
-        return bool(self.analyze_options.get("keep_evals", False)) or any(
-            getattr(t, "wants_evals", False) for t in self.trackers)
+        """Whether eigenvalues are kept (the options ask for it or a tracker wants ESD images).
+
+        Decided in :meth:`configure` from rank 0's trackers, the same on every rank.
+        """
+        return bool(self.analyze_options.get("keep_evals", False)) or self._keep_evals
 
     def snapshot(self, model: Any) -> Any:
         """What is handed to the engine: the model itself (unwrapped from DDP-style wrappers).
@@ -460,7 +472,8 @@ class WeightWatcherController:
                                               cols=lm.cols, load=load, scale=lm.scale,
                                               unusable=lm.unusable, dtype=lm.dtype))
         kept.sort(key=lambda lm: position(lm.name))
-        return Snapshot(kept)
+        return Snapshot(kept, conv2d_norm=opts.get("conv2d_norm", True),
+                        split_qkv=opts.get("split_qkv", True))
 
     def _analyze(self, model: Any, options: Dict[str, Any]) -> Any:
         """The synchronous analysis: sharded across the ranks when a group was made."""
@@ -537,8 +550,14 @@ class WeightWatcherController:
         if self._pending is None:
             return None
         future, step, epoch, started, hook = self._pending
-        if not wait and not future.done():
-            return None
+        if not future.done():
+            if not wait:
+                return None
+            t0 = time.perf_counter()
+            futures_wait([future])
+            waited = time.perf_counter() - t0
+            self.blocking_seconds += waited      # training waits here too: count it
+            hook += waited
         self._pending = None
         try:
             result = future.result()
@@ -556,6 +575,17 @@ class WeightWatcherController:
         return f"analysis at step {step} (epoch {epoch}) failed{where}"
 
     def _record(self, result: Any, step: int, epoch: int, started: float, hook: float) -> Any:
+        """Record and fan out one result; never raises into training unless ``strict``."""
+        try:
+            return self._record_unguarded(result, step, epoch, started, hook)
+        except Exception as exc:
+            if self.strict:
+                raise
+            self._report("recording", f"recording the analysis of step {step} failed", exc)
+            return None
+
+    def _record_unguarded(self, result: Any, step: int, epoch: int, started: float,
+                          hook: float) -> Any:
         self.num_analyses += 1
         self.last_result = result
         rows = [{"step": step, "epoch": epoch, "time": started, **rec} for rec in result.to_records()]
@@ -680,11 +710,12 @@ class WeightWatcherController:
     def state_dict(self) -> Dict[str, Any]:
         """JSON-serialisable state for checkpoints: the history rows and the last analysed step.
 
-        Waits for a background analysis in flight, so that a checkpoint never records a step
-        as analysed without its rows.
+        Never waits for a background analysis: one still in flight is simply not part of this
+        state (its step counts as not analysed yet). Its rows reach ``history.jsonl`` when it
+        finishes, and a resume from this checkpoint takes them back from there.
         """
-        self._guard("waiting for the background analysis", self.poll, True)
-        return {"version": _STATE_VERSION, "last_step": self.last_step,
+        last = self.last_step if self._pending is None else self.history.last_step
+        return {"version": _STATE_VERSION, "last_step": last,
                 "num_analyses": self.num_analyses, "schedule": self.schedule.describe(),
                 "history": self.history.state_dict()}
 

@@ -264,7 +264,8 @@ class WeightWatcherCallback(TrainerCallback, ExportableState):
         folder = os.path.join(args.output_dir or ".", f"checkpoint-{state.global_step}")
         if not os.path.isdir(folder):
             return
-        self.controller.poll(wait=True)  # an analysis in flight decides before the state is saved
+        # (no waiting for an analysis in flight: the optimizer is already saved, so only the
+        # decisions taken so far belong with this checkpoint)
         try:
             with open(os.path.join(folder, ACTIONS_FILE), "w", encoding="utf-8") as fh:
                 json.dump(self.action_set.state_dict(), fh)
@@ -375,7 +376,7 @@ class WeightWatcherCallback(TrainerCallback, ExportableState):
             # requires_grad is not in checkpoints: re-freeze what the restored state froze.
             # LR factors live in the optimizer's param groups and the scheduler's base_lrs,
             # both restored by the Trainer.
-            self.action_set.reapply()
+            self.controller._guard("re-applying frozen layers", self.action_set.reapply)
         if step > 0 and not self._restored and not len(self.controller.history):
             # resumed without restore_callback_states_from_checkpoint: the files are the record
             self.controller.output_dir = output_dir

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 try:
@@ -45,6 +46,16 @@ def _is_global_zero() -> bool:
     except Exception:  # pragma: no cover - defensive
         pass
     return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def _world_size() -> int:
+    """Processes in the torch process group (Keras on torch under DDP), else 1."""
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size()
+    return 1
 
 
 class WeightWatcherCallback(keras.callbacks.Callback):
@@ -191,7 +202,8 @@ class WeightWatcherCallback(keras.callbacks.Callback):
                 self.lr_scaler = LayerLRScaler(self.model).install()
             self.lr_scaler.set_factors(self.action_set.lr_policy.factors)
         # trainable flags are not in .weights.h5: re-freeze what the restored state froze
-        self.action_set.reapply()
+        # (a stale layer name must not stop the user's fit: reported once instead)
+        self.controller._guard("re-applying frozen layers", self.action_set.reapply)
 
     # ------------------------------------------------------------------ state file
     def _load_state_file(self) -> None:
@@ -263,16 +275,18 @@ class WeightWatcherCallback(keras.callbacks.Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
         self._is_zero = _is_global_zero()
-        if not self._state_loaded:
-            self._load_state_file()
-        if self.action_set.enabled:
-            self._start_actions()
         steps = (self.params or {}).get("steps")
         self._steps_per_epoch = int(steps) if steps else None
         self._needs_configure = True  # at the first epoch, when initial_epoch is known
 
     def _configure(self, epoch: int) -> None:
         self._needs_configure = False
+        # Only a resumed fit (initial_epoch > 0) takes over the saved state and its actions;
+        # initial_epoch=0 is a fresh run, whatever an earlier run left in output_dir.
+        if epoch > 0 and not self._state_loaded:
+            self._load_state_file()
+        if self.action_set.enabled:
+            self._start_actions()
         epochs = (self.params or {}).get("epochs")
         spe = self._steps_per_epoch
         if spe is not None:
@@ -285,7 +299,8 @@ class WeightWatcherCallback(keras.callbacks.Callback):
         total = spe * int(epochs) if spe and epochs else None
         self.controller.configure(total_steps=total, total_epochs=epochs,
                                   trackers=self._trackers() if self._is_zero else [],
-                                  is_global_zero=self._is_zero, current_step=start)
+                                  is_global_zero=self._is_zero, current_step=start,
+                                  world_size=_world_size())
 
     def on_epoch_begin(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
         if self._needs_configure:

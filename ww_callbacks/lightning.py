@@ -183,7 +183,7 @@ class WeightWatcherCallback(pl.Callback):
                 # an input embedding tied to the output head (HF-style) is the head too
                 self.action_set.freeze_policy.protect_names(tied_head_layers(pl_module))
             # requires_grad is not in checkpoints: re-freeze what the restored state froze
-            self.action_set.reapply()
+            self.controller._guard("re-applying frozen layers", self.action_set.reapply)
 
     def _trackers(self, trainer: "pl.Trainer") -> List[Any]:
         from ww_callbacks.trackers import get_tracker_class
@@ -207,7 +207,7 @@ class WeightWatcherCallback(pl.Callback):
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._trainer, self._module = trainer, pl_module
-        self.action_set.reapply()
+        self.controller._guard("re-applying frozen layers", self.action_set.reapply)
         total_steps = trainer.estimated_stepping_batches
         max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
         output_dir = self._output_dir or os.path.join(trainer.default_root_dir, "ww-output")
