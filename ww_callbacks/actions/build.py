@@ -93,7 +93,6 @@ class ActionSet:
         self.freeze_action: Optional[FreezeAction] = None
         self.lr_action: Optional[LRBalanceAction] = None
         self.stop_action: Optional[EarlyStopAction] = None
-        self._pending_state: Optional[Dict[str, Any]] = None
 
     # ------------------------------------------------------------------ modes
     @property
@@ -107,11 +106,6 @@ class ActionSet:
     @property
     def enabled(self) -> bool:
         return self.freeze_policy.enabled or self.lr_policy.enabled or self.stop_policy is not None
-
-    @property
-    def applies(self) -> bool:
-        """Whether anything may change the model or the optimizer (freeze or LR ``apply``)."""
-        return self.freeze_mode == "apply" or self.lr_mode == "apply"
 
     # ------------------------------------------------------------------ wiring
     def bind(self, freeze_fn: Optional[Callable[[List[str], List[str]], Any]] = None,

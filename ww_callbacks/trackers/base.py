@@ -37,6 +37,7 @@ class Tracker:
 
 
 # -- helpers shared by the backends: metric keys and plain values ------------------------------
+#: Per-layer columns logged as scalars (when finite) by the scalar trackers.
 LAYER_METRICS = (
     "alpha", "alpha_hill", "alpha_weighted", "log_alpha_norm", "D", "log_norm", "log_spectral_norm",
     "spectral_norm", "stable_rank", "entropy", "num_pl_spikes", "rand_distance", "num_traps",

@@ -23,7 +23,6 @@ from .base import LAYER_METRICS, Tracker, _as_float, _table_value, flat_metrics,
 
 __all__ = ["WandbTracker", "LAYER_METRICS", "flat_metrics", "metric_key", "read_offline_run"]
 
-#: Per-layer columns logged as scalars (when finite) by the scalar trackers.
 class WandbTracker(Tracker):
     """Log each analysis into a W&B run.
 
@@ -201,7 +200,6 @@ _HEADER = 7
 
 
 def _history_item_value(item: Any) -> Any:
-    import json
 
     kind = item.WhichOneof("value") if hasattr(item, "WhichOneof") else None
     if kind == "none":
