@@ -19,7 +19,6 @@ Reproduction notes (see the reference spec §8–§9):
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Dict, Optional
 
 import numpy as np
