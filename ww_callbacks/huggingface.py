@@ -107,7 +107,8 @@ class WeightWatcherCallback(TrainerCallback, ExportableState):
     Either way rows recorded after the checkpoint's global step (a crashed run) are dropped, so
     the continued history has neither gaps nor duplicates. Note that with the restore option the
     instance you passed in is replaced: read the results from ``output_dir`` or from
-    ``trainer.callback_handler``.
+    ``trainer.callback_handler``. The rebuilt object only gets the JSON-serialisable arguments:
+    ``actions=``, ``log_fn=``, ``analyze_fn=`` and tracker instances are not carried over.
 
     Only the world process zero writes files and logs; the analysis runs on the processes that
     reach the hooks.
