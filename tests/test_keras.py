@@ -122,3 +122,21 @@ def test_step_schedule_and_resume(tmp_path):
     ww4 = WeightWatcherCallback(start_fraction=1.0, output_dir=out, trackers=None)
     model.fit(x, y, epochs=1, batch_size=BS, verbose=0, callbacks=[ww4])
     assert _steps(read_jsonl(os.path.join(out, "history.jsonl"))) == [8]
+
+
+def test_named_trackers_without_a_run_write_under_output_dir(tmp_path):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    from mlflow import MlflowClient
+
+    x, y = _data()
+    out = tmp_path / "ww"
+    ww = WeightWatcherCallback(start_fraction=0.0, every_n_epochs=1, output_dir=str(out),
+                               trackers=["mlflow", "tensorboard"], async_analysis=False)
+    _model().fit(x, y, epochs=2, batch_size=BS, verbose=0, callbacks=[ww])
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    client = MlflowClient(tracking_uri="sqlite:///" + str(out / "mlflow.db"))
+    (exp,) = [e for e in client.search_experiments() if e.name == "ww-callbacks"]
+    (run,) = client.search_runs([exp.experiment_id])
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "ww/summary/alpha")]
+    assert steps == [8, 16]

@@ -333,7 +333,9 @@ class WeightWatcherCallback(TrainerCallback, ExportableState):
         active = mlflow.active_run()
         if active is None:
             # HF's MLflowCallback ends its run in on_train_end (before us): resolve it now.
-            return None if from_report_to else MLflowTracker()
+            # No run to share: a named "mlflow" is created by the controller (own sqlite store in
+            # output_dir).
+            return None
         return MLflowTracker(MlflowClient(), active.info.run_id)
 
     @staticmethod

@@ -259,17 +259,10 @@ class WeightWatcherCallback(keras.callbacks.Callback):
                 active = mlflow.active_run()
                 if active is not None:
                     out.append(MLflowTracker(MlflowClient(), active.info.run_id))
-                elif "mlflow" in named:
-                    out.append(MLflowTracker())
             except ImportError:
                 pass
-        if "tensorboard" in named and self.output_dir:
-            try:
-                from ww_callbacks.trackers.tensorboard import TensorBoardTracker
-
-                out.append(TensorBoardTracker(log_dir=os.path.join(self.output_dir, "tensorboard")))
-            except ImportError:
-                pass
+        # named trackers with no live run (mlflow, tensorboard) are created by the controller,
+        # with their files under output_dir
         return out
 
     # ------------------------------------------------------------------ hooks
