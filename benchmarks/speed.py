@@ -169,26 +169,7 @@ class Worker:
 
 # ----------------------------------------------------------------------------------- floor
 
-def _groups(todo, max_elements: int = 1 << 24):
-    """The batches ``ww_core.analyze._with_eigenvalues`` forms (same rule, same order)."""
-    i = 0
-    while i < len(todo):
-        group = [todo[i]]
-        size = todo[i].rf * todo[i].rows * todo[i].cols
-        while i + len(group) < len(todo) and not todo[i].streamed and max_elements > 0:
-            nxt = todo[i + len(group)]
-            nsize = nxt.rf * nxt.rows * nxt.cols
-            if nxt.streamed or (nxt.rows, nxt.cols) != (todo[i].rows, todo[i].cols) or \
-                    size + nsize > max_elements:
-                break
-            group.append(nxt)
-            size += nsize
-        i += len(group)
-        yield group
-
-
 def _gram(w):
-    import torch
     rows, cols = w.shape[-2:]
     return w.mT @ w if rows >= cols else w @ w.mT
 
@@ -200,41 +181,51 @@ class Floor:
         import torch
         from ww_core import rmt
         from ww_core.analyze import (DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS,
-                                     _skip_reason)
+                                     _groups, _skip_reason)
         from ww_core.sources import find_layers
         todo = [lm for lm in find_layers(source)
                 if not _skip_reason(lm, DEFAULT_MIN_EVALS, DEFAULT_MAX_EVALS, DEFAULT_MAX_N)]
         self.n_layers = len(todo)
-        self.slices: List[Any] = []   # float64 (rf, rows, cols) stacks, one per eigensolver call
+        # one list of (rf, rows, cols) stacks per eigensolver call: the engine's groups, each
+        # layer followed by its shuffled replicas with randomize (not timed: shuffling is ours)
+        self.calls: List[List[Any]] = []
         rng = np.random.default_rng(0)
         with torch.no_grad():
-            for group in _groups(todo):
-                stacks = [torch.as_tensor(lm.load()).detach().to(torch.float64) for lm in group]
-                self.slices.append(torch.cat(stacks) if len(stacks) > 1 else stacks[0])
-                if randomize:   # per layer, all replicas in one call (ww_core.analyze_layer)
-                    for lm, st in zip(group, stacks):
+            for group in _groups(todo, 1 << 24):
+                parts = []
+                for lm in (todo[i] for i in group):
+                    st = torch.as_tensor(lm.load()).detach().to(torch.float64)
+                    parts.append(st)
+                    if randomize:
                         k = rmt.num_replicas(lm.num_evals)
-                        self.slices.append(rmt.shuffle_slices(st.repeat(k, 1, 1) if k > 1 else st, rng))
-        self.n_solves = len(self.slices)
+                        parts.append(rmt.shuffle_slices(st.repeat(k, 1, 1) if k > 1 else st, rng))
+                self.calls.append(parts)
+        self.n_solves = len(self.calls)
 
-    def time_s(self) -> Tuple[float, float]:
-        """(Gram s, eigvalsh s) for one pass over all matrices; the floor is their sum."""
+    def time_s(self, precision: str) -> Tuple[float, float]:
+        """(Gram s, eigensolve s) for one pass over all matrices in ``precision``; the floor is
+        their sum. The eigensolve is the engine's own (``spectrum._batched_eigvalsh``: small
+        matrices split over the cores, large ones on LAPACK's threads)."""
         import torch
+        from ww_core.spectrum import _batched_eigvalsh
+        dtype = torch.float64 if precision == "float64" else torch.float32
+        calls = [[p.to(dtype) for p in parts] for parts in self.calls]    # (conversion untimed)
         t_gram = t_eig = 0.0
         with torch.no_grad():
-            for w in self.slices:
+            for parts in calls:
                 t0 = time.perf_counter()
-                g = _gram(w)
+                grams = [_gram(p) for p in parts]
+                g = grams[0] if len(grams) == 1 else torch.cat(grams)
                 t1 = time.perf_counter()
-                torch.linalg.eigvalsh(g)
+                _batched_eigvalsh(g)
                 t_gram += t1 - t0
                 t_eig += time.perf_counter() - t1
-                del g
+                del g, grams
         return t_gram, t_eig
 
     def svdvals_s(self) -> float:
         import scipy.linalg
-        mats = [m.numpy() for m in self.slices]
+        mats = [p.numpy() for parts in self.calls for p in parts]
         t0 = time.perf_counter()
         for st in mats:
             for w in st:
@@ -251,34 +242,40 @@ def ours_s(source: Any, randomize: bool, precision: str = "auto") -> float:
     return time.perf_counter() - t0
 
 
-def precision_check(source: Any) -> Dict[str, Any]:
+def precision_check(source: Any) -> Dict[str, Dict[str, Any]]:
+    """Default ("auto") and plain float32 against float64: alpha, xmin, fit status, re-solves."""
     import ww_core
-    t0 = time.perf_counter()
-    r64 = ww_core.analyze(source, precision="float64")
-    t64 = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    r32 = ww_core.analyze(source, precision="float32")
-    t32 = time.perf_counter() - t0
-    a64 = {l.name: l for l in r64.layers}
-    worst, worst_name, n, one_failed, dxmin_rel = 0.0, "", 0, 0, 0.0
-    for l32 in r32.layers:
-        l64 = a64.get(l32.name)
-        if l64 is None:
-            continue
-        f32, f64 = math.isfinite(l32.alpha), math.isfinite(l64.alpha)
-        if f32 != f64:
-            one_failed += 1
-            continue
-        if not f32:
-            continue
-        n += 1
-        d = abs(l32.alpha - l64.alpha)
-        if d > worst:
-            worst, worst_name = d, l32.name
-        if l64.xmin:
-            dxmin_rel = max(dxmin_rel, abs(l32.xmin - l64.xmin) / abs(l64.xmin))
-    return {"layers": n, "max_dalpha": worst, "worst_layer": worst_name, "one_side_failed": one_failed,
-            "max_rel_dxmin": dxmin_rel, "f64_s": t64, "f32_s": t32}
+    r64 = {l.name: l for l in ww_core.analyze(source, precision="float64").layers}
+    out: Dict[str, Dict[str, Any]] = {}
+    for prec in ("auto", "float32"):
+        worst, worst_name, n, one_failed, dxmin_rel, dother = 0.0, "", 0, 0, 0.0, 0.0
+        layers = ww_core.analyze(source, precision=prec).layers
+        for l32 in layers:
+            l64 = r64.get(l32.name)
+            if l64 is None:
+                continue
+            ok32, ok64 = math.isfinite(l32.alpha), math.isfinite(l64.alpha)
+            if ok32 != ok64:
+                one_failed += 1
+                continue
+            if not ok32:
+                continue
+            n += 1
+            d = abs(l32.alpha - l64.alpha)
+            if d > worst:
+                worst, worst_name = d, l32.name
+            if l64.xmin:
+                dxmin_rel = max(dxmin_rel, abs(l32.xmin - l64.xmin) / abs(l64.xmin))
+            for key in ("log_norm", "log_spectral_norm", "stable_rank", "alpha_hill"):
+                a, b = getattr(l32, key), getattr(l64, key)
+                if math.isfinite(a) and math.isfinite(b) and b:
+                    dother = max(dother, abs(a - b) / abs(b))
+        out[prec] = {"layers": n, "max_dalpha": worst, "worst_layer": worst_name,
+                     "one_side_failed": one_failed, "max_rel_dxmin": dxmin_rel, "max_rel_dother": dother,
+                     "resolved_f64": sum(l.precision == "float64" for l in layers),
+                     "rank_differs": sum(l.matrix_rank != r64[l.name].matrix_rank
+                                         for l in layers if l.name in r64)}
+    return out
 
 
 # ----------------------------------------------------------------------------------- main
@@ -345,34 +342,35 @@ def main(argv=None) -> int:
             ww_load = worker.ask(op="load", model=name, npy=str(npy) if npy and name == "linear-4096" else None)["load_s"]
         for rnd in settings:
             floor = Floor(src, rnd)
-            t_ours, t_f32, t_gram, t_eig, t_floor, t_ww, ww_rows = [], [], [], [], [], [], None
+            t_ours, t_f64, t_gram, t_eig, t_floor, t_floor64, t_ww, ww_rows = [], [], [], [], [], [], [], None
             for k in range(max(1, args.repeat)):
                 t_ours.append(ours_s(src, rnd))
-                t_f32.append(ours_s(src, rnd, precision="float32"))
-                g, e = floor.time_s()
+                t_f64.append(ours_s(src, rnd, precision="float64"))
+                g, e = floor.time_s("float32")
                 t_gram.append(g)
                 t_eig.append(e)
                 t_floor.append(g + e)
+                t_floor64.append(sum(floor.time_s("float64")))
                 if worker:
                     r = worker.ask(op="analyze", model=name, randomize=rnd)
                     t_ww.append(r["s"])
                     ww_rows = r["rows"]
                 loads.append(loadavg())
-                print(f"[speed] {name} randomize={rnd} run {k + 1}: ours f64 {t_ours[-1]:.2f} s, "
-                      f"f32 {t_f32[-1]:.2f} s, floor "
-                      f"{t_floor[-1]:.2f} s" + (f", WW {t_ww[-1]:.2f} s" if t_ww else "")
-                      + f" (load {loads[-1]:.2f})", flush=True)
+                print(f"[speed] {name} randomize={rnd} run {k + 1}: ours {t_ours[-1]:.2f} s, "
+                      f"f64 {t_f64[-1]:.2f} s, floor f32 {t_floor[-1]:.2f} s, f64 {t_floor64[-1]:.2f} s"
+                      + (f", WW {t_ww[-1]:.2f} s" if t_ww else "") + f" (load {loads[-1]:.2f})", flush=True)
             svd = math.nan if args.no_svd else floor.svdvals_s()
             row = {"model": name, "kind": KIND.get(name, ""), "randomize": rnd,
                    "layers": floor.n_layers, "solves": floor.n_solves, "ww_rows": ww_rows,
-                   "ww_s": _med(t_ww), "ours_s": _med(t_ours), "ours_f32_s": _med(t_f32),
-                   "floor_s": _med(t_floor), "gram_s": _med(t_gram), "eigvalsh_s": _med(t_eig),
-                   "svd_s": svd, "runs_ours": t_ours, "runs_ours_f32": t_f32, "runs_ww": t_ww,
-                   "runs_floor": t_floor, "our_load_s": our_load, "ww_load_s": ww_load}
+                   "ww_s": _med(t_ww), "ours_s": _med(t_ours), "ours_f64_s": _med(t_f64),
+                   "floor_s": _med(t_floor), "floor_f64_s": _med(t_floor64), "gram_s": _med(t_gram),
+                   "eigvalsh_s": _med(t_eig), "svd_s": svd, "runs_ours": t_ours, "runs_ours_f64": t_f64,
+                   "runs_ww": t_ww, "runs_floor": t_floor, "runs_floor_f64": t_floor64,
+                   "our_load_s": our_load, "ww_load_s": ww_load}
             row["ratio"] = row["ww_s"] / row["ours_s"]
-            row["ratio_f32"] = row["ww_s"] / row["ours_f32_s"]
+            row["ratio_f64"] = row["ww_s"] / row["ours_f64_s"]
             row["over_floor"] = row["ours_s"] / row["floor_s"]
-            row["over_floor_f32"] = row["ours_f32_s"] / row["floor_s"]
+            row["over_floor_f64"] = row["ours_f64_s"] / row["floor_f64_s"]
             rows.append(row)
             del floor
         if not args.no_precision:
@@ -401,7 +399,7 @@ def main(argv=None) -> int:
 def render(rows, prec, mach, ww_hello, args, started, load_start, load_end, loads, quiet, waited) -> str:
     L = ["# ww_core speed vs WeightWatcher 0.7.7", "",
          f"Generated by `benchmarks/speed.py` on {started}; median of {args.repeat} alternating runs "
-         "per side (ours f64, ours f32, floor, WW). Times in seconds, wall clock, weights already in memory.", "",
+         "per side (ours, ours f64, floor f32, floor f64, WW). Times in seconds, wall clock, weights already in memory.", "",
          f"* Machine: {mach['cpu']}, {mach['cores']} cores, {mach['memory']} RAM, {mach['platform']}, "
          "no GPU.",
          f"* Dev side: python {mach['python']}, torch {mach['torch']} ({mach['torch_threads']} threads), "
@@ -417,34 +415,44 @@ def render(rows, prec, mach, ww_hello, args, started, load_start, load_end, load
                 (f" (waited {30 * (len(waited) - 1)} s for < {args.wait_load})" if quiet else
                  f" — **the machine never got below {args.wait_load} in {args.wait_max / 60:.0f} min; "
                  "run anyway, numbers are noisy**")) + ".")
-    L += ["", "| model | randomize | layers | WW s | ours f64 s | WW / ours f64 | ours f32 s | "
-          "WW / ours f32 | floor s (Gram + eigvalsh, f64) | ours f64 / floor | ours f32 / floor | "
-          "Gram s | eigvalsh s | scipy svdvals f64 s |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    L += ["", "| model | randomize | layers | WW s | ours s (default) | WW / ours | ours / floor | "
+          "floor s (f32) | ours f64 s | WW / ours f64 | ours f64 / floor f64 | floor f64 s | "
+          "Gram s (f32) | eigensolve s (f32) | scipy svdvals f64 s |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         L.append(f"| `{r['model']}` ({r['kind']}) | {'on' if r['randomize'] else 'off'} | {r['layers']} "
-                 f"| {_f(r['ww_s'])} | {_f(r['ours_s'])} | {_f(r['ratio'], 1)}× | {_f(r['ours_f32_s'])} "
-                 f"| {_f(r['ratio_f32'], 1)}× | {_f(r['floor_s'])} | {_f(r['over_floor'])} "
-                 f"| {_f(r['over_floor_f32'])} | {_f(r['gram_s'])} | {_f(r['eigvalsh_s'])} | {_f(r['svd_s'])} |")
-    L += ["", "*floor*: what the engine must at least do: the Gram products plus `torch.linalg.eigvalsh` "
-          "on the matrices ww_core solves (same batches, float64; with randomize also each layer's "
-          "shuffled replicas, stacked in one call), timed each run; *Gram s* and *eigvalsh s* are its "
-          "two parts (medians, informative). *scipy svdvals*: float64 singular values of every slice, "
-          "the solver WeightWatcher uses on CPU, timed once.", ""]
+                 f"| {_f(r['ww_s'])} | {_f(r['ours_s'])} | **{_f(r['ratio'], 1)}×** | {_f(r['over_floor'])} "
+                 f"| {_f(r['floor_s'])} | {_f(r['ours_f64_s'])} | {_f(r['ratio_f64'], 1)}× "
+                 f"| {_f(r['over_floor_f64'])} | {_f(r['floor_f64_s'])} | {_f(r['gram_s'])} "
+                 f"| {_f(r['eigvalsh_s'])} | {_f(r['svd_s'])} |")
+    L += ["", "*ours (default)*: `ww_core.analyze(m, randomize=..., seed=0)`, precision `auto` (float32, "
+          "layers the float32 checks reject re-solved in float64). *ours f64*: `precision=\"float64\"` "
+          "(WeightWatcher's numbers to rounding). *floor*: what the engine must at least do: the Gram "
+          "products plus the engine's eigensolve (`torch.linalg.eigvalsh`, small matrices split over "
+          "the cores) on the very matrices ww_core solves, in the same groups (with randomize each "
+          "layer's shuffled replicas in the same call; the shuffling itself is not in the floor), in "
+          "float32 (for the default) or float64; *Gram s* and *eigensolve s* are the float32 floor's "
+          "two parts. *scipy svdvals*: float64 singular values of every slice, the solver "
+          "WeightWatcher uses on CPU, timed once.", ""]
     L += ["Individual runs (s):", ""]
     for r in rows:
-        L.append(f"* `{r['model']}` randomize={'on' if r['randomize'] else 'off'}: ours f64 "
-                 + ", ".join(f"{x:.2f}" for x in r["runs_ours"]) + "; ours f32 "
-                 + ", ".join(f"{x:.2f}" for x in r["runs_ours_f32"]) + "; floor "
-                 + ", ".join(f"{x:.2f}" for x in r["runs_floor"])
+        L.append(f"* `{r['model']}` randomize={'on' if r['randomize'] else 'off'}: ours "
+                 + ", ".join(f"{x:.2f}" for x in r["runs_ours"]) + "; ours f64 "
+                 + ", ".join(f"{x:.2f}" for x in r["runs_ours_f64"]) + "; floor f32 "
+                 + ", ".join(f"{x:.2f}" for x in r["runs_floor"]) + "; floor f64 "
+                 + ", ".join(f"{x:.2f}" for x in r["runs_floor_f64"])
                  + ("; WW " + ", ".join(f"{x:.2f}" for x in r["runs_ww"]) if r["runs_ww"] else ""))
     if prec:
-        L += ["", "## float32 vs float64 (ww_core, precision=...)", "",
-              "| model | layers fitted | max \\|Δalpha\\| | worst layer | max rel. Δxmin | fit failed on one side only | "
-              "float64 s | float32 s |", "|---|---|---|---|---|---|---|---|"]
-        for name, p in prec.items():
-            L.append(f"| `{name}` | {p['layers']} | {p['max_dalpha']:.2e} | `{p['worst_layer']}` | "
-                     f"{p['max_rel_dxmin']:.1e} | {p['one_side_failed']} | {p['f64_s']:.2f} | {p['f32_s']:.2f} |")
+        L += ["", "## Default (auto) and plain float32 against float64", "",
+              "| model | precision | layers fitted | re-solved in f64 | max \\|Δalpha\\| | worst layer | "
+              "max rel. Δxmin | max rel. Δ(log_norm, log_spectral_norm, stable_rank, alpha_hill) | "
+              "fit failed on one side only | matrix_rank differs |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, per in prec.items():
+            for p_name, p in per.items():
+                L.append(f"| `{name}` | {p_name} | {p['layers']} | {p['resolved_f64']} | "
+                         f"{p['max_dalpha']:.1e} | `{p['worst_layer']}` | {p['max_rel_dxmin']:.1e} | "
+                         f"{p['max_rel_dother']:.1e} | {p['one_side_failed']} | {p['rank_differs']} |")
     L.append("")
     return "\n".join(L)
 

@@ -60,7 +60,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def result(model):
-    return ww_core.analyze(model)
+    """float64: WeightWatcher's numbers to rounding (the default, "auto", is checked below)."""
+    return ww_core.analyze(model, precision="float64")
 
 
 def test_reference_values_match_weightwatcher(result):
@@ -104,11 +105,82 @@ def test_clip_xmax_matches_weightwatcher(model):
         assert res[name].alpha == pytest.approx(SPEC_TABLE[name]["alpha"], rel=1e-6)
 
 
-def test_float32_and_svd_agree_with_default(model, result):
-    for kwargs in (dict(precision="float32"), dict(solver="svd")):
+def test_float32_and_svd_agree_with_float64(model, result):
+    for kwargs in (dict(precision="float32"), dict(solver="svd"), dict()):
         other = ww_core.analyze(model, **kwargs)
         for a, b in zip(result, other):
             assert b.alpha == pytest.approx(a.alpha, abs=0.01), (kwargs, a.name)
+
+
+def test_auto_precision_keeps_float32_only_where_it_agrees(model, result):
+    """The default solves in float32 and keeps it where the checks pass: alpha within 1e-3 of
+    float64 (the spec layers: ≤ 2e-4, the largest at alpha 22), the other columns close."""
+    auto = ww_core.analyze(model)
+    assert auto.options["precision"] == "auto"
+    for a, b in zip(result, auto):
+        assert a.precision == "float64" and b.precision in ("float32", "float64")
+        assert b.alpha == pytest.approx(a.alpha, abs=1e-3), a.name
+        assert b.xmin == pytest.approx(a.xmin, rel=1e-4), a.name
+        assert b.num_pl_spikes == a.num_pl_spikes and b.warning == a.warning, a.name
+        for key in ("log_norm", "log_spectral_norm", "stable_rank", "alpha_weighted"):
+            assert getattr(b, key) == pytest.approx(getattr(a, key), rel=1e-4, abs=1e-4), (a.name, key)
+        if b.precision == "float64":      # re-solved alone, not batched: equal to rounding
+            _assert_same_record(b.to_dict(), a.to_dict())
+
+
+def _assert_same_record(got, expected):
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, float):
+            assert got[key] == pytest.approx(value, rel=1e-12, nan_ok=True), key
+        else:
+            assert got[key] == value, key
+
+
+def test_auto_precision_resolves_near_ties_in_float64():
+    """A KS near-tie between different alphas, an undecidable rank collapse and a failed fit
+    send a layer back to float64; a clean fit stays in float32."""
+    from ww_core.powerlaw import PowerLawFit
+    from ww_core.precision import float32_disagreement
+
+    evals = np.linspace(1.0, 10.0, 200)
+    kw = dict(rank_tol=1e-6, rank_collapse_share=0.1)
+
+    def fit(D, alpha):
+        x = evals[:-1]
+        best = int(np.argmin(D))
+        return PowerLawFit(alpha=alpha[best], xmin=x[best], D=D[best], status="success",
+                           candidate_D=D, candidate_alpha=alpha, candidate_x=x)
+
+    D = np.linspace(0.5, 0.1, 199)
+    alpha = np.full(199, 3.0)
+    assert float32_disagreement(evals, fit(D, alpha), 400, 200, **kw) is None
+    D_tie = D.copy()
+    D_tie[50] = D[-1] + 1e-5                        # a far-away candidate, almost as good
+    alpha_tie = alpha.copy()
+    alpha_tie[50] = 2.5
+    assert "near-tie" in float32_disagreement(evals, fit(D_tie, alpha_tie), 400, 200, **kw)
+    assert float32_disagreement(evals, fit(D_tie, alpha), 400, 200, **kw) is None  # same alpha
+    collapsed = np.concatenate([np.full(40, 1e-5), evals[40:]])
+    assert "rank collapse" in float32_disagreement(collapsed, fit(D, alpha), 400, 200, **kw)
+    assert float32_disagreement(evals, PowerLawFit(), 400, 200, **kw) == "no regular fit"
+
+
+def test_auto_precision_rank_collapse_decided_in_float64():
+    """30% of the directions at 1e-5·λ_max: below float32's resolution (≈1e-4·λ_max here), not
+    collapsed in float64 (rank_tol 1e-6); "auto" re-solves in float64 and agrees with it."""
+    rng = np.random.default_rng(0)
+    U, _ = np.linalg.qr(rng.standard_normal((512, 256)))
+    V, _ = np.linalg.qr(rng.standard_normal((256, 256)))
+    s = np.sqrt(np.concatenate([np.full(77, 1e-5), np.linspace(0.1, 1.0, 179)]))
+    W = {"w.weight": torch.tensor((U * s) @ V.T, dtype=torch.float32)}
+    f64 = ww_core.analyze(W, precision="float64")["w"]
+    f32 = ww_core.analyze(W, precision="float32")["w"]
+    auto = ww_core.analyze(W)["w"]
+    assert "rank-collapse" not in f64.flags
+    assert auto.precision == "float64"
+    _assert_same_record(auto.to_dict(), f64.to_dict())
+    assert f32.precision == "float32" and f32.matrix_rank < f64.matrix_rank   # unresolved in f32
 
 
 # ----------------------------------------------------------------------- the fitter, by the book
@@ -235,9 +307,12 @@ def test_same_weights_same_results_module_state_dict_safetensors(tmp_path, model
     path = tmp_path / "model.safetensors"
     st.save_file(sd, str(path))
     torch.save(sd, tmp_path / "model.pt")
+    # Files are solved one layer at a time, in-memory layers in batches: still bit-identical.
+    auto = ww_core.analyze(model)
     for source in (sd, {k: v.numpy() for k, v in sd.items()}, path, str(path), tmp_path / "model.pt", tmp_path):
-        other = ww_core.analyze(source)
-        assert other.to_records() == result.to_records(), source if not isinstance(source, dict) else "dict"
+        label = source if not isinstance(source, dict) else "dict"
+        assert ww_core.analyze(source, precision="float64").to_records() == result.to_records(), label
+        assert ww_core.analyze(source).to_records() == auto.to_records(), label
 
 
 def test_torch_layer_types_and_names():
@@ -261,10 +336,10 @@ def test_torch_layer_types_and_names():
     # q, k, v really are the three blocks of the fused matrix
     q = net.attn.in_proj_weight.detach().double()[32:64].numpy()
     ev = np.sort(np.linalg.svd(q, compute_uv=False) ** 2)
-    k = ww_core.analyze(net, layers=r"in_proj_k$", keep_evals=True)["attn.in_proj_k"]
+    k = ww_core.analyze(net, layers=r"in_proj_k$", keep_evals=True, precision="float64")["attn.in_proj_k"]
     np.testing.assert_allclose(k.evals, ev, rtol=1e-9)
     # the conv slices: one out×in matrix per kernel position, pooled, × 0.5
-    c1 = ww_core.analyze(net, layers="^c1$", keep_evals=True)["c1"]
+    c1 = ww_core.analyze(net, layers="^c1$", keep_evals=True, precision="float64")["c1"]
     w = net.c1.weight.detach().double().numpy()
     ev = np.sort(np.concatenate([np.linalg.svd(w[:, :, i], compute_uv=False) ** 2 for i in range(3)])) * 0.5
     np.testing.assert_allclose(c1.evals, ev, rtol=1e-9)
@@ -276,7 +351,7 @@ def test_hf_conv1d_is_one_matrix():
 
     torch.manual_seed(0)
     layer = Conv1D(96, 32)                                   # weight (in=32, out=96)
-    res = ww_core.analyze(torch.nn.ModuleDict({"c_attn": layer}), keep_evals=True)
+    res = ww_core.analyze(torch.nn.ModuleDict({"c_attn": layer}), keep_evals=True, precision="float64")
     (l,) = res.layers
     assert (l.name, l.type, l.N, l.M) == ("c_attn", "dense", 96, 32)
     ev = np.sort(np.linalg.svd(layer.weight.detach().double().numpy(), compute_uv=False) ** 2)
@@ -361,7 +436,7 @@ def test_keras_layers_match_numpy():
     x = keras.layers.MultiHeadAttention(num_heads=2, key_dim=12, name="mha")(x, x)
     x = keras.layers.Dense(32, name="dense")(x)
     model = keras.Model(inp, x)
-    res = ww_core.analyze(model, keep_evals=True)
+    res = ww_core.analyze(model, keep_evals=True, precision="float64")
     by_name = {l.name.rsplit(".", 1)[-1]: l for l in res}
     assert {"conv", "dense", "query", "key", "value", "attention_output"} <= set(by_name)
     assert by_name["conv"].type == "conv1d" and by_name["conv"].rf == 3
@@ -373,7 +448,7 @@ def test_keras_layers_match_numpy():
     # same conv weights in torch layout give the same spectrum
     k = keras.ops.convert_to_numpy(model.get_layer("conv").kernel)       # (k, in, out)
     tw = np.transpose(k, (2, 1, 0))                                       # (out, in, k)
-    t = ww_core.analyze({"conv.weight": tw}, keep_evals=True)["conv"]
+    t = ww_core.analyze({"conv.weight": tw}, keep_evals=True, precision="float64")["conv"]
     np.testing.assert_allclose(t.evals, by_name["conv"].evals, rtol=1e-7)
 
 

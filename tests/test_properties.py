@@ -134,7 +134,7 @@ def conv_weights(draw):
 
 
 def _evals(W, **kw):
-    (layer,) = ww_core.analyze({"w.weight": W}, keep_evals=True, min_evals=2, **kw).layers
+    (layer,) = ww_core.analyze({"w.weight": W}, keep_evals=True, min_evals=2, precision="float64", **kw).layers
     return layer
 
 
@@ -191,7 +191,7 @@ def test_torch_module_extraction_matches_state_dict():
     with torch.no_grad():
         permuted = torch.nn.Conv2d(8, 24, 3)
         permuted.weight.copy_(conv.weight[torch.randperm(24)][:, torch.randperm(8)])
-    a = ww_core.analyze(conv, keep_evals=True)["Conv2d"]
-    b = ww_core.analyze(permuted, keep_evals=True)["Conv2d"]
+    a = ww_core.analyze(conv, keep_evals=True, precision="float64")["Conv2d"]
+    b = ww_core.analyze(permuted, keep_evals=True, precision="float64")["Conv2d"]
     np.testing.assert_allclose(a.evals, b.evals, rtol=1e-9, atol=1e-12 * a.evals.max())
     assert a.alpha == pytest.approx(b.alpha, rel=1e-9)

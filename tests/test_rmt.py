@@ -127,6 +127,26 @@ def test_mp_fit_sigma_equals_sklearn_reference_fit(spec_matrices):
     assert rmt.mp_fit(evals, 2.0, 500)["sigma_mp"] == pytest.approx(ref, rel=1e-9)
 
 
+@pytest.mark.parametrize("Q,seed", [(2.0, 0), (1.0, 1), (4.0, 2), (1.3, 3)])
+def test_vectorised_grid_search_is_bit_identical_to_scipy_brute(Q, seed):
+    """The one-pass grid (``_brute_1d``) returns exactly what ``optimize.brute`` returns."""
+    from scipy import optimize
+
+    rng = np.random.default_rng(seed)
+    M = 200
+    W = rng.standard_normal((int(Q * M), M)) * (1 + (rng.random((int(Q * M), M)) < 0.01) * 5)
+    lam = np.linalg.svd(W / np.sqrt(W.shape[0]), compute_uv=False) ** 2
+    lam = lam * (lam.size / lam.sum())
+    to_fit = np.sqrt(lam) if Q == 1 else lam
+    objective, on_grid = rmt._make_objective(to_fit, Q)
+    s0 = math.sqrt(lam.max() / (1.0 + 1.0 / math.sqrt(Q)) ** 2)
+    grid = slice(0.05 * s0, 2.0 * s0, 0.01 * s0)
+    values = on_grid(np.mgrid[grid])
+    assert values.tolist() == [objective(np.array([g])) for g in np.mgrid[grid]]
+    expected = optimize.brute(objective, (grid,), full_output=True, disp=False)[0][0]
+    assert rmt._brute_1d(objective, on_grid, grid) == expected
+
+
 def test_gaussian_matrix_sigma_one_no_spikes():
     W = np.random.default_rng(7).standard_normal((1000, 500)) / np.sqrt(1000)
     fit = rmt.mp_fit(np.linalg.eigvalsh(W.T @ W), Q=2.0, M=500)

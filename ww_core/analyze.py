@@ -5,15 +5,17 @@ from __future__ import annotations
 import re
 import sys
 import zlib
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import metrics as _metrics
+from . import precision as _precision
 from .powerlaw import fit_powerlaw, hill_alpha
 from .result import AnalysisResult, LayerResult, SkippedLayer
 from .sources import LAYER_TYPES, LayerMatrices, Snapshot, find_layers
-from .spectrum import PRECISIONS, SOLVERS, NonFiniteError, eigenvalues, is_torch_tensor
+from .spectrum import (PRECISIONS, SOLVERS, NonFiniteError, eigenvalues, is_torch_tensor,
+                       parallel_map)
 
 #: WeightWatcher 0.7.7's defaults.
 DEFAULT_MIN_EVALS = 8
@@ -111,11 +113,33 @@ def _progress(items: List[Any], enabled: bool, desc: str = "ww analyze"):
         return _Counter(len(items), desc)
 
 
+def solve_precision(precision: str, fix_fingers: Optional[str] = None) -> str:
+    """The precision of the first eigensolve: ``"auto"`` starts in float32 (see
+    :mod:`ww_core.precision`), except with ``clip_xmax``, whose refits are not checked."""
+    if precision == "float64" or (precision == "auto" and fix_fingers):
+        return "float64"
+    return "float32"
+
+
+def shuffled_replicas(lm: LayerMatrices, batch: Any, rng: np.random.Generator) -> Any:
+    """The layer's randomised copies (WeightWatcher's replica count), stacked along axis 0."""
+    from . import rmt
+
+    replicas = rmt.num_replicas(lm.num_evals)
+    stacked = batch if replicas == 1 else (
+        batch.repeat(replicas, 1, 1) if is_torch_tensor(batch) else np.tile(batch, (replicas, 1, 1)))
+    return rmt.shuffle_slices(stacked, rng)
+
+
+_SOLVE_ERRORS = (NonFiniteError, RuntimeError, ValueError, np.linalg.LinAlgError)
+
+
 def analyze_layer(
     lm: LayerMatrices,
     *,
     batch: Any = None,
     raw_evals: Optional[np.ndarray] = None,
+    rand_raw: Optional[np.ndarray] = None,
     fix_fingers: Optional[str] = None,
     max_fingers: int = 10,
     finger_thresh: float = 1.0,
@@ -134,8 +158,9 @@ def analyze_layer(
     Raises:
         ValueError: an invalid ``precision`` or ``solver`` (numerical trouble is a flag instead).
 
-    ``batch`` (the loaded ``(rf, rows, cols)`` stack) and ``raw_evals`` (its unscaled
-    eigenvalues) may be passed when the caller already has them, e.g. from a batched eigensolve.
+    ``batch`` (the loaded ``(rf, rows, cols)`` stack), ``raw_evals`` (its unscaled eigenvalues)
+    and ``rand_raw`` (those of :func:`shuffled_replicas`) may be passed when the caller already
+    has them from a batched eigensolve in :func:`solve_precision`.
     """
     if precision not in PRECISIONS or solver not in SOLVERS:
         raise ValueError(f"precision must be one of {PRECISIONS} and solver one of {SOLVERS}, "
@@ -144,28 +169,37 @@ def analyze_layer(
                       num_evals=lm.num_evals, scale=lm.scale)
     if batch is None:
         batch = lm.load()
-    if raw_evals is None:
-        try:
-            raw_evals = eigenvalues(batch, precision, solver)
-        except (NonFiniteError, RuntimeError, ValueError, np.linalg.LinAlgError):
-            # NaN/inf weights, or entries so large their squares overflow: flag, never raise.
-            # (The full finiteness pass runs only here, on failure.)
-            res.status = "failed"
-            res.flags = ("non-finite",) if not _all_finite(batch) else ("fit-failed",)
-            return res
-    evals = np.sort(raw_evals.ravel()) * lm.scale
-    fit = fit_powerlaw(evals, fix_fingers=fix_fingers, max_fingers=max_fingers,
-                       finger_thresh=finger_thresh)
+    used = solve_precision(precision, fix_fingers)
+    fit_options = dict(fix_fingers=fix_fingers, max_fingers=max_fingers, finger_thresh=finger_thresh)
+    try:
+        if raw_evals is None:
+            raw_evals = eigenvalues(batch, used, solver)
+        evals = np.sort(raw_evals.ravel()) * lm.scale
+        fit = fit_powerlaw(evals, **fit_options)
+        if precision == "auto" and used == "float32" and _precision.float32_disagreement(
+                evals, fit, lm.N, lm.M, rank_tol=rank_tol,
+                rank_collapse_share=rank_collapse_share) is not None:
+            used = "float64"
+            evals = np.sort(eigenvalues(batch, used, solver).ravel()) * lm.scale
+            fit = fit_powerlaw(evals, **fit_options)
+    except _SOLVE_ERRORS:
+        # NaN/inf weights, or entries so large their squares overflow: flag, never raise.
+        # (The full finiteness pass runs only here, on failure.)
+        res.status = "failed"
+        res.flags = ("non-finite",) if not _all_finite(batch) else ("fit-failed",)
+        return res
+    res.precision = used
     res.alpha, res.xmin, res.xmax, res.D, res.sigma = fit.alpha, fit.xmin, fit.xmax, fit.D, fit.sigma
     res.num_pl_spikes, res.num_fingers, res.raw_alpha = fit.num_pl_spikes, fit.num_fingers, fit.raw_alpha
     res.status = fit.status
     res.warning = _metrics.ww_warning(fit.alpha) if fit.ok else ""
-    nm = _metrics.norm_metrics(evals, fit.alpha, lm.N)
+    eps = _precision.EPS[used]
+    nm = _metrics.norm_metrics(evals, fit.alpha, lm.N, eps=eps)
     for key in ("alpha_weighted", "log_alpha_norm", "log_norm", "log_spectral_norm",
                 "spectral_norm", "stable_rank", "entropy", "matrix_rank"):
         setattr(res, key, nm[key])
     res.alpha_hill = hill_alpha(evals, hill_xmin_pos)
-    res.rank_collapse = _metrics.rank_collapse_share(evals, rank_tol)
+    res.rank_collapse = _metrics.rank_collapse_share(evals, max(rank_tol, lm.N * eps))
     Q = lm.N / lm.M
     if mp_fit:
         from .rmt import mp_fit as _mp_fit
@@ -176,13 +210,11 @@ def analyze_layer(
     if randomize:
         from . import rmt
 
-        rng = rng if rng is not None else np.random.default_rng()
         replicas = rmt.num_replicas(lm.num_evals)
-        # all replicas' shuffled slices go through one eigensolver call
-        stacked = batch if replicas == 1 else (
-            batch.repeat(replicas, 1, 1) if is_torch_tensor(batch) else np.tile(batch, (replicas, 1, 1)))
-        shuffled = eigenvalues(rmt.shuffle_slices(stacked, rng), precision, solver)
-        rand = [np.sort(part.ravel()) * lm.scale for part in np.split(shuffled, replicas)]
+        if rand_raw is None:
+            shuffled = shuffled_replicas(lm, batch, rng if rng is not None else np.random.default_rng())
+            rand_raw = eigenvalues(shuffled, solve_precision(precision, fix_fingers), solver)
+        rand = [np.sort(part.ravel()) * lm.scale for part in np.split(rand_raw, replicas)]
         # replicas concatenated in order: rand_distance compares the first one with the ESD
         rm = rmt.randomization_metrics(evals, np.concatenate(rand), Q, lm.M,
                                        n_per_replica=rand[0].size)
@@ -244,8 +276,11 @@ def analyze(
             from ``(seed, layer name)``, so a layer's result does not depend on the others.
         conv2d_norm: multiply convolution eigenvalues by 0.5, as WeightWatcher does.
         split_qkv: split fused ``in_proj_weight`` into q, k, v (WeightWatcher skips it).
-        precision: eigensolver precision: ``"auto"`` (default: float32 for weights on a GPU,
-            float64 otherwise), ``"float64"`` or ``"float32"``.
+        precision: ``"auto"`` (default): solve in float32 and keep it only where the checks of
+            :mod:`ww_core.precision` show float64 would report the same fit (alpha within
+            ~1e-3, same flags), else re-solve that layer in float64 (``LayerResult.precision``
+            says which); ``"float64"``: WeightWatcher's values to rounding; ``"float32"``:
+            float32 throughout, unchecked.
         solver: ``"gram"`` (eigvalsh of the smaller Gram matrix, default) or ``"svd"``.
         keep_evals: keep each layer's eigenvalues on ``LayerResult.evals`` (for plots).
         batch_elements: consecutive in-memory layers whose matrices have the same shape share one
@@ -299,18 +334,23 @@ def analyze(
         else:
             todo.append(lm)
     shared_rng = np.random.default_rng() if randomize and seed is None else None
+
+    def rng_for(lm: LayerMatrices) -> Optional[np.random.Generator]:
+        if not randomize:
+            return None
+        return np.random.default_rng(layer_seed(seed, lm.name)) if seed is not None else shared_rng
+
     bar = _progress(todo, progress)
-    layers = _with_eigenvalues(todo, precision, solver, batch_elements)
+    layers = _with_eigenvalues(todo, solve_precision(precision, fix_fingers), solver,
+                               batch_elements, rng_for if randomize else None)
     try:
-        for lm, batch, raw in layers:
-            rng = (np.random.default_rng(layer_seed(seed, lm.name)) if randomize and seed is not None
-                   else shared_rng)
+        for lm, batch, raw, rand_raw in layers:
             result.layers.append(analyze_layer(
-                lm, batch=batch, raw_evals=raw, fix_fingers=fix_fingers or None,
+                lm, batch=batch, raw_evals=raw, rand_raw=rand_raw, fix_fingers=fix_fingers or None,
                 max_fingers=max_fingers, finger_thresh=finger_thresh, mp_fit=mp_fit,
-                randomize=randomize, rng=rng, precision=precision, solver=solver,
-                keep_evals=keep_evals, rank_tol=rank_tol, rank_collapse_share=rank_collapse_share,
-                hill_xmin_pos=hill_xmin_pos))
+                randomize=randomize, rng=rng_for(lm) if raw is None else None, precision=precision,
+                solver=solver, keep_evals=keep_evals, rank_tol=rank_tol,
+                rank_collapse_share=rank_collapse_share, hill_xmin_pos=hill_xmin_pos))
             if bar is not todo:
                 bar.update(1)
     finally:                     # release the loaded batches and the bar even on an error
@@ -320,40 +360,66 @@ def analyze(
     return result
 
 
-def _with_eigenvalues(todo: List[LayerMatrices], precision: str, solver: str, max_elements: int):
-    """Yield ``(layer, batch, raw_evals)`` in order, batching same-shaped in-memory layers.
+def _groups(todo: List[LayerMatrices], max_elements: int) -> List[List[int]]:
+    """Indices of ``todo`` solved together: in-memory layers whose Gram matrices have the same
+    size (``(rows, cols)`` or ``(cols, rows)``), anywhere in the model, up to ``max_elements``
+    weight entries per group; a streamed layer is always alone."""
+    groups: List[List[int]] = []
+    sizes: List[int] = []
+    open_group: Dict[Any, int] = {}
+    for i, lm in enumerate(todo):
+        size = lm.rf * lm.rows * lm.cols
+        key = (min(lm.rows, lm.cols), max(lm.rows, lm.cols))
+        g = open_group.get(key)
+        if lm.streamed or max_elements <= 0 or g is None or sizes[g] + size > max_elements:
+            if not lm.streamed and max_elements > 0:
+                open_group[key] = len(groups)
+            groups.append([i])
+            sizes.append(size)
+        else:
+            groups[g].append(i)
+            sizes[g] += size
+    return groups
 
-    ``raw_evals`` is ``None`` when the layer is alone or its group's solve failed (NaN weights
-    in one layer, say): ``analyze_layer`` then solves (and flags) that layer on its own.
+
+def _with_eigenvalues(todo: List[LayerMatrices], precision: str, solver: str, max_elements: int,
+                      rng_for: Optional[Callable[[LayerMatrices], Any]] = None):
+    """Yield ``(layer, batch, raw_evals, rand_raw)`` in model order, solving groups together.
+
+    Each group (see :func:`_groups`) is solved when its first layer comes up, in one eigensolver
+    call in ``precision`` (which splits it over the cores), with each layer's shuffled replicas
+    when ``rng_for`` is given (``randomize``). ``raw_evals`` is ``None`` when the layer is alone
+    with nothing to batch, or when its group's solve failed (NaN weights in one layer, say):
+    ``analyze_layer`` then solves (and flags) that layer on its own.
     """
-    i = 0
-    while i < len(todo):
-        group = [todo[i]]
-        size = todo[i].rf * todo[i].rows * todo[i].cols
-        while (i + len(group) < len(todo) and not todo[i].streamed and max_elements > 0):
-            nxt = todo[i + len(group)]
-            nsize = nxt.rf * nxt.rows * nxt.cols
-            if nxt.streamed or (nxt.rows, nxt.cols) != (todo[i].rows, todo[i].cols) or size + nsize > max_elements:
-                break
-            group.append(nxt)
-            size += nsize
-        i += len(group)
-        batches = [lm.load() for lm in group]
-        raws: List[Optional[np.ndarray]] = [None] * len(group)
-        if len(batches) > 1:
-            try:
-                evals = eigenvalues(_concat(batches), precision, solver)
-            except (NonFiniteError, RuntimeError, ValueError, np.linalg.LinAlgError):
-                evals = None          # analyze_layer retries each layer alone and flags failures
-            if evals is not None:
-                raws = list(np.split(evals, np.cumsum([b.shape[0] for b in batches])[:-1]))
-        for lm, batch, raw in zip(group, batches, raws):
-            yield lm, batch, raw
+    groups = _groups(todo, max_elements)
+    group_of = {i: g for g, members in enumerate(groups) for i in members}
+    ready: Dict[int, Tuple[Any, Optional[np.ndarray], Optional[np.ndarray]]] = {}
+    for i, lm in enumerate(todo):
+        if i not in ready:
+            members = groups[group_of[i]]
+            ready.update(zip(members, _solve_group([todo[j] for j in members], precision, solver,
+                                                   rng_for)))
+        batch, raw, rand_raw = ready.pop(i)
+        yield lm, batch, raw, rand_raw
 
 
-def _concat(batches: List[Any]) -> Any:
-    if all(is_torch_tensor(b) for b in batches) and len({b.device for b in batches}) == 1:
-        import torch
-
-        return torch.cat([b.detach() for b in batches])
-    return np.concatenate([np.asarray(b.detach().cpu() if is_torch_tensor(b) else b) for b in batches])
+def _solve_group(group: List[LayerMatrices], precision: str, solver: str,
+                 rng_for: Optional[Callable[[LayerMatrices], Any]]):
+    batches = [lm.load() for lm in group]
+    rands: List[Any] = [None] * len(group)
+    if rng_for is not None:
+        rngs = [rng_for(lm) for lm in group]          # drawn in model order, on this thread
+        on_cpu = all(not is_torch_tensor(b) or b.device.type == "cpu" for b in batches)
+        jobs = list(zip(group, batches, rngs))
+        rands = (parallel_map if on_cpu else lambda f, xs: [f(x) for x in xs])(
+            lambda job: shuffled_replicas(*job), jobs)
+    parts = [p for b, r in zip(batches, rands) for p in (b, r) if p is not None]
+    if len(parts) == 1:
+        return [(batches[0], None, None)]
+    try:
+        evals = eigenvalues(parts, precision, solver)
+    except _SOLVE_ERRORS:
+        return [(b, None, None) for b in batches]  # analyze_layer retries each layer alone
+    pieces = iter(np.split(evals, np.cumsum([p.shape[0] for p in parts])[:-1]))
+    return [(b, next(pieces), next(pieces) if r is not None else None) for b, r in zip(batches, rands)]

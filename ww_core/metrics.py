@@ -19,24 +19,28 @@ FLAGS = ("under-trained", "over-trained", "rank-collapse", "non-finite", "too-fe
          "fit-failed", "correlation-trap")
 
 
-def matrix_rank(evals: np.ndarray, N: int) -> int:
-    """Numerical rank: #{σ_i > σ_max · N · eps64}, with σ = sqrt(λ), as WeightWatcher counts it.
+def matrix_rank(evals: np.ndarray, N: int, eps: float = _EPS64) -> int:
+    """Numerical rank: #{λ_i > λ_max · N · eps}, WeightWatcher's count recast for a Gram matrix.
 
-    The eigenvalues come from a Gram matrix, whose rounding floor (~eps·λ_max) sits far above
-    WeightWatcher's threshold on σ, so zero directions are recognised relative to that floor:
-    λ_i > λ_max · N · eps64 (see docs: differences from WeightWatcher).
+    WeightWatcher counts σ_i > σ_max · N · eps64 on singular values. Eigenvalues of a Gram matrix
+    have a rounding floor (~eps·λ_max) far above that threshold, so zero directions are recognised
+    relative to the floor of the precision used (``eps``; see docs: differences from
+    WeightWatcher).
     """
     if evals.size == 0:
         return 0
     lmax = float(evals.max())
-    return int(np.count_nonzero(evals > lmax * max(N, 1) * _EPS64))
+    return int(np.count_nonzero(evals > lmax * max(N, 1) * eps))
 
 
-def norm_metrics(evals: np.ndarray, alpha: float, N: int) -> Dict[str, float]:
-    """WeightWatcher's norm columns of one (scaled) spectrum; ``alpha`` may be ``nan``."""
+def norm_metrics(evals: np.ndarray, alpha: float, N: int, eps: float = _EPS64) -> Dict[str, float]:
+    """WeightWatcher's norm columns of one (scaled) spectrum; ``alpha`` may be ``nan``.
+
+    ``eps`` is the machine epsilon of the precision the spectrum was solved in (for the rank).
+    """
     total = float(evals.sum())
     lmax = float(evals.max()) if evals.size else math.nan
-    rank = matrix_rank(evals, N)
+    rank = matrix_rank(evals, N, eps)
     out: Dict[str, float] = {
         "norm": total,
         "log_norm": math.log10(total) if total > 0 else math.nan,

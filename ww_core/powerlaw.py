@@ -10,7 +10,7 @@ path, reproduced as well. :func:`hill_alpha` is TempBalance's cheap fixed-``xmin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -41,6 +41,11 @@ class PowerLawFit:
     num_fingers: int = 0
     raw_alpha: float = math.nan
     status: str = "failed"
+    #: Every candidate's KS distance and exponent (candidate i is the i-th fitted value), kept
+    #: to judge how firmly the winner won (see :mod:`ww_core.precision`).
+    candidate_D: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+    candidate_alpha: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+    candidate_x: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -121,6 +126,7 @@ def _fit_sorted(x: np.ndarray) -> PowerLawFit:
         alpha=alpha, xmin=xmin, xmax=float(x[-1]), D=float(D[best]),
         sigma=(alpha - 1.0) / math.sqrt(m_best), num_pl_spikes=int(np.count_nonzero(x >= xmin)),
         n_fit=n, small_n=small, status="success",
+        candidate_D=D, candidate_alpha=alphas, candidate_x=x[:D.size],
     )
 
 

@@ -16,7 +16,7 @@ COLUMNS: Tuple[str, ...] = (
     "log_norm", "log_spectral_norm", "spectral_norm", "stable_rank", "entropy", "xmin", "xmax", "D",
     "sigma", "num_pl_spikes", "warning", "alpha_hill", "matrix_rank", "rank_collapse", "num_fingers",
     "raw_alpha", "num_spikes", "sigma_mp", "mp_softrank", "bulk_max", "rand_distance",
-    "max_rand_eval", "num_traps", "status", "flags",
+    "max_rand_eval", "num_traps", "status", "flags", "precision",
 )
 
 #: Metrics that :meth:`AnalysisResult.summary` averages (WeightWatcher's ``get_summary`` set).
@@ -69,6 +69,8 @@ class LayerResult:
     num_traps: float = math.nan
     status: str = "success"
     flags: Tuple[str, ...] = ()
+    #: The precision the reported spectrum was solved in (``float32`` or ``float64``).
+    precision: str = ""
     #: The eigenvalues (ascending, scaled) when ``keep_evals=True``; not part of the table.
     evals: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
     #: Randomised eigenvalues when ``randomize=True`` and ``keep_evals=True``.
