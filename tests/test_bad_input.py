@@ -111,6 +111,15 @@ def test_gram_overflow_is_flagged_not_raised():
     assert res["b"].ok
 
 
+def test_float32_overflow_falls_back_to_float64():
+    # squares of 1e25 overflow float32 (max 3.4e38) but not float64: "auto" re-solves in float64
+    w = torch.randn(64, 32, dtype=torch.float64) * 1e25
+    auto = ww_core.analyze({"a.weight": w})["a"]
+    exact = ww_core.analyze({"a.weight": w}, precision="float64")["a"]
+    assert auto.ok and auto.precision == "float64" and auto.alpha == exact.alpha
+    assert "fit-failed" in ww_core.analyze({"a.weight": w}, precision="float32")["a"].flags
+
+
 def test_frozen_parameters_are_analysed():
     model = torch.nn.Sequential(linear(64, 128), torch.nn.ReLU(), linear(128, 96, seed=1))
     ref = ww_core.analyze(model).to_records()

@@ -171,17 +171,25 @@ def analyze_layer(
         batch = lm.load()
     used = solve_precision(precision, fix_fingers)
     fit_options = dict(fix_fingers=fix_fingers, max_fingers=max_fingers, finger_thresh=finger_thresh)
+    checked = precision == "auto" and used == "float32"
     try:
         if raw_evals is None:
             raw_evals = eigenvalues(batch, used, solver)
         evals = np.sort(raw_evals.ravel()) * lm.scale
         fit = fit_powerlaw(evals, **fit_options)
-        if precision == "auto" and used == "float32" and _precision.float32_disagreement(
-                evals, fit, lm.N, lm.M, rank_tol=rank_tol,
-                rank_collapse_share=rank_collapse_share) is not None:
+        failed, redo = False, checked and _precision.float32_disagreement(
+            evals, fit, lm.N, lm.M, rank_tol=rank_tol,
+            rank_collapse_share=rank_collapse_share) is not None
+    except _SOLVE_ERRORS:
+        # e.g. squares beyond float32's range: float64 may still hold them
+        failed, redo = True, checked
+    try:
+        if redo:
             used = "float64"
             evals = np.sort(eigenvalues(batch, used, solver).ravel()) * lm.scale
             fit = fit_powerlaw(evals, **fit_options)
+        elif failed:
+            raise NonFiniteError("the eigensolve failed")
     except _SOLVE_ERRORS:
         # NaN/inf weights, or entries so large their squares overflow: flag, never raise.
         # (The full finiteness pass runs only here, on failure.)

@@ -6,8 +6,8 @@ cannot change what is reported; other layers are solved again in float64. The ch
 float32 spectrum alone:
 
 * **Resolution.** A float32 eigenvalue of the Gram matrix is off by at most about
-  ``ν = 4·(M + √N)·eps32·λ_max`` (N ≥ M the matrix sides). On real layers (MiniLM, EfficientNet,
-  CREPE, a 4096² Student-t matrix) the largest error measured was ~200× below ν
+  ``ν = 4·(√M + √N)·eps32·λ_max`` (N ≥ M the matrix sides). On real layers (MiniLM, EfficientNet,
+  CREPE, a 4096² Student-t matrix) the largest error measured was 8× (4096²) to 100× below ν
   (``docs/performance.md``). Eigenvalues below ``10·ν`` are *unresolved*.
 * **The fitted tail.** The winning ``xmin`` must be resolved, the winner's alpha must be
   insensitive to the rounding (:data:`ALPHA_SHIFT_BOUND`), and no candidate the KS scan could
@@ -43,7 +43,7 @@ ALPHA_TOL = 1e-3
 UNRESOLVED_KS_MARGIN = 0.1
 #: Bound on the winner's own alpha shift, ``(α-1)²·ν/xmin`` (relative errors δ of the tail values
 #: move ``α - 1 = m / Σ ln(λ/xmin)`` by about ``(α-1)²·δ``). ν overstates the measured errors
-#: ~200×, so the shift actually seen is far smaller (docs/performance.md).
+#: 8-100×, so the shift actually seen is far smaller (docs/performance.md).
 ALPHA_SHIFT_BOUND = 0.05
 
 
@@ -52,9 +52,9 @@ def resolution(lambda_max: float, N: int, M: int, precision: str = "float32") ->
 
     Example:
         >>> f"{resolution(1.0, 4096, 4096):.1e}"
-        '2.0e-03'
+        '6.1e-05'
     """
-    return 4.0 * (M + math.sqrt(N)) * EPS[precision] * float(lambda_max)
+    return 4.0 * (math.sqrt(M) + math.sqrt(N)) * EPS[precision] * float(lambda_max)
 
 
 def rank_threshold(lambda_max: float, N: int, precision: str) -> float:
