@@ -528,8 +528,6 @@ def _md_table(header: List[str], body: List[List[Any]]) -> str:
 
 
 def render_doc(summaries: List[Dict[str, Any]], meta: Dict[str, Any], doc: Path) -> None:
-    import numpy as np
-    import scipy
     dev_versions = _versions(["ww_core", "numpy", "scipy", "torch", "transformers", "safetensors"])
     lines = [
         "# Agreement of `ww_core` with WeightWatcher 0.7.7",
