@@ -52,8 +52,8 @@ def eigenvalues(batch: Any, precision: str = "float64", solver: str = "gram") ->
         >>> w = np.diag([3.0, 2.0, 1.0])[None]
         >>> eigenvalues(w).round(6).tolist()
         [[1.0, 4.0, 9.0]]
-        >>> eigenvalues([w, np.ones((1, 2, 3))]).round(6).tolist()
-        [[1.0, 4.0, 9.0], [0.0, 0.0, 6.0]]
+        >>> eigenvalues([w, np.ones((1, 3, 4))]).round(6).tolist()
+        [[1.0, 4.0, 9.0], [0.0, 0.0, 12.0]]
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
