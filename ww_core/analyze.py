@@ -420,8 +420,8 @@ def _solve_group(group: List[LayerMatrices], precision: str, solver: str,
         rngs = [rng_for(lm) for lm in group]          # drawn in model order, on this thread
         on_cpu = all(not is_torch_tensor(b) or b.device.type == "cpu" for b in batches)
         jobs = list(zip(group, batches, rngs))
-        rands = (parallel_map if on_cpu else lambda f, xs: [f(x) for x in xs])(
-            lambda job: shuffled_replicas(*job), jobs)
+        rands = (parallel_map(lambda job: shuffled_replicas(*job), jobs) if on_cpu
+                 else [shuffled_replicas(*job) for job in jobs])
     parts = [p for b, r in zip(batches, rands) for p in (b, r) if p is not None]
     if len(parts) == 1:
         return [(batches[0], None, None)]
