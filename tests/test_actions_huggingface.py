@@ -13,10 +13,9 @@ torch = pytest.importorskip("torch")
 from ww_callbacks.actions import tempbalance_factors  # noqa: E402
 from ww_callbacks.huggingface import WeightWatcherCallback, create_layer_optimizer  # noqa: E402
 from ww_callbacks.torch_utils import unwrap_optimizer  # noqa: E402
-from ww_callbacks.trackers.base import Tracker  # noqa: E402
+from helpers import LOOSE_FREEZE as LOOSE, FrozenParamSnapshot as Snapshot, events_tracker as Events  # noqa: E402
 
 SEQ, VOCAB = 16, 64
-LOOSE = {"band": (0.0, 100.0), "tol": 10.0, "window": 2, "max_share": 0.5}
 # analysed in model order; wte is tied to lm_head (the output head) and wpe has 16 eigenvalues
 NAMES = ["transformer.wte", "transformer.wpe"] + [
     f"transformer.h.{i}.{m}" for i in range(2)
@@ -68,29 +67,6 @@ def _ww(tmp_path, **kw):
     return WeightWatcherCallback(output_dir=str(tmp_path / "ww"), **kw)
 
 
-class Events(Tracker):
-    name = "events"
-
-    def __init__(self):
-        self.events = []
-
-    def log_analysis(self, **kw):
-        pass
-
-    def log_event(self, *, step, kind, payload):
-        self.events.append((step, kind, payload))
-
-
-class Snapshot:
-    def __init__(self, model):
-        self.model, self.at = model, {}
-
-    def on_analysis(self, controller, result, step, epoch):
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad and name not in self.at:
-                self.at[name] = (step, p.detach().clone())
-
-
 @pytest.mark.parametrize("opt", ["adamw", "sgd"])
 def test_freeze_apply_keeps_frozen_weights_bit_identical(tmp_path, opt):
     model = _model()
@@ -121,7 +97,7 @@ def test_freeze_resume_keeps_layers_frozen_and_decisions(tmp_path, restore):
     _trainer(tmp_path, [cb], num_train_epochs=2, save_strategy="steps", save_steps=8,
              restore_callback_states_from_checkpoint=restore).train()
     ckpt = os.path.join(tmp_path, "checkpoint-8")
-    assert os.path.exists(os.path.join(ckpt, "ww_actions.json"))
+    assert os.path.exists(os.path.join(ckpt, "ww_state.json"))
     seen = {}
 
     class Probe(transformers.TrainerCallback):

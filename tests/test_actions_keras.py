@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
-os.environ.setdefault("KERAS_BACKEND", "torch")
-os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="keras-home-"))
+# KERAS_BACKEND=torch and a temporary KERAS_HOME are set by conftest.py, before keras is imported.
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -19,14 +16,13 @@ if keras.config.backend() != "torch":  # pragma: no cover - another backend was 
 
 from ww_callbacks.actions import tempbalance_factors  # noqa: E402
 from ww_callbacks.keras import WeightWatcherCallback  # noqa: E402
-from ww_callbacks.trackers.base import Tracker  # noqa: E402
+from helpers import LOOSE_FREEZE as LOOSE, events_tracker as Events  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:.*__array__ implementation.*:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 
 N, D, C, BS = 128, 32, 8, 32          # 4 steps per epoch
-LOOSE = {"band": (0.0, 100.0), "tol": 10.0, "window": 2, "max_share": 0.5}
 LAYERS = ["d0", "d1", "d2", "d3", "head"]
 
 
@@ -56,19 +52,6 @@ def _ww(tmp_path, **kw):
 
 def _kernels(model):
     return {l.name: [w.value.detach().clone() for w in l.weights] for l in model.layers}
-
-
-class Events(Tracker):
-    name = "events"
-
-    def __init__(self):
-        self.events = []
-
-    def log_analysis(self, **kw):
-        pass
-
-    def log_event(self, *, step, kind, payload):
-        self.events.append((step, kind, payload))
 
 
 class Snapshot:

@@ -14,12 +14,10 @@ from lightning.pytorch.demos.boring_classes import BoringModel  # noqa: E402
 
 from ww_callbacks.actions import tempbalance_factors  # noqa: E402
 from ww_callbacks.lightning import WeightWatcherCallback, layer_param_groups  # noqa: E402
-from ww_callbacks.trackers.base import Tracker  # noqa: E402
+from helpers import LOOSE_FREEZE as LOOSE, FrozenParamSnapshot as Snapshot, events_tracker as Events  # noqa: E402
 
 # analysed: layer.0, 2, 4, 6, 8 (the 64x2 head has too few eigenvalues and is skipped)
 ANALYSED = ["layer.0", "layer.2", "layer.4", "layer.6", "layer.8"]
-# freeze test options: any settled-enough alpha counts, decided at the 2nd analysis
-LOOSE = {"band": (0.0, 100.0), "tol": 10.0, "window": 2, "max_share": 0.5}
 
 
 def lam(step):
@@ -46,31 +44,6 @@ class Model(BoringModel):
         if not self.sched:
             return opt
         return [opt], [{"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lam), "interval": "step"}]
-
-
-class Events(Tracker):
-    name = "events"
-
-    def __init__(self):
-        self.events = []
-
-    def log_analysis(self, **kw):
-        pass
-
-    def log_event(self, *, step, kind, payload):
-        self.events.append((step, kind, payload))
-
-
-class Snapshot:
-    """An action after the callback's own: copies the frozen layers' weights when they freeze."""
-
-    def __init__(self, module):
-        self.module, self.at = module, {}
-
-    def on_analysis(self, controller, result, step, epoch):
-        for name, p in self.module.named_parameters():
-            if not p.requires_grad and name not in self.at:
-                self.at[name] = (step, p.detach().clone())
 
 
 def make_trainer(tmp_path, callbacks, **kw):
@@ -235,7 +208,7 @@ def test_freeze_apply_with_async_analysis(tmp_path):
     trainer = make_trainer(tmp_path, [cb], max_epochs=4)
     trainer.fit(model)
     assert trainer.global_step == 24
-    assert cb.controller._async and cb.frozen_layers == ["layer.0", "layer.2"]
+    assert cb.controller.asynchronous and cb.frozen_layers == ["layer.0", "layer.2"]
     for name, (_, w) in snap.at.items():
         assert torch.equal(dict(model.named_parameters())[name], w), name
     assert len(snap.at) == 4

@@ -42,7 +42,9 @@ def test_zero_and_rank_one_torch_layers_are_flagged_not_raised():
     r1 = res["rank1"]
     assert r1.matrix_rank == 1 and "rank-collapse" in r1.flags
     assert r1.rank_collapse == pytest.approx(63 / 64)
-    assert r1.spectral_norm == pytest.approx(float((u.norm() * v.norm()) ** 2), rel=1e-5)
+    # default precision; a float32 λ_max is off by at most ν = 4(√64+√128)·eps32·λ_max ≈ 9e-6·λ_max
+    # (ww_core/precision.py), and the reference itself is float32 arithmetic: rel 1e-4 is above both
+    assert r1.spectral_norm == pytest.approx(float((u.norm() * v.norm()) ** 2), rel=1e-4)
     assert res["ok"].ok and not {"fit-failed", "rank-collapse"} & set(res["ok"].flags)
     s = res.summary()                                  # averages over the successful fits only
     assert s["num_layers"] == 4 and s["num_failed"] >= 2 and math.isfinite(s["alpha"])

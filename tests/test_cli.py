@@ -4,23 +4,16 @@ import csv
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import REPO, heavy_tailed
 from ww_core.cli import TABLE_COLUMNS, main
 from ww_core.result import COLUMNS
 
 pytestmark = pytest.mark.core
 st = pytest.importorskip("safetensors.numpy")
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def heavy_tailed(rng, shape, mu=2.5):
-    signs = rng.choice([-1.0, 1.0], size=shape)
-    return (signs * (rng.pareto(mu, size=shape) + 1) / np.sqrt(shape[0])).astype(np.float32)
 
 
 @pytest.fixture

@@ -9,10 +9,8 @@ in-memory history, only rank 0 wrote files and logged, and the history on disk i
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -21,20 +19,17 @@ dist = pytest.importorskip("torch.distributed")
 if not (dist.is_available() and dist.is_gloo_available()):  # pragma: no cover
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
+from helpers import REPO, assert_alpha_float32_close, torchrun_command  # noqa: E402
 from ww_callbacks.history import read_jsonl  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "tests" / "ddp_scripts"
 LAYERS = ["body.0", "body.2", "body.4", "body.6"]
 
 
 def _torchrun():
-    exe = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    if not os.path.exists(exe):
-        pytest.skip("torchrun not installed")
-    return [exe, "--standalone", "--nproc-per-node", "2"]
+    return torchrun_command(2)
 
 
 def launch(cmd, tmp_path):
@@ -94,9 +89,12 @@ def test_fsdp_gathers_unit_by_unit_with_clean_names(tmp_path):
     pytest.importorskip("torch.distributed.fsdp")
     ranks = launch(_torchrun() + [str(SCRIPTS / "fsdp_controller.py")], tmp_path)
     check_run(ranks, tmp_path, steps=[2, 4, 6])
-    # the last analysis equals one of the full weights gathered at once (same step)
+    # the last analysis agrees with a float64 one of the full weights gathered at once (same
+    # step), within the float32 bound of the default precision (gathered unit by unit, the
+    # float32 Gram matrices need not be bit-identical)
     for r in range(2):
         ref = json.loads((tmp_path / f"ref{r}.json").read_text())
         assert ref["names"] == LAYERS
-        got = [rec["alpha"] for rec in ranks[r]["last_result"]]
-        assert got == pytest.approx(ref["alpha"], rel=1e-9)
+        for rec, exp in zip(ranks[r]["last_result"], ref["records"]):
+            assert rec["name"] == exp["name"]
+            assert_alpha_float32_close(rec["alpha"], exp, (r, rec["name"]))

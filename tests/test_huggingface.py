@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import sys
 import types
 
 import pytest
@@ -24,14 +23,9 @@ SEQ, VOCAB = 16, 64
 
 
 @pytest.fixture(autouse=True)
-def _env(tmp_path, monkeypatch):
+def _env(wandb_offline, monkeypatch):
+    # wandb_offline (conftest.py): W&B offline under tmp_path, started afresh
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_CONSOLE", "off")
-    if "wandb" in sys.modules:  # wandb reads WANDB_DIR once per process setup: start afresh
-        sys.modules["wandb"].teardown()
     monkeypatch.setenv("WANDB_PROJECT", "ww-hf-test")
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
@@ -79,7 +73,7 @@ def test_epoch_schedule_wandb_and_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from ww_callbacks.trackers.wandb import read_offline_run
+    from wandb_offline import read_offline_run
 
     ww = WeightWatcherCallback(start_fraction=0.5, every_n_epochs=1, output_dir=str(tmp_path / "ww"),
                                async_analysis=False)  # exact steps asserted below

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import tempfile
 
-os.environ.setdefault("KERAS_BACKEND", "torch")
-os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="keras-home-"))
+# KERAS_BACKEND=torch and a temporary KERAS_HOME are set by conftest.py, before keras is imported.
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -29,13 +26,8 @@ N, D, C, BS = 256, 32, 8, 32  # 8 steps per epoch
 
 
 @pytest.fixture(autouse=True)
-def _env(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_CONSOLE", "off")
-    if "wandb" in sys.modules:  # wandb reads WANDB_DIR once per process setup: start afresh
-        sys.modules["wandb"].teardown()
+def _env(wandb_offline):
+    """W&B offline under tmp_path, started afresh (conftest.py)."""
 
 
 def _data():
@@ -61,7 +53,7 @@ def _steps(rows):
 
 def test_epoch_schedule_with_wandb(tmp_path):
     wandb = pytest.importorskip("wandb")
-    from ww_callbacks.trackers.wandb import read_offline_run
+    from wandb_offline import read_offline_run
 
     x, y = _data()
     model = _model()
@@ -86,7 +78,7 @@ def test_epoch_schedule_with_wandb(tmp_path):
         assert rows[-1][f"ww/{layer.name}/alpha"] == pytest.approx(layer.alpha, rel=1e-9)
         assert rows[-1][f"ww/{layer.name}/log_norm"] == pytest.approx(layer.log_norm, rel=1e-9)
     state = json.load(open(tmp_path / "ww" / "ww_state.json"))
-    assert state["global_step"] == 32 and state["epoch"] == 3
+    assert state["adapter"] == {"global_step": 32, "epoch": 3}
 
 
 def test_step_schedule_and_resume(tmp_path):

@@ -7,15 +7,11 @@ import numpy as np
 import pytest
 
 import ww_core
+from helpers import heavy_tailed
 from ww_core import plots
 
 pytestmark = pytest.mark.core
 pytest.importorskip("matplotlib")
-
-
-def heavy_tailed(rng, shape, mu=2.5):
-    signs = rng.choice([-1.0, 1.0], size=shape)
-    return (signs * (rng.pareto(mu, size=shape) + 1) / np.sqrt(shape[0])).astype(np.float32)
 
 
 @pytest.fixture(scope="module")

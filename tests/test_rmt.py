@@ -1,12 +1,12 @@
 """Tests for ww_core.rmt: the Marchenko–Pastur fit, slice shuffling, rand_distance and traps.
 
-Reference values are the spec's §12 offline check values (WeightWatcher 0.7.7, checked).
+Reference values are the spec's §12 offline check values (WeightWatcher 0.7.7, checked); the
+eigenvalues they are compared on are float64 (numpy SVD of float64 copies), as WeightWatcher's.
 """
 
 from __future__ import annotations
 
 import math
-import time
 import warnings
 
 import numpy as np
@@ -15,7 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from helpers import spec_matrices as _spec_draws
 from ww_core import rmt
+
+pytestmark = pytest.mark.core   # numpy/scipy only (the sklearn and torch tests skip themselves)
 
 # --------------------------------------------------------------------------------------------
 # §12 fixtures
@@ -31,13 +34,8 @@ def _evals(batch: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def spec_matrices():
-    """The §12 matrices: one default_rng(12345), draws in order A, signs, Pareto, C; float32."""
-    rng = np.random.default_rng(12345)
-    A = rng.standard_normal((1000, 500)) / np.sqrt(1000)
-    signs = rng.choice([-1.0, 1.0], size=(1000, 500))
-    B = signs * (rng.pareto(2.5, size=(1000, 500)) + 1) / np.sqrt(1000)
-    C = rng.standard_normal((128, 64, 3, 3)) * np.sqrt(2 / (64 * 9))
-    A, B, C = (x.astype(np.float32) for x in (A, B, C))
+    """The §12 matrices (helpers.spec_matrices: float32 A, B, C), as float64 batches."""
+    A, B, C = _spec_draws()
     # Conv slices C[:, :, i, j] in row-major order, scaled so the eigenvalues are x0.5 (pooled).
     conv = np.stack([C[:, :, i, j] for i in range(3) for j in range(3)]).astype(np.float64)
     conv_scaled = conv * np.sqrt(0.5)
@@ -185,16 +183,13 @@ def test_mp_fit_failure_returns_nan(bad):
     assert all(math.isnan(fit[k]) for k in rmt.MP_FIT_KEYS)
 
 
-def test_mp_fit_is_fast_for_n_4096():
+def test_mp_fit_on_n_4096():
     # 4096 eigenvalues pooled from 64 Gaussian 128x64 slices (cheap to build, Q = 2, M = 64).
+    # (Its speed is measured by benchmarks/, not asserted here.)
     W = np.random.default_rng(11).standard_normal((64, 128, 64)) / np.sqrt(128)
     evals = np.sort(np.linalg.eigvalsh(np.swapaxes(W, 1, 2) @ W).ravel())
     assert evals.size == 4096
-    rmt.mp_fit(evals[-100:], 2.0, 100)  # warm-up
-    t0 = time.perf_counter()
     fit = rmt.mp_fit(evals, 2.0, 64)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 1.0, elapsed
     assert fit["num_spikes"] == 0 and fit["sigma_mp"] == pytest.approx(1.0, rel=0.02)
 
 

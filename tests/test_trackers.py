@@ -63,6 +63,7 @@ def _feed(tracker, analyses):
                              history=history)
 
 
+@pytest.mark.core
 def test_flat_metrics_and_nan_skipped():
     from ww_callbacks.trackers.base import flat_metrics
 
@@ -77,12 +78,9 @@ def test_flat_metrics_and_nan_skipped():
 
 # -- W&B ----------------------------------------------------------------------------------------
 @pytest.fixture
-def wandb_env(tmp_path, monkeypatch):
+def wandb_env(wandb_offline):
+    # wandb_offline (conftest.py): W&B offline under tmp_path, an imported wandb torn down
     wandb = pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_CONSOLE", "off")
     wandb.teardown()  # wandb reads WANDB_DIR etc. once per process setup: start a fresh one
     yield wandb
     if wandb.run is not None:
@@ -91,7 +89,7 @@ def wandb_env(tmp_path, monkeypatch):
 
 
 def _finish_and_read(wandb, run):
-    from ww_callbacks.trackers.wandb import read_offline_run
+    from wandb_offline import read_offline_run
 
     run_dir = os.path.dirname(run.dir)  # .../offline-run-*/files -> .../offline-run-*
     run.finish()
@@ -174,7 +172,7 @@ def test_wandb_no_run_and_open_run(wandb_env, tmp_path):
     tracker.close()  # owns it: finishes it
     assert wandb.run is None
     wandb.teardown()
-    from ww_callbacks.trackers.wandb import read_offline_run
+    from wandb_offline import read_offline_run
 
     data = read_offline_run(run_dir, timeout=15)
     assert data["exited"]

@@ -5,7 +5,7 @@ found by their ``ww_core`` name: ``layer.path`` with ``/`` replaced by ``.``
 (``sequential_1.d0``); a name without the model prefix (``d0``) also matches when unambiguous.
 
 What we found on **Keras 3.15.1, torch backend** (checked by experiment, see
-``tests/test_keras_actions.py``):
+``tests/test_keras_utils.py``):
 
 * ``layer.trainable = False`` in a callback (e.g. ``on_epoch_end``) takes effect at the next train
   step with **no recompile and no optimizer rebuild**: the torch trainer re-reads

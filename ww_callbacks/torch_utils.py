@@ -29,22 +29,14 @@ import math
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from ww_core.sharded import unwrap_model  # (in __all__: the one unwrapper, re-exported)
+
 __all__ = ["model_layer_names", "model_param_groups", "layer_param_groups", "resolve_layer_params", "freeze_layers", "unfreeze_layers",
            "apply_lr_factors", "group_factor", "broadcast_object", "unwrap_model",
            "unwrap_optimizer"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MHA_SUFFIX = re.compile(r"\.(in_proj(_[qkv])?|([qkv])_proj)$")
-
-
-def unwrap_model(model: Any) -> Any:
-    """The module under DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``)."""
-    for _ in range(8):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None or inner is model:
-            break
-        model = inner
-    return model
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
@@ -124,11 +116,8 @@ def model_layer_names(model: Any, layers: Any = None) -> List[str]:
     """
     import ww_core
 
-    pats = [layers] if isinstance(layers, str) else list(layers or [])
-    names = [l.name for l in ww_core.find_layers(unwrap_model(model))]
-    if pats:
-        names = [n for n in names if any(re.search(p, n) for p in pats)]
-    return names
+    selector = ww_core.LayerSelector(layers)
+    return [l.name for l in selector.select(ww_core.find_layers(unwrap_model(model)))]
 
 
 def tied_head_layers(model: Any, names: Optional[Iterable[str]] = None) -> List[str]:

@@ -13,17 +13,20 @@ Example:
 
 from .analyze import analyze, analyze_layer
 from .distributed import analyze_distributed
-from .errors import SourceError
+from .errors import SourceError, failing_layer
 from .powerlaw import PowerLawFit, fit_powerlaw, hill_alpha
 from .result import COLUMNS, AnalysisResult, LayerResult, SkippedLayer
+from .selection import LAYER_TYPES, LayerSelector, check_layer_patterns, check_layer_types
+from .sharded import gather_snapshot, unwrap_model
 from .sources import LayerMatrices, Snapshot, find_layers, snapshot
 from .spectrum import eigenvalues
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "analyze", "analyze_layer", "analyze_distributed", "AnalysisResult", "LayerResult", "SkippedLayer", "COLUMNS",
-    "SourceError", "PowerLawFit", "fit_powerlaw", "hill_alpha", "LayerMatrices", "find_layers",
-    "Snapshot", "snapshot",
-    "eigenvalues", "__version__",
+    "analyze", "analyze_layer", "analyze_distributed", "AnalysisResult", "LayerResult",
+    "SkippedLayer", "COLUMNS", "SourceError", "failing_layer", "PowerLawFit", "fit_powerlaw",
+    "hill_alpha", "LayerMatrices", "find_layers", "LAYER_TYPES", "LayerSelector",
+    "check_layer_patterns", "check_layer_types", "Snapshot", "snapshot", "gather_snapshot",
+    "unwrap_model", "eigenvalues", "__version__",
 ]

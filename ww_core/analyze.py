@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import re
-import sys
+import warnings
 import zlib
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -11,11 +10,12 @@ import numpy as np
 
 from . import metrics as _metrics
 from . import precision as _precision
+from .errors import in_layer
 from .powerlaw import fit_powerlaw, hill_alpha
 from .result import AnalysisResult, LayerResult, SkippedLayer
-from .sources import LAYER_TYPES, LayerMatrices, Snapshot, find_layers
-from .spectrum import (PRECISIONS, SOLVERS, NonFiniteError, eigenvalues, is_torch_tensor,
-                       parallel_map)
+from .selection import LayerSelector
+from .sources import LayerMatrices, Snapshot, find_layers
+from .spectrum import PRECISIONS, SOLVERS, NonFiniteError, eigenvalues, is_torch_tensor, parallel_map
 
 #: WeightWatcher 0.7.7's defaults.
 DEFAULT_MIN_EVALS = 8
@@ -33,19 +33,8 @@ def layer_seed(seed: int, name: str) -> int:
     return int(state.generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def _compile_filters(layers: Union[None, str, Sequence[str]]) -> List["re.Pattern[str]"]:
-    if layers is None:
-        return []
-    if isinstance(layers, str):
-        layers = [layers]
-    try:
-        return [re.compile(p) for p in layers]
-    except re.error as exc:
-        raise ValueError(f"invalid layer regex: {exc}") from None
-
-
-def _validate(min_evals: int, max_evals: int, max_N: int, layer_types: Optional[Iterable[str]],
-              fix_fingers: Optional[str], precision: str, solver: str) -> Optional[set]:
+def _validate(min_evals: int, max_evals: int, max_N: int, fix_fingers: Optional[str],
+              precision: str, solver: str) -> None:
     if min_evals < 1:
         raise ValueError(f"min_evals must be >= 1, got {min_evals}")
     if max_evals < min_evals:
@@ -58,13 +47,6 @@ def _validate(min_evals: int, max_evals: int, max_N: int, layer_types: Optional[
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    if layer_types is None:
-        return None
-    types = {layer_types} if isinstance(layer_types, str) else set(layer_types)
-    unknown = types - set(LAYER_TYPES)
-    if unknown:
-        raise ValueError(f"unknown layer types {sorted(unknown)}; choose from {LAYER_TYPES}")
-    return types
 
 
 def _skip_reason(lm: LayerMatrices, min_evals: int, max_evals: int, max_N: int) -> Optional[str]:
@@ -83,34 +65,22 @@ def _all_finite(batch: Any) -> bool:
     if is_torch_tensor(batch):
         import torch
 
-        return bool(torch.isfinite(batch if batch.element_size() > 1 else batch.to(torch.float16)).all())  # float8: no isfinite
+        wide = batch if batch.element_size() > 1 else batch.to(torch.float16)  # float8: no isfinite
+        return bool(torch.isfinite(wide).all())
     return bool(np.isfinite(batch).all())
 
 
-class _Counter:
-    """A minimal stderr progress counter for when tqdm is not installed."""
-
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.n = total, desc, 0
-
-    def update(self, k: int = 1) -> None:
-        self.n += k
-        print(f"\r{self.desc}: {self.n}/{self.total} layers", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        print(file=sys.stderr)
-
-
-def _progress(items: List[Any], enabled: bool, desc: str = "ww analyze"):
-    """A progress bar with update()/close(), or ``items`` itself when disabled."""
+def _progress(total: int, enabled: bool, desc: str = "ww analyze") -> Any:
+    """A tqdm bar over ``total`` layers, or ``None`` when disabled or tqdm is not installed."""
     if not enabled:
-        return items
+        return None
     try:
         from tqdm.auto import tqdm
-
-        return tqdm(total=len(items), desc=desc, unit="layer", leave=False)
     except ImportError:
-        return _Counter(len(items), desc)
+        warnings.warn(f"{desc}: a progress bar needs tqdm (pip install tqdm); continuing without one",
+                      stacklevel=3)
+        return None
+    return tqdm(total=total, desc=desc, unit="layer", leave=False)
 
 
 def solve_precision(precision: str, fix_fingers: Optional[str] = None) -> str:
@@ -294,7 +264,7 @@ def analyze(
         batch_elements: consecutive in-memory layers whose matrices have the same shape share one
             eigensolver call, up to this many weight entries (0 disables). Layers read from files
             are never batched, so one layer at a time is in memory.
-        progress: show a progress bar (tqdm when installed).
+        progress: show a tqdm progress bar (without tqdm: a warning, and no bar).
         rank_tol, rank_collapse_share: a layer is flagged ``rank-collapse`` when more than
             ``rank_collapse_share`` of its eigenvalues are at most ``rank_tol × λ_max``.
         hill_xmin_pos: ``alpha_hill`` uses the top ``1/hill_xmin_pos`` of the spectrum.
@@ -307,6 +277,9 @@ def analyze(
         ww_core.errors.SourceError: ``source`` cannot be read (unknown format, corrupt file, …).
         ValueError: an invalid option.
 
+    An exception raised while one layer is loaded or analysed (numerical trouble is a flag, not
+    an exception) carries that layer's name: :func:`ww_core.errors.failing_layer`.
+
     Example:
         >>> import torch, ww_core
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
@@ -314,16 +287,16 @@ def analyze(
         >>> res.names
         ['0', '2']
     """
-    types = _validate(min_evals, max_evals, max_N, layer_types, fix_fingers, precision, solver)
+    _validate(min_evals, max_evals, max_N, fix_fingers, precision, solver)
+    selector = LayerSelector(layers, layer_types)
     if hill_xmin_pos <= 1.0:
         raise ValueError(f"hill_xmin_pos must be > 1, got {hill_xmin_pos}")
     if not 0.0 <= rank_collapse_share <= 1.0:
         raise ValueError(f"rank_collapse_share must be in [0, 1], got {rank_collapse_share}")
-    filters = _compile_filters(layers)
     if isinstance(source, Snapshot):          # these were fixed when the snapshot was taken
         conv2d_norm, split_qkv = source.conv2d_norm, source.split_qkv
     options: Dict[str, Any] = dict(
-        layers=layers, layer_types=sorted(types) if types is not None else None,
+        layers=layers, layer_types=sorted(selector.types) if selector.types is not None else None,
         min_evals=min_evals, max_evals=max_evals, max_N=max_N, fix_fingers=fix_fingers,
         max_fingers=max_fingers, finger_thresh=finger_thresh, mp_fit=mp_fit,
         randomize=randomize, seed=seed, conv2d_norm=conv2d_norm, split_qkv=split_qkv,
@@ -331,11 +304,7 @@ def analyze(
         rank_collapse_share=rank_collapse_share, hill_xmin_pos=hill_xmin_pos)
     result = AnalysisResult(options=options)
     todo: List[LayerMatrices] = []
-    for lm in find_layers(source, conv_norm=conv2d_norm, split_qkv=split_qkv):
-        if filters and not any(f.search(lm.name) for f in filters):
-            continue
-        if types is not None and lm.type not in types:
-            continue
+    for lm in selector.select(find_layers(source, conv_norm=conv2d_norm, split_qkv=split_qkv)):
         reason = _skip_reason(lm, min_evals, max_evals, max_N)
         if reason:
             result.skipped.append(SkippedLayer(lm.name, lm.type, lm.N, lm.M, reason))
@@ -348,22 +317,24 @@ def analyze(
             return None
         return np.random.default_rng(layer_seed(seed, lm.name)) if seed is not None else shared_rng
 
-    bar = _progress(todo, progress)
+    bar = _progress(len(todo), progress)
     layers = _with_eigenvalues(todo, solve_precision(precision, fix_fingers), solver,
                                batch_elements, rng_for if randomize else None)
     try:
         for lm, batch, raw, rand_raw in layers:
-            result.layers.append(analyze_layer(
-                lm, batch=batch, raw_evals=raw, rand_raw=rand_raw, fix_fingers=fix_fingers or None,
-                max_fingers=max_fingers, finger_thresh=finger_thresh, mp_fit=mp_fit,
-                randomize=randomize, rng=rng_for(lm) if raw is None else None, precision=precision,
-                solver=solver, keep_evals=keep_evals, rank_tol=rank_tol,
-                rank_collapse_share=rank_collapse_share, hill_xmin_pos=hill_xmin_pos))
-            if bar is not todo:
+            with in_layer(lm.name):
+                result.layers.append(analyze_layer(
+                    lm, batch=batch, raw_evals=raw, rand_raw=rand_raw,
+                    fix_fingers=fix_fingers or None, max_fingers=max_fingers,
+                    finger_thresh=finger_thresh, mp_fit=mp_fit, randomize=randomize,
+                    rng=rng_for(lm) if raw is None else None, precision=precision, solver=solver,
+                    keep_evals=keep_evals, rank_tol=rank_tol,
+                    rank_collapse_share=rank_collapse_share, hill_xmin_pos=hill_xmin_pos))
+            if bar is not None:
                 bar.update(1)
     finally:                     # release the loaded batches and the bar even on an error
         layers.close()
-        if bar is not todo:
+        if bar is not None:
             bar.close()
     return result
 
@@ -406,22 +377,22 @@ def _with_eigenvalues(todo: List[LayerMatrices], precision: str, solver: str, ma
     for i, lm in enumerate(todo):
         if i not in ready:
             members = groups[group_of[i]]
-            ready.update(zip(members, _solve_group([todo[j] for j in members], precision, solver,
-                                                   rng_for)))
+            with in_layer(lm.name):       # (a member's own load/shuffle error names that member)
+                ready.update(zip(members, _solve_group([todo[j] for j in members], precision,
+                                                       solver, rng_for)))
         batch, raw, rand_raw = ready.pop(i)
         yield lm, batch, raw, rand_raw
 
 
 def _solve_group(group: List[LayerMatrices], precision: str, solver: str,
                  rng_for: Optional[Callable[[LayerMatrices], Any]]):
-    batches = [lm.load() for lm in group]
+    batches = [_load(lm) for lm in group]
     rands: List[Any] = [None] * len(group)
     if rng_for is not None:
         rngs = [rng_for(lm) for lm in group]          # drawn in model order, on this thread
         on_cpu = all(not is_torch_tensor(b) or b.device.type == "cpu" for b in batches)
         jobs = list(zip(group, batches, rngs))
-        rands = (parallel_map(lambda job: shuffled_replicas(*job), jobs) if on_cpu
-                 else [shuffled_replicas(*job) for job in jobs])
+        rands = (parallel_map(_shuffle, jobs) if on_cpu else [_shuffle(job) for job in jobs])
     parts = [p for b, r in zip(batches, rands) for p in (b, r) if p is not None]
     if len(parts) == 1:
         return [(batches[0], None, None)]
@@ -431,3 +402,13 @@ def _solve_group(group: List[LayerMatrices], precision: str, solver: str,
         return [(b, None, None) for b in batches]  # analyze_layer retries each layer alone
     pieces = iter(np.split(evals, np.cumsum([p.shape[0] for p in parts])[:-1]))
     return [(b, next(pieces), next(pieces) if r is not None else None) for b, r in zip(batches, rands)]
+
+
+def _load(lm: LayerMatrices) -> Any:
+    with in_layer(lm.name):
+        return lm.load()
+
+
+def _shuffle(job: Tuple[LayerMatrices, Any, Any]) -> Any:
+    with in_layer(job[0].name):
+        return shuffled_replicas(*job)

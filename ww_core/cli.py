@@ -1,12 +1,13 @@
 """``ww-analyze``: spectral analysis of a saved model from the command line.
 
-Usage::
+Example:
+    Shell commands::
 
-    ww-analyze model.safetensors
-    ww-analyze checkpoint_dir/ --layers 'attention' --types dense --csv layers.csv --plots plots/
-    python -m ww_core.cli model.pt --randomize --seed 0
+        ww-analyze model.safetensors
+        ww-analyze checkpoint_dir/ --layers 'attention' --types dense --csv layers.csv --plots plots/
+        python -m ww_core.cli model.pt --randomize --seed 0
 
-    torchrun --nproc-per-node 4 -m ww_core.cli checkpoint_dir/ --csv layers.csv
+        torchrun --nproc-per-node 4 -m ww_core.cli checkpoint_dir/ --csv layers.csv
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the layers are sharded across the processes (gloo) with
 :func:`ww_core.distributed.analyze_distributed`; only rank 0 prints and writes files.
@@ -23,10 +24,11 @@ import csv
 import io
 import math
 import os
-import re
 import sys
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, TextIO
+
+from .selection import LAYER_TYPES, check_layer_patterns
 
 PROG = "ww-analyze"
 
@@ -37,7 +39,6 @@ TABLE_COLUMNS = ("name", "type", "N", "M", "alpha", "alpha_hill", "D", "xmin", "
 _FLOAT_FORMATS = {"alpha": ".3f", "alpha_hill": ".3f", "D": ".4f", "xmin": ".4g",
                   "log_norm": ".3f", "stable_rank": ".2f"}
 _TEXT_COLUMNS = {"name", "type", "warning", "flags"}
-LAYER_TYPES = ("dense", "conv1d", "conv2d", "conv3d", "embedding")
 EXIT_OK, EXIT_ERROR, EXIT_NO_LAYERS = 0, 1, 2
 
 
@@ -224,11 +225,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if rank != 0:                      # under torchrun only rank 0 prints and writes files
         stdout, stderr = io.StringIO(), io.StringIO()
 
-    for pattern in args.layers or ():
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            return _error(f"invalid --layers regex {pattern!r}: {exc}", stderr) + 1
+    try:
+        check_layer_patterns(args.layers, option="--layers")
+    except ValueError as exc:
+        return _error(exc, stderr) + 1
     try:
         types = _parse_types(args.types, parser)
     except SystemExit as exc:

@@ -22,10 +22,10 @@ import importlib
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-
 from .analyze import layer_seed  # noqa: F401  (re-exported)
-from .errors import SourceError
+from .errors import SourceError, failing_layer
 from .result import AnalysisResult, LayerResult, SkippedLayer
+from .selection import LayerSelector
 from .sources import LayerMatrices, find_layers
 
 # The module, not the function that ``ww_core.analyze`` names in the package namespace.
@@ -80,20 +80,16 @@ def _exact(names: Sequence[str]) -> List[str]:
 
 def _plan(source: Any, options: Dict[str, Any]) -> Tuple[List[LayerMatrices], List[SkippedLayer]]:
     """The layers ``analyze(source, **options)`` would analyse and skip, in model order."""
-    types = _analyze_mod._validate(
+    _analyze_mod._validate(
         options.get("min_evals", _analyze_mod.DEFAULT_MIN_EVALS),
         options.get("max_evals", _analyze_mod.DEFAULT_MAX_EVALS),
-        options.get("max_N", _analyze_mod.DEFAULT_MAX_N), options.get("layer_types"),
-        options.get("fix_fingers"), options.get("precision", "auto"), options.get("solver", "gram"))
-    filters = _analyze_mod._compile_filters(options.get("layers"))
+        options.get("max_N", _analyze_mod.DEFAULT_MAX_N), options.get("fix_fingers"),
+        options.get("precision", "auto"), options.get("solver", "gram"))
+    selector = LayerSelector(options.get("layers"), options.get("layer_types"))
     todo: List[LayerMatrices] = []
     skipped: List[SkippedLayer] = []
-    for lm in find_layers(source, conv_norm=options.get("conv2d_norm", True),
-                          split_qkv=options.get("split_qkv", True)):
-        if filters and not any(f.search(lm.name) for f in filters):
-            continue
-        if types is not None and lm.type not in types:
-            continue
+    for lm in selector.select(find_layers(source, conv_norm=options.get("conv2d_norm", True),
+                                          split_qkv=options.get("split_qkv", True))):
         reason = _analyze_mod._skip_reason(
             lm, options.get("min_evals", _analyze_mod.DEFAULT_MIN_EVALS),
             options.get("max_evals", _analyze_mod.DEFAULT_MAX_EVALS),
@@ -129,9 +125,20 @@ def analyze_distributed(source: Any, *, group: Any = None, **options: Any) -> An
         ``seed`` gives the same result for every world size.
 
     Raises:
-        The exceptions of :func:`ww_core.analyze`. When any rank fails while analysing its share,
-        every rank raises (a ``SourceError``, ``ValueError`` or ``RuntimeError`` carrying the
-        failing rank's one-line message), so no rank is left waiting in a collective.
+        FileNotFoundError: ``source`` is a path that does not exist.
+        SourceError: ``source`` cannot be read.
+        ValueError: an invalid option.
+        RuntimeError: any other failure of a rank, as ``"rank R: message"``.
+
+    When any rank fails while analysing its share, every rank raises the failing rank's error
+    (its one-line message; its failing layer, if any, on :func:`ww_core.errors.failing_layer`),
+    so no rank is left waiting in a collective.
+
+    Example:
+        >>> import numpy as np, ww_core
+        >>> sd = {"fc.weight": np.random.default_rng(0).standard_normal((64, 32))}
+        >>> ww_core.analyze_distributed(sd).names        # no process group: ww_core.analyze
+        ['fc']
     """
     rank, world = dist_info(group)
     if world <= 1:
@@ -154,7 +161,7 @@ def analyze_distributed(source: Any, *, group: Any = None, **options: Any) -> An
         if world <= 1:
             raise
         kind = exc.__class__.__name__
-        payload = ("error", (kind, " ".join(str(exc).split()) or kind))
+        payload = ("error", (kind, " ".join(str(exc).split()) or kind, failing_layer(exc)))
 
     if world > 1:
         import torch.distributed as dist
@@ -166,10 +173,13 @@ def analyze_distributed(source: Any, *, group: Any = None, **options: Any) -> An
 
     for r, (status, body) in enumerate(gathered):
         if status != "ok":
-            kind, msg = body
+            kind, msg, layer = body
             exc_type = {"SourceError": SourceError, "ValueError": ValueError,
                         "FileNotFoundError": FileNotFoundError}.get(kind, RuntimeError)
-            raise exc_type(f"rank {r}: {msg}" if exc_type is RuntimeError else msg)
+            err = exc_type(f"rank {r}: {msg}" if exc_type is RuntimeError else msg)
+            if layer:
+                err.ww_layer = layer          # (see ww_core.errors.failing_layer)
+            raise err
 
     slots: List[Optional[LayerResult]] = [None] * len(todo)
     for r, (_, layers) in enumerate(gathered):

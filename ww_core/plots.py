@@ -1,11 +1,12 @@
 """Plots of an analysis: the empirical spectral density (ESD) of a layer with its power-law fit,
 and alpha per layer. matplotlib is imported only when a function here is called.
 
-Example::
+Example:
+    (not run as a doctest: it writes files)::
 
-    res = ww_core.analyze(model, keep_evals=True)
-    ww_core.plots.plot_esd(res["fc1"])
-    ww_core.plots.save_plots(res, "ww-plots/")
+        res = ww_core.analyze(model, keep_evals=True)
+        ww_core.plots.plot_esd(res["fc1"])
+        ww_core.plots.save_plots(res, "ww-plots/")
 """
 
 from __future__ import annotations

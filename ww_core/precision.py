@@ -6,16 +6,13 @@ cannot change what is reported; other layers are solved again in float64. The ch
 float32 spectrum alone:
 
 * **Resolution.** A float32 eigenvalue of the Gram matrix is off by at most about
-  ``ν = 4·(√M + √N)·eps32·λ_max`` (N ≥ M the matrix sides). On real layers (MiniLM, EfficientNet,
-  CREPE, a 4096² Student-t matrix) the largest error measured was 8× (4096²) to 100× below ν
-  (``docs/performance.md``). Eigenvalues below ``10·ν`` are *unresolved*.
+  ``ν = 4·(√M + √N)·eps32·λ_max`` (N ≥ M the matrix sides). Eigenvalues below ``10·ν`` are
+  *unresolved*.
 * **The fitted tail.** The winning ``xmin`` must be resolved, the winner's alpha must be
   insensitive to the rounding (:data:`ALPHA_SHIFT_BOUND`), and no candidate the KS scan could
   prefer in float64 may give a different alpha: every resolved candidate within
   :data:`KS_SLACK` of the best KS distance must have an alpha within :data:`ALPHA_TOL` of the
   winner's, and every unresolved candidate must lose by at least :data:`UNRESOLVED_KS_MARGIN`.
-  (Between float32 and float64, KS distances of resolved candidates moved by at most 3.6e-5 on
-  those layers; ``KS_SLACK`` is 5× that.)
 * **Rank collapse.** The flag is decided exactly: if the share of eigenvalues at or below
   ``max(rank_tol, N·eps32)·λ_max`` exceeds ``rank_collapse_share`` in float32, float64 decides.
 
@@ -23,6 +20,9 @@ In float32, ``matrix_rank`` counts eigenvalues above ``λ_max·N·eps32`` (float
 ``λ_max·N·eps64``), i.e. the rank that the precision used can resolve; it and ``entropy`` (which
 uses it) may be lower than WeightWatcher's for nearly square layers, whose smallest eigenvalues
 sit below float32's resolution. ``precision="float64"`` reproduces WeightWatcher's values exactly.
+
+The measurements behind the constants (how far below ν the real errors are, how far KS distances
+move) are in ``docs/precision.md``.
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ ALPHA_TOL = 1e-3
 #: An unresolved candidate (xmin below 10·ν) must lose the KS scan by at least this much.
 UNRESOLVED_KS_MARGIN = 0.1
 #: Bound on the winner's own alpha shift, ``(α-1)²·ν/xmin`` (relative errors δ of the tail values
-#: move ``α - 1 = m / Σ ln(λ/xmin)`` by about ``(α-1)²·δ``). ν overstates the measured errors
-#: 8-100×, so the shift actually seen is far smaller (docs/performance.md).
+#: move ``α - 1 = m / Σ ln(λ/xmin)`` by about ``(α-1)²·δ``); see docs/precision.md.
 ALPHA_SHIFT_BOUND = 0.05
 
 

@@ -4,7 +4,8 @@ randomised ESDs, correlation traps and ``rand_distance``.
 Everything here works on eigenvalue vectors (σ² of the weight matrices, already carrying any
 convolution scale factor), so it is independent of where the weights came from.
 
-Reproduction notes (see the reference spec §8–§9):
+Reproduction notes (how WeightWatcher 0.7.7 computes these, and what differs here; the measured
+agreement is in ``docs/ww-agreement.md``):
 
 * :func:`mp_fit` reproduces ``WeightWatcher.mp_fit`` / ``RMT_Util.fit_density_with_range`` /
   ``resid_mp`` bit for bit in its logic. The only change is speed: WeightWatcher refits the
@@ -23,7 +24,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 from scipy import optimize
-from scipy.special import rel_entr
+from scipy.spatial.distance import jensenshannon
 
 __all__ = [
     "KDE_BANDWIDTH",
@@ -72,11 +73,10 @@ def linear_kde(data: np.ndarray, x: np.ndarray, bandwidth: float = KDE_BANDWIDTH
     of the points in the window, so prefix sums over the sorted data give it in
     ``O((n + len(x)) log n)`` without a ``len(x) × n`` matrix.
 
-    Examples
-    --------
-    >>> import numpy as np
-    >>> float(linear_kde(np.array([0.0]), np.array([0.0, 0.05, 0.1, 0.2]))[1])
-    5.0
+    Example:
+        >>> import numpy as np
+        >>> float(linear_kde(np.array([0.0]), np.array([0.0, 0.05, 0.1, 0.2]))[1])
+        5.0
     """
     d = np.sort(np.asarray(data, dtype=np.float64).ravel())
     x = np.asarray(x, dtype=np.float64)
@@ -169,7 +169,7 @@ def _brute_1d(objective, on_grid, grid_slice: slice) -> float:
 
 
 def mp_fit(evals: np.ndarray, Q: float, M: int) -> Dict[str, Any]:
-    """Fit the Marchenko–Pastur bulk to an ESD exactly as WeightWatcher 0.7.7 does (spec §8).
+    """Fit the Marchenko–Pastur bulk to an ESD exactly as WeightWatcher 0.7.7's ``mp_fit`` does.
 
     Steps: rescale the eigenvalues to mean 1 (``W_scale = sqrt(n / Σλ)``, ``λ' = W_scale² λ``);
     grid-search σ over ``slice(0.05 s0, 2 s0, 0.01 s0)`` with ``s0 = sqrt(max λ') / (1 + 1/√Q)``
@@ -179,29 +179,24 @@ def mp_fit(evals: np.ndarray, Q: float, M: int) -> Dict[str, Any]:
     with a flat penalty when the MP edges are inconsistent with the KDE. When ``Q == 1`` the fit
     is WeightWatcher's quarter-circle law on ``sqrt(λ')``.
 
-    Parameters
-    ----------
-    evals:
-        Eigenvalues (any order; pooled over the slices of a conv layer).
-    Q:
-        Aspect ratio ``N / M``.
-    M:
-        Smaller dimension of one matrix (per-slice M for convolutions); only used in the
-        Tracy–Widom margin ``TW = Q^-1/2 · bulk_max^(2/3) · M^(-2/3)``.
+    Args:
+        evals: eigenvalues (any order; pooled over the slices of a conv layer).
+        Q: aspect ratio ``N / M``.
+        M: smaller dimension of one matrix (per-slice M for convolutions); only used in the
+            Tracy–Widom margin ``TW = Q^-1/2 · bulk_max^(2/3) · M^(-2/3)``.
 
-    Returns
-    -------
-    dict with ``num_spikes`` (#``λ' > bulk_max + sqrt(TW)``), ``sigma_mp``, ``mp_softrank``
-    (``bulk_max / max λ'``), ``W_scale``, and ``bulk_max`` / ``bulk_min`` on the original scale
-    (divided by ``W_scale²``). On any failure every value is NaN (WeightWatcher reports -1).
+    Returns:
+        A dict with ``num_spikes`` (#``λ' > bulk_max + sqrt(TW)``), ``sigma_mp``, ``mp_softrank``
+        (``bulk_max / max λ'``), ``W_scale``, and ``bulk_max`` / ``bulk_min`` on the original
+        scale (divided by ``W_scale²``). On any failure every value is NaN (WeightWatcher
+        reports -1); nothing is raised.
 
-    Examples
-    --------
-    >>> import numpy as np
-    >>> W = np.random.default_rng(0).standard_normal((1000, 500)) / np.sqrt(1000)
-    >>> fit = mp_fit(np.linalg.svd(W, compute_uv=False) ** 2, Q=2.0, M=500)
-    >>> fit["num_spikes"], round(fit["sigma_mp"], 1)
-    (0, 1.0)
+    Example:
+        >>> import numpy as np
+        >>> W = np.random.default_rng(0).standard_normal((1000, 500)) / np.sqrt(1000)
+        >>> fit = mp_fit(np.linalg.svd(W, compute_uv=False) ** 2, Q=2.0, M=500)
+        >>> fit["num_spikes"], round(fit["sigma_mp"], 1)
+        (0, 1.0)
     """
     try:
         lam = np.asarray(evals, dtype=np.float64).ravel()
@@ -243,7 +238,7 @@ def mp_fit(evals: np.ndarray, Q: float, M: int) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 def shuffle_slices(batch, rng: np.random.Generator):
-    """Randomly permute the entries of each slice of ``batch`` *within* that slice (spec §9).
+    """Randomly permute the entries of each slice of ``batch`` *within* that slice.
 
     WeightWatcher flattens and ``np.random.shuffle``s each matrix (each conv slice) separately,
     so entries never move between slices. ``batch`` has shape ``(rf, rows, cols)`` (a 2-D array
@@ -253,13 +248,22 @@ def shuffle_slices(batch, rng: np.random.Generator):
     streams differ. The input is not modified; the result has the input's type, dtype and
     device.
 
-    Examples
-    --------
-    >>> import numpy as np
-    >>> b = np.arange(8.0).reshape(2, 2, 2)
-    >>> s = shuffle_slices(b, np.random.default_rng(0))
-    >>> sorted(s[0].ravel().tolist()), sorted(s[1].ravel().tolist())
-    ([0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0])
+    Args:
+        batch: a numpy array or a torch tensor, ``(rf, rows, cols)`` or one 2-D matrix.
+        rng: the source of randomness.
+
+    Returns:
+        The shuffled copy.
+
+    Raises:
+        TypeError: ``batch`` is neither a numpy array nor a torch tensor.
+
+    Example:
+        >>> import numpy as np
+        >>> b = np.arange(8.0).reshape(2, 2, 2)
+        >>> s = shuffle_slices(b, np.random.default_rng(0))
+        >>> sorted(s[0].ravel().tolist()), sorted(s[1].ravel().tolist())
+        ([0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0])
     """
     if isinstance(batch, np.ndarray):
         # (rf, rows, cols) -> one row per slice; a 2-D matrix is a single slice.
@@ -291,8 +295,11 @@ def jensen_shannon_distance(p, q) -> float:
 
     Both eigenvalue vectors are sorted ascending and treated as probability vectors *indexed by
     rank* (not as densities): each is normalised to sum 1, ``m = (p + q) / 2`` and the result is
-    ``sqrt((KL(p‖m) + KL(q‖m)) / 2)`` with natural logs (``scipy.stats.entropy`` semantics,
-    ``0·log 0 = 0``), so it lies in ``[0, sqrt(ln 2)]``.
+    ``sqrt((KL(p‖m) + KL(q‖m)) / 2)`` with natural logs (``0·log 0 = 0``), so it lies in
+    ``[0, sqrt(ln 2)]``. That is :func:`scipy.spatial.distance.jensenshannon` of the two sorted
+    vectors, which computes it; the one difference handled here is that scipy returns NaN when
+    rounding leaves the divergence of two (nearly) equal vectors a hair below 0, where this
+    returns 0.
 
     WeightWatcher forms ``m`` from the raw vectors before ``entropy`` normalises; that is the
     same thing whenever both vectors have the same sum, which holds for a matrix and its
@@ -300,12 +307,17 @@ def jensen_shannon_distance(p, q) -> float:
     largest values of each are compared, ``k`` being the shorter length, since those carry the
     spectrum's structure and WW itself keeps the top ``n_comp`` eigenvalues.
 
-    Examples
-    --------
-    >>> jensen_shannon_distance([1.0, 2.0, 3.0], [3.0, 2.0, 1.0])
-    0.0
-    >>> round(jensen_shannon_distance([0.0, 0.0, 1.0], [0.0, 1.0, 1.0]), 4)
-    0.4645
+    Args:
+        p, q: eigenvalue vectors (any order, any shape; flattened).
+
+    Returns:
+        The distance; NaN when either vector is empty, sums to 0 or holds a NaN or infinity.
+
+    Example:
+        >>> jensen_shannon_distance([1.0, 2.0, 3.0], [3.0, 2.0, 1.0])
+        0.0
+        >>> round(jensen_shannon_distance([0.0, 0.0, 1.0], [0.0, 1.0, 1.0]), 4)
+        0.4645
     """
     p = np.sort(np.asarray(p, dtype=np.float64).ravel())
     q = np.sort(np.asarray(q, dtype=np.float64).ravel())
@@ -313,20 +325,20 @@ def jensen_shannon_distance(p, q) -> float:
     if k == 0:
         return math.nan
     p, q = p[p.size - k:], q[q.size - k:]
-    p = p / np.sum(p)
-    q = q / np.sum(q)
-    m = 0.5 * (p + q)
-    divergence = 0.5 * (np.sum(rel_entr(p, m)) + np.sum(rel_entr(q, m)))
-    return float(math.sqrt(max(float(divergence), 0.0)))
+    with np.errstate(invalid="ignore"):
+        distance = float(jensenshannon(p, q))
+    if math.isnan(distance) and np.all(np.isfinite(p)) and np.all(np.isfinite(q)) \
+            and np.sum(p) != 0 and np.sum(q) != 0:
+        return 0.0      # sqrt of a divergence rounded to just below 0: the vectors are equal
+    return distance
 
 
 def num_replicas(n_comp: int) -> int:
     """Number of randomised replicas WeightWatcher pools: 5 when ``n_comp < 100``, else 1.
 
-    Examples
-    --------
-    >>> num_replicas(64), num_replicas(500)
-    (5, 1)
+    Example:
+        >>> num_replicas(64), num_replicas(500)
+        (5, 1)
     """
     return 5 if n_comp < 100 else 1
 
@@ -338,45 +350,39 @@ def randomization_metrics(
     M: int,
     n_per_replica: Optional[int] = None,
 ) -> Dict[str, Any]:
-    """Metrics of the randomised ESD (spec §9): ``rand_distance``, traps and the random MP fit.
-
-    Parameters
-    ----------
-    evals:
-        The layer's real eigenvalues.
-    rand_evals:
-        Eigenvalues of the randomised (slice-shuffled) matrices, the replicas **concatenated in
-        replica order** (each replica's values may be in any order), or a 2-D array with one
-        replica per row. All of them are pooled for ``max_rand_eval`` and the MP fit.
-    Q, M:
-        As for :func:`mp_fit` (per-slice M for convolutions).
-    n_per_replica:
-        Length of one replica; the first ``n_per_replica`` values are replica 1. Defaults to
-        the row length of a 2-D ``rand_evals``, else ``len(evals)`` (one replica has as many
-        eigenvalues as the real ESD).
-
-    Returns
-    -------
-    dict with ``max_rand_eval`` (pooled max), ``rand_distance`` (JSD between the sorted
-    ``evals`` and the sorted first replica), ``ww_softrank`` = max(replica 1)/max(evals),
-    ``ww_maxdist`` = max(evals) - max(replica 1), and the MP fit of the pooled values:
-    ``num_traps`` (WW's ``rand_num_spikes``), ``rand_sigma_mp``, ``rand_mp_softrank``,
-    ``rand_W_scale``, ``rand_bulk_max``, ``rand_bulk_min``.
+    """Metrics of the randomised ESD: ``rand_distance``, correlation traps and the random MP fit.
 
     WeightWatcher draws one *extra* replica for ``rand_distance``/``ww_softrank``/``ww_maxdist``
-    (the code, not the pooled maximum the spec's wording suggests, feeds ``ww_softrank``); we
-    use replica 1 instead, which has the same distribution and saves an SVD.
+    (in its code that replica's maximum, not the pooled maximum, feeds ``ww_softrank``); we use
+    replica 1 instead, which has the same distribution and saves an SVD.
 
-    Examples
-    --------
-    >>> import numpy as np
-    >>> rng = np.random.default_rng(0)
-    >>> W = rng.standard_normal((1, 1000, 500)) / np.sqrt(1000)
-    >>> ev = np.linalg.svd(W[0], compute_uv=False) ** 2
-    >>> rv = np.linalg.svd(shuffle_slices(W, rng)[0], compute_uv=False) ** 2
-    >>> r = randomization_metrics(ev, rv, Q=2.0, M=500)
-    >>> r["num_traps"], r["rand_distance"] < 0.01
-    (0, True)
+    Args:
+        evals: the layer's real eigenvalues.
+        rand_evals: eigenvalues of the randomised (slice-shuffled) matrices, the replicas
+            **concatenated in replica order** (each replica's values may be in any order), or a
+            2-D array with one replica per row. All of them are pooled for ``max_rand_eval`` and
+            the MP fit.
+        Q, M: as for :func:`mp_fit` (per-slice M for convolutions).
+        n_per_replica: length of one replica; the first ``n_per_replica`` values are replica 1.
+            Defaults to the row length of a 2-D ``rand_evals``, else ``len(evals)`` (one replica
+            has as many eigenvalues as the real ESD).
+
+    Returns:
+        A dict with ``max_rand_eval`` (pooled max), ``rand_distance`` (JSD between the sorted
+        ``evals`` and the sorted first replica), ``ww_softrank`` = max(replica 1)/max(evals),
+        ``ww_maxdist`` = max(evals) - max(replica 1), and the MP fit of the pooled values:
+        ``num_traps`` (WW's ``rand_num_spikes``), ``rand_sigma_mp``, ``rand_mp_softrank``,
+        ``rand_W_scale``, ``rand_bulk_max``, ``rand_bulk_min``.
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> W = rng.standard_normal((1, 1000, 500)) / np.sqrt(1000)
+        >>> ev = np.linalg.svd(W[0], compute_uv=False) ** 2
+        >>> rv = np.linalg.svd(shuffle_slices(W, rng)[0], compute_uv=False) ** 2
+        >>> r = randomization_metrics(ev, rv, Q=2.0, M=500)
+        >>> r["num_traps"], r["rand_distance"] < 0.01
+        (0, True)
     """
     evals = np.asarray(evals, dtype=np.float64).ravel()
     rand = np.asarray(rand_evals, dtype=np.float64)

@@ -16,20 +16,23 @@ Matrix conventions (so that alphas agree with WeightWatcher):
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from .errors import SourceError
+from .errors import SourceError, in_layer
+from .file_io import LazyTensor, load_torch_file, read_safetensors_header
+from .selection import LAYER_TYPES, LayerSelector
 from .spectrum import is_torch_tensor
 
-LAYER_TYPES = ("dense", "conv1d", "conv2d", "conv3d", "embedding")
+__all__ = ["LAYER_TYPES", "CONV_SCALE", "LayerMatrices", "LazyTensor", "Snapshot", "file_layers",
+           "find_layers", "keras_model_layers", "load_torch_file", "read_safetensors_header", "snapshot",
+           "state_dict_layers", "torch_module_layers"]
 #: Eigenvalue scale of pooled convolution slices (WeightWatcher multiplies each slice by sqrt(1/2)).
 CONV_SCALE = 0.5
 
@@ -110,7 +113,8 @@ def _split_qkv(name: str, shape: Tuple[int, ...], get: Callable[[], Any], dtype:
     d = d3 // 3
     out = []
     for i, part in enumerate("qkv"):
-        getter = (lambda i=i: get()[i * d:(i + 1) * d])
+        def getter(i: int = i) -> Any:
+            return get()[i * d:(i + 1) * d]
         out.append(_make(f"{name}.in_proj_{part}", "dense", (d,) + tuple(shape[1:]), "matrix",
                          getter, False, dtype, unusable))
     return out
@@ -224,14 +228,16 @@ def keras_model_layers(model: Any, conv_norm: bool = True) -> List[LayerMatrices
             continue
         seen.add(id(var))
         shape = tuple(int(s) for s in var.shape)
-        get = (lambda var=var: _keras_to_numpy(var))
+        def get(var: Any = var) -> Any:
+            return _keras_to_numpy(var)
         dtype = str(getattr(var, "dtype", ""))
         if cls in ("Conv1D", "Conv2D", "Conv3D"):
             layers.append(_make(name, _conv_type(len(shape) - 2), shape, "keras_conv", get,
                                 conv_norm, dtype))
         elif cls == "EinsumDense" and len(shape) != 2:
             rows, cols = _einsum_kernel_matrix_shape(layer.equation, shape)
-            getter = (lambda get=get, rows=rows, cols=cols: get().reshape(rows, cols))
+            def getter(get: Callable[[], Any] = get, rows: int = rows, cols: int = cols) -> Any:
+                return get().reshape(rows, cols)
             layers.append(_make(name, "dense", (rows, cols), "matrix", getter, conv_norm, dtype))
         else:
             layers.append(_make(name, "embedding" if cls == "Embedding" else "dense", shape,
@@ -257,6 +263,10 @@ def _classify_key(key: str, shape: Tuple[int, ...]) -> Optional[Tuple[str, str, 
     if len(shape) in (3, 4, 5):
         return name, _conv_type(len(shape) - 2), "torch_conv"
     return None
+
+
+def _as_array(v: Any) -> Any:
+    return v.detach() if is_torch_tensor(v) else np.asarray(v)
 
 
 def _dtype_name(v: Any) -> str:
@@ -298,9 +308,9 @@ def state_dict_layers(sd: Mapping[str, Any], conv_norm: bool = True,
                 continue
             seen.add(ident)
         name, ltype, layout = info
-        get = value.read if isinstance(value, _LazyTensor) else (lambda v=value: v.detach() if is_torch_tensor(v) else np.asarray(v))
-        dtype = value.dtype_name if isinstance(value, _LazyTensor) else _dtype_name(value)
-        unusable = value.unusable if isinstance(value, _LazyTensor) else _value_unusable(value)
+        get = value.read if isinstance(value, LazyTensor) else functools.partial(_as_array, value)
+        dtype = value.dtype_name if isinstance(value, LazyTensor) else _dtype_name(value)
+        unusable = value.unusable if isinstance(value, LazyTensor) else _value_unusable(value)
         if ltype == "in_proj":
             if split_qkv:
                 layers.extend(_split_qkv(name, shape, get, dtype, unusable))
@@ -310,108 +320,6 @@ def state_dict_layers(sd: Mapping[str, Any], conv_norm: bool = True,
 
 
 # --------------------------------------------------------------------------- files
-
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bf16",
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-              "BOOL": np.bool_}
-
-
-class _LazyTensor:
-    """One tensor of a safetensors file, read (memory-mapped) only when asked for."""
-
-    def __init__(self, path: Path, dtype: str, shape: Tuple[int, ...], start: int, end: int):
-        self.path, self.dtype_name, self.shape = path, dtype, shape
-        self.start, self.end = start, end
-        kind = _ST_DTYPES.get(dtype)
-        self.unusable = None
-        if kind is None:
-            self.unusable = f"unsupported dtype {dtype}"
-        elif kind != "bf16" and np.dtype(kind).kind != "f":
-            self.unusable = f"non-float dtype {dtype}"
-
-    @property
-    def nbytes(self) -> int:
-        kind = _ST_DTYPES[self.dtype_name]
-        itemsize = 2 if kind == "bf16" else np.dtype(kind).itemsize
-        return int(np.prod(self.shape)) * itemsize if self.shape else itemsize
-
-    def read(self) -> np.ndarray:
-        kind = _ST_DTYPES[self.dtype_name]
-        count = int(np.prod(self.shape)) if self.shape else 1
-        if kind == "bf16":     # numpy has no bfloat16: widen the 16 bits into a float32
-            raw = np.memmap(self.path, dtype="<u2", mode="r", offset=self.start, shape=(count,))
-            return (raw.astype(np.uint32) << 16).view(np.float32).reshape(self.shape)
-        arr = np.memmap(self.path, dtype=np.dtype(kind).newbyteorder("<"), mode="r",
-                        offset=self.start, shape=(count,))
-        return np.array(arr).reshape(self.shape)   # a private, writable copy of this layer only
-
-
-def read_safetensors_header(path: Path) -> Dict[str, _LazyTensor]:
-    """Parse a .safetensors header and return lazy tensors in file order (no torch needed).
-
-    Raises:
-        SourceError: the file is truncated or not a valid safetensors file.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise SourceError(f"{path}: truncated or corrupt safetensors file (no header)")
-        (hlen,) = struct.unpack("<Q", head)
-        if hlen <= 0 or 8 + hlen > size or hlen > 100 * 1024 * 1024:
-            raise SourceError(f"{path}: truncated or corrupt safetensors file (bad header length)")
-        try:
-            header = json.loads(fh.read(hlen).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SourceError(f"{path}: corrupt safetensors header ({exc.__class__.__name__})") from None
-    if not isinstance(header, dict):
-        raise SourceError(f"{path}: corrupt safetensors header")
-    base = 8 + hlen
-    tensors: Dict[str, _LazyTensor] = {}
-    items = [(k, v) for k, v in header.items() if k != "__metadata__"]
-    try:
-        items.sort(key=lambda kv: kv[1]["data_offsets"][0])
-        for key, info in items:
-            start, end = (int(x) for x in info["data_offsets"])
-            if start < 0 or end < start or base + end > size:
-                raise SourceError(f"{path}: truncated safetensors file (tensor {key!r} runs past the end)")
-            tensor = _LazyTensor(path, str(info["dtype"]), tuple(int(s) for s in info["shape"]),
-                                 base + start, base + end)
-            if tensor.unusable is None and tensor.nbytes != end - start:
-                # a shape that does not match its byte range would read a neighbour's bytes
-                raise SourceError(f"{path}: corrupt safetensors header (tensor {key!r}: shape "
-                                  f"{list(tensor.shape)} does not fit {end - start} bytes)")
-            tensors[key] = tensor
-    except (KeyError, TypeError, ValueError) as exc:
-        if isinstance(exc, SourceError):
-            raise
-        raise SourceError(f"{path}: corrupt safetensors header ({exc!r})") from None
-    return tensors
-
-
-def _load_torch_file(path: Path) -> Mapping[str, Any]:
-    try:
-        import torch
-    except ImportError:
-        raise SourceError(f"{path}: reading .pt/.bin files needs torch (pip install torch)") from None
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            # pre-1.6 (non-zip) checkpoints cannot be memory-mapped: read them whole
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types here
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise SourceError(f"{path}: refused: not loadable with torch.load(weights_only=True) "
-                              f"(arbitrary pickles are never executed)") from None
-        raise SourceError(f"{path}: cannot read checkpoint: {msg}") from None
-    if not isinstance(obj, Mapping):
-        raise SourceError(f"{path}: checkpoint holds a {type(obj).__name__}, not a state dict")
-    return obj
-
 
 def file_layers(path: Path, conv_norm: bool = True, split_qkv: bool = True) -> List[LayerMatrices]:
     """Layers of a .safetensors / .pt / .bin / .pth / .ckpt file or a folder of shards."""
@@ -433,7 +341,7 @@ def file_layers(path: Path, conv_norm: bool = True, split_qkv: bool = True) -> L
     if suffix == ".safetensors":
         layers = state_dict_layers(read_safetensors_header(path), conv_norm, split_qkv)
     elif suffix in (".pt", ".bin", ".pth", ".ckpt"):
-        layers = state_dict_layers(_load_torch_file(path), conv_norm, split_qkv)   # memory-mapped
+        layers = state_dict_layers(load_torch_file(path), conv_norm, split_qkv)   # memory-mapped
     else:
         raise SourceError(f"{path}: unknown format {suffix or '(no extension)'!r}; expected .safetensors, "
                       f".pt, .bin, .pth, .ckpt or a folder of shards")
@@ -514,18 +422,22 @@ def snapshot(source: Any, *, layers: Any = None, layer_types: Any = None, conv2d
         layers: regex or list of regexes; only matching layer names are copied.
         layer_types: only these layer types are copied.
         conv2d_norm, split_qkv: as in :func:`ww_core.analyze`; fixed at snapshot time.
+
+    Returns:
+        A :class:`Snapshot` (tensors copied on their own device). An exception raised while a
+        layer is copied carries its name (:func:`ww_core.errors.failing_layer`).
+
+    Raises:
+        ValueError: invalid ``layers`` or ``layer_types`` (see :class:`ww_core.LayerSelector`).
+        FileNotFoundError: as :func:`find_layers`.
+        SourceError: as :func:`find_layers`.
     """
-    patterns = [layers] if isinstance(layers, str) else list(layers or [])
-    compiled = [re.compile(p) for p in patterns]
-    types = {layer_types} if isinstance(layer_types, str) else set(layer_types or [])
+    selector = LayerSelector(layers, layer_types)
     kept: List[LayerMatrices] = []
-    for lm in find_layers(source, conv_norm=conv2d_norm, split_qkv=split_qkv):
-        if compiled and not any(p.search(lm.name) for p in compiled):
-            continue
-        if types and lm.type not in types:
-            continue
+    for lm in selector.select(find_layers(source, conv_norm=conv2d_norm, split_qkv=split_qkv)):
         if lm.unusable is None:
-            data = _copy(lm.load())
+            with in_layer(lm.name):
+                data = _copy(lm.load())
             lm = LayerMatrices(name=lm.name, type=lm.type, rf=lm.rf, rows=lm.rows, cols=lm.cols,
                                load=(lambda data=data: data), scale=lm.scale, dtype=lm.dtype)
         kept.append(lm)

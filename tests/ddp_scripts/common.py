@@ -46,4 +46,4 @@ def dump(out_dir, rank, controller, shares, log_lines, world_size):
                    "history_steps": controller.history.steps,
                    "history_rows": len(controller.history.rows),
                    "num_analyses": controller.num_analyses, "shares": shares,
-                   "sharded": controller._group is not None, "log_lines": log_lines}, fh)
+                   "sharded": controller.sharded, "log_lines": log_lines}, fh)

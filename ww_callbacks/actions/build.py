@@ -1,10 +1,9 @@
 """Shared option parsing for the adapters' ``freeze`` / ``balance_lr`` / ``early_stop`` keywords.
 
-Framework-free: the adapters (Lightning, Hugging Face, Keras) build one :class:`ActionSet` from
-the user's keywords in their constructor (so bad options fail before training starts), then hand
-it their framework functions once the trainer exists (:meth:`ActionSet.bind`), pass
-:meth:`ActionSet.actions` to the controller and save :meth:`ActionSet.state_dict` with their own
-state.
+Framework-free: the controller builds one :class:`ActionSet` from the user's keywords in its
+constructor (so bad options fail before training starts), binds the adapter's framework
+functions (:meth:`ActionSet.bind`), calls :meth:`ActionSet.actions` after each analysis and keeps
+:meth:`ActionSet.state_dict` in its own state.
 
 Example:
     >>> spec = ActionSet(freeze="suggest", freeze_options={"preset": "vision", "window": 2})
@@ -112,18 +111,20 @@ class ActionSet:
              lr_fn: Optional[Callable[[Dict[str, float]], Any]] = None,
              stop_fn: Optional[Callable[[str], Any]] = None,
              sync_fn: Optional[Callable[[Any], Any]] = None) -> "ActionSet":
-        """Create the actions with the adapter's framework functions (once; later calls are no-ops).
+        """(Re)create the actions around the same policies with these framework functions.
 
         ``freeze_fn(freeze, unfreeze)`` is needed for ``freeze="apply"``, ``lr_fn(factors)`` for
-        ``balance_lr=True``, ``stop_fn(reason)`` for ``early_stop=True``.
+        ``balance_lr=True``, ``stop_fn(reason)`` for ``early_stop=True``. Binding again (a new
+        adapter on the same controller) keeps the policies' state.
         """
-        if self.freeze_action is None and self.freeze_policy.enabled:
+        self.freeze_action = self.lr_action = self.stop_action = None
+        if self.freeze_policy.enabled:
             self.freeze_action = FreezeAction(self.freeze_policy, freeze_fn if self.freeze_mode == "apply"
                                               else None, sync_fn)
-        if self.lr_action is None and self.lr_policy.enabled:
+        if self.lr_policy.enabled:
             self.lr_action = LRBalanceAction(self.lr_policy, lr_fn if self.lr_mode == "apply" else None,
                                              sync_fn)
-        if self.stop_action is None and self.stop_policy is not None:
+        if self.stop_policy is not None:
             self.stop_action = EarlyStopAction(self.stop_policy, stop_fn or (lambda reason: None),
                                                sync_fn)
         return self

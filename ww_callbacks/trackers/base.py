@@ -45,8 +45,17 @@ LAYER_METRICS = (
 )
 
 
-def _as_float(value: Any) -> Optional[float]:
-    if isinstance(value, bool) or value is None:
+def finite_float(value: Any) -> Optional[float]:
+    """``value`` as a finite Python float, else None.
+
+    Accepts ints, floats, numpy scalars and 0-d arrays/tensors; bools, None, strings (a layer
+    named ``"0"`` is not a number) and non-finite values give None. The one rule every tracker
+    uses to decide what is a plottable scalar.
+
+    >>> finite_float(2), finite_float(float("nan")), finite_float("0"), finite_float(True)
+    (2.0, None, None, None)
+    """
+    if value is None or isinstance(value, (bool, str, bytes)):
         return None
     try:
         out = float(value)
@@ -72,18 +81,23 @@ def flat_metrics(rows: Iterable[Dict[str, Any]], summary: Dict[str, Any], prefix
     for row in rows:
         name = str(row.get("name"))
         for metric in metrics:
-            value = _as_float(row.get(metric))
+            value = finite_float(row.get(metric))
             if value is not None:
                 out[metric_key(prefix, name, metric)] = value
     for metric, value in (summary or {}).items():
-        value = _as_float(value)
+        value = finite_float(value)
         if value is not None:
             out[f"{prefix}/summary/{metric}"] = value
     return out
 
 
-def _table_value(value: Any) -> Any:
-    """Table cells: plain types, non-finite floats as None (valid JSON)."""
+def plain_value(value: Any) -> Any:
+    """A JSON-safe cell: numpy scalars as Python values, non-finite floats as None, tuples and
+    lists (``flags``) joined with ``,``; anything else unchanged.
+
+    >>> plain_value(float("inf")), plain_value(("under-trained", "rank-collapse")), plain_value("a")
+    (None, 'under-trained,rank-collapse', 'a')
+    """
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         try:
             value = value.item()
@@ -94,3 +108,4 @@ def _table_value(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return ",".join(map(str, value))
     return value
+

@@ -24,7 +24,7 @@ import os
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from ww_callbacks.trackers.base import Tracker
+from ww_callbacks.trackers.base import Tracker, finite_float
 
 __all__ = ["LocalTracker"]
 
@@ -46,10 +46,6 @@ td.l,th.l{text-align:left}
 tr.flag{background:#fff1d6} tr.flag td.flags{color:#b00;font-weight:600}
 img,svg{max-width:100%;height:auto}
 """
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _fmt(value: Any) -> str:
@@ -81,7 +77,7 @@ def _by_step(history: Sequence[Dict[str, Any]]) -> "OrderedDict[int, List[Dict[s
 
 
 def _mean_alpha(rows: Sequence[Dict[str, Any]]) -> float:
-    alphas = [r.get("alpha") for r in rows if _finite(r.get("alpha"))]
+    alphas = [a for a in (finite_float(r.get("alpha")) for r in rows) if a is not None]
     return sum(alphas) / len(alphas) if alphas else math.nan
 
 
@@ -155,8 +151,9 @@ class LocalTracker(Tracker):
         layers: "OrderedDict[str, Dict[int, float]]" = OrderedDict()
         for step, rows in groups.items():
             for row in rows:
-                if _finite(row.get("alpha")):
-                    layers.setdefault(str(row["name"]), {})[step] = float(row["alpha"])
+                alpha = finite_float(row.get("alpha"))
+                if alpha is not None:
+                    layers.setdefault(str(row["name"]), {})[step] = alpha
         fig = Figure(figsize=(9, 5), dpi=100)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot(1, 1, 1)
@@ -198,14 +195,21 @@ class LocalTracker(Tracker):
         w, h, pad = 640, 240, 30
         s0, s1 = points[0][0], points[-1][0]
         top = max(8.0, max(m for _, m in points)) + 0.5
-        sx = lambda s: pad + (w - 2 * pad) * ((s - s0) / (s1 - s0) if s1 > s0 else 0.5)
-        sy = lambda a: h - pad - (h - 2 * pad) * min(a, top) / top
+        def sx(s: float) -> float:
+            return pad + (w - 2 * pad) * ((s - s0) / (s1 - s0) if s1 > s0 else 0.5)
+
+        def sy(a: float) -> float:
+            return h - pad - (h - 2 * pad) * min(a, top) / top
+
+        def hline(a: float, color: str) -> str:
+            return (f'<line x1="{pad}" x2="{w - pad}" y1="{sy(a):.1f}" y2="{sy(a):.1f}" '
+                    f'stroke="{color}" stroke-dasharray="4"/>')
+
         poly = " ".join(f"{sx(s):.1f},{sy(m):.1f}" for s, m in points)
         dots = "".join(f'<circle cx="{sx(s):.1f}" cy="{sy(m):.1f}" r="3"/>' for s, m in points)
         return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
                 f'viewBox="0 0 {w} {h}"><rect width="{w}" height="{h}" fill="white"/>'
-                f'<line x1="{pad}" x2="{w - pad}" y1="{sy(2):.1f}" y2="{sy(2):.1f}" stroke="#d62728" stroke-dasharray="4"/>'
-                f'<line x1="{pad}" x2="{w - pad}" y1="{sy(6):.1f}" y2="{sy(6):.1f}" stroke="#ff7f0e" stroke-dasharray="4"/>'
+                f'{hline(2, "#d62728")}{hline(6, "#ff7f0e")}'
                 f'<polyline fill="none" stroke="black" stroke-width="2" points="{poly}"/>{dots}'
                 f'<text x="{pad}" y="16" font-size="12">mean alpha, steps {s0}-{s1}</text></svg>')
 
@@ -250,8 +254,9 @@ class LocalTracker(Tracker):
             cells = []
             for col in TABLE_COLUMNS:
                 if col == "d_alpha":
-                    prev, cur = previous.get(str(row["name"])), row.get("alpha")
-                    value = cur - prev if _finite(prev) and _finite(cur) else None
+                    prev = finite_float(previous.get(str(row["name"])))
+                    cur = finite_float(row.get("alpha"))
+                    value = cur - prev if prev is not None and cur is not None else None
                     text = f"{value:+.3f}" if value is not None else ""
                 elif col == "flags":
                     text = flags
@@ -267,9 +272,9 @@ class LocalTracker(Tracker):
                      "<th>flagged</th><th class='l'>flagged layers</th></tr>")
         for step, rows in reversed(groups.items()):
             flagged = [f"{r['name']} ({_flags_of(r)})" for r in rows if _flags_of(r)]
-            log_norms = [r.get("log_norm") for r in rows if _finite(r.get("log_norm"))]
-            stamp = rows[0].get("time")
-            stamp = _dt.datetime.fromtimestamp(stamp).strftime("%H:%M:%S") if _finite(stamp) else ""
+            log_norms = [v for v in (finite_float(r.get("log_norm")) for r in rows) if v is not None]
+            stamp = finite_float(rows[0].get("time"))
+            stamp = _dt.datetime.fromtimestamp(stamp).strftime("%H:%M:%S") if stamp is not None else ""
             shown = ", ".join(flagged[:8]) + (f", +{len(flagged) - 8} more" if len(flagged) > 8 else "")
             parts.append(
                 f"<tr class='{'flag' if flagged else ''}'><td>{step}</td>"

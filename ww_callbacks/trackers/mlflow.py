@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import re
 import time
@@ -24,14 +23,12 @@ import warnings
 import zlib
 from typing import Any, Dict, List, Optional
 
-from .base import Tracker
-from .base import _table_value, flat_metrics
+from .base import Tracker, finite_float, flat_metrics, plain_value
 
 __all__ = ["MLflowTracker", "sanitize_metric_key"]
 
 _BAD_CHARS = re.compile(r"[^\w/.\- ]")
 _MAX_KEY = 250
-_MAX_BATCH = 1000
 
 
 def sanitize_metric_key(key: str) -> str:
@@ -65,7 +62,8 @@ class MLflowTracker(Tracker):
         prefix: metric key prefix (``ww``).
 
     Metrics: ``ww/<layer>/<metric>`` and ``ww/summary/<metric>`` (finite values only), logged with
-    ``step=`` the trainer's global step, in batches of at most 1000.
+    ``step=`` the trainer's global step, one ``MlflowClient.log_batch`` call per analysis (the client
+    splits it into requests of at most 1000 metrics itself).
     """
 
     name = "mlflow"
@@ -137,8 +135,8 @@ class MLflowTracker(Tracker):
         ts = int(time.time() * 1000)
         items = [Metric(key=sanitize_metric_key(k), value=float(v), timestamp=ts, step=int(step))
                  for k, v in metrics.items()]
-        for i in range(0, len(items), _MAX_BATCH):
-            client.log_batch(run_id, metrics=items[i:i + _MAX_BATCH], synchronous=True)
+        # MlflowClient.log_batch chunks to the REST limit (1000 metrics per request) itself.
+        client.log_batch(run_id, metrics=items, synchronous=True)
 
     def log_analysis(self, *, step: int, epoch: int, rows: List[Dict[str, Any]],
                      summary: Dict[str, float], result: Any, history: List[Dict[str, Any]]) -> None:
@@ -149,11 +147,11 @@ class MLflowTracker(Tracker):
             except Exception as exc:  # metrics matter more than the artifact
                 if not self._artifact_warned:
                     warnings.warn(f"MLflowTracker: table artifact not stored ({exc!r})",
-                                  RuntimeWarning)
+                                  RuntimeWarning, stacklevel=2)
                     self._artifact_warned = True
 
     def _log_table(self, rows: List[Dict[str, Any]], step: int, epoch: int) -> None:
-        clean = [{k: _table_value(v) for k, v in row.items()} for row in rows]
+        clean = [{k: plain_value(v) for k, v in row.items()} for row in rows]
         self.client.log_text(self.run_id, json.dumps({"step": int(step), "epoch": int(epoch),
                                                       "layers": clean}, indent=1),
                              f"{self.prefix}/layers.json")
@@ -166,10 +164,9 @@ class MLflowTracker(Tracker):
     def log_event(self, *, step: int, kind: str, payload: Dict[str, Any]) -> None:
         metrics: Dict[str, float] = {f"{self.prefix}/event/{kind}": 1.0}
         for key, value in (payload or {}).items():
-            if isinstance(value, bool):
-                continue
-            if isinstance(value, (int, float)) and math.isfinite(float(value)):
-                metrics[f"{self.prefix}/event/{kind}/{key}"] = float(value)
+            value = finite_float(value)
+            if value is not None:
+                metrics[f"{self.prefix}/event/{kind}/{key}"] = value
         self._log_metrics(metrics, step)
 
     def close(self) -> None:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Optional
 
-from .base import Tracker
-from .base import _table_value, flat_metrics
+from .base import Tracker, flat_metrics, plain_value
 
 __all__ = ["TensorBoardTracker"]
 
@@ -139,7 +138,7 @@ def _markdown_table(rows: List[Dict[str, Any]]) -> str:
     cols = [c for c in _TABLE_COLUMNS if c in rows[0]]
 
     def fmt(v: Any) -> str:
-        v = _table_value(v)
+        v = plain_value(v)
         if v is None:
             return "nan"
         if isinstance(v, float):

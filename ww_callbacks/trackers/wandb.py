@@ -13,15 +13,14 @@ plot against the trainer's step and wandb's internal ``_step`` stays monotonic f
 
 from __future__ import annotations
 
-import io
-import json
 import re
 import warnings
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, List, Optional
 
-from .base import LAYER_METRICS, Tracker, _as_float, _table_value, flat_metrics, metric_key  # noqa: F401
+from .base import LAYER_METRICS, Tracker, finite_float, flat_metrics, metric_key, plain_value
 
-__all__ = ["WandbTracker", "LAYER_METRICS", "flat_metrics", "metric_key", "read_offline_run"]
+__all__ = ["WandbTracker", "LAYER_METRICS", "flat_metrics", "metric_key"]
+
 
 class WandbTracker(Tracker):
     """Log each analysis into a W&B run.
@@ -124,7 +123,7 @@ class WandbTracker(Tracker):
         safe_kind = re.sub(r"\s+", "_", str(kind))
         data: Dict[str, Any] = {self.step_metric: int(step), f"{self.prefix}/event/{safe_kind}": 1}
         for key, value in (payload or {}).items():
-            value = _as_float(value)
+            value = finite_float(value)
             if value is not None:
                 data[f"{self.prefix}/event/{safe_kind}/{key}"] = value
         run.log(data)
@@ -141,13 +140,13 @@ class WandbTracker(Tracker):
         columns = list(rows[0].keys())
         data = []
         for row in rows:
-            data.append([_table_value(row.get(col)) for col in columns])
+            data.append([plain_value(row.get(col)) for col in columns])
         return wandb.Table(columns=columns, data=data)
 
     def _alpha_chart(self, wandb: Any, history: List[Dict[str, Any]]) -> Any:
         series: Dict[str, Dict[int, float]] = {}
         for row in history or ():
-            alpha = _as_float(row.get("alpha"))
+            alpha = finite_float(row.get("alpha"))
             if alpha is None or row.get("step") is None:
                 continue
             series.setdefault(str(row.get("name")), {})[int(row["step"])] = alpha
@@ -164,136 +163,31 @@ class WandbTracker(Tracker):
             from ww_core.plots import plot_esd
         except Exception as exc:  # module missing or matplotlib unavailable
             if not self._plots_warned:
-                warnings.warn(f"WandbTracker: ESD images disabled ({exc!r})", RuntimeWarning)
+                warnings.warn(f"WandbTracker: ESD images disabled ({exc!r})", RuntimeWarning, stacklevel=2)
                 self._plots_warned = True
             return {}
-        layers = [l for l in getattr(result, "layers", ()) if l.flags and l.evals is not None]
+        layers = [lay for lay in getattr(result, "layers", ()) if lay.flags and lay.evals is not None]
         images: Dict[str, Any] = {}
         if not layers:
             return images
-        # A bare Figure renders with Agg and never touches pyplot's global backend or state.
+        # A bare Figure (not registered with pyplot: nothing global to leak, safe off the main
+        # thread) rendered by wandb itself. wandb.Image's figure check reads the attribute
+        # ``matplotlib.pyplot``, which exists only once pyplot is imported; importing it does not
+        # select a GUI backend.
+        import matplotlib.pyplot  # noqa: F401
         from matplotlib.figure import Figure
-        from PIL import Image
 
         for layer in layers[: self.max_images]:
-            fig = Figure(figsize=(5, 3.5))
-            ax = fig.add_subplot(1, 1, 1)
+            fig = Figure(figsize=(5, 3.5), dpi=80, layout="tight")
             try:
-                plot_esd(layer, ax=ax, evals=layer.evals)
-                buf = io.BytesIO()
-                fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-                buf.seek(0)
+                plot_esd(layer, ax=fig.add_subplot(1, 1, 1), evals=layer.evals)
                 caption = f"{layer.name}: alpha={layer.alpha:.3g} flags={','.join(layer.flags)}"
-                images[f"{self.prefix}/esd/{layer.name}"] = wandb.Image(Image.open(buf),
-                                                                       caption=caption)
+                images[f"{self.prefix}/esd/{layer.name}"] = wandb.Image(fig, caption=caption)
             except Exception as exc:
                 if not self._plots_warned:
                     warnings.warn(f"WandbTracker: ESD plot of {layer.name} failed ({exc!r})",
-                                  RuntimeWarning)
+                                  RuntimeWarning, stacklevel=2)
                     self._plots_warned = True
+            finally:
+                fig.clear()  # wandb.Image has rendered its own copy; free the artists now
         return images
-
-
-# -- reading offline runs back ------------------------------------------------------------------
-_BLOCK = 32768
-_HEADER = 7
-
-
-def _history_item_value(item: Any) -> Any:
-
-    kind = item.WhichOneof("value") if hasattr(item, "WhichOneof") else None
-    if kind == "none":
-        return None
-    if kind in ("boolean", "integer", "number", "text"):
-        return getattr(item, kind)
-    if kind == "json":
-        return json.loads(item.json)
-    return json.loads(item.value_json) if item.value_json else None
-
-
-def _item_key(item: Any) -> str:
-    return item.key if item.key else "/".join(item.nested_key)
-
-
-def _read_records(data: bytes) -> Iterable[bytes]:
-    """Logical records of wandb's LevelDB-style log (CRC-32 over type byte + payload)."""
-    import zlib
-
-    if data[:4] != b":W&B":
-        raise ValueError("not a .wandb file (bad header)")
-    pos = _HEADER
-    pending = b""
-    while pos + _HEADER <= len(data):
-        left_in_block = _BLOCK - pos % _BLOCK
-        if left_in_block < _HEADER:
-            pos += left_in_block
-            continue
-        crc = int.from_bytes(data[pos:pos + 4], "little")
-        length = int.from_bytes(data[pos + 4:pos + 6], "little")
-        rtype = data[pos + 6]
-        if length == 0 and rtype == 0:
-            pos += left_in_block
-            continue
-        payload = data[pos + _HEADER:pos + _HEADER + length]
-        if len(payload) < length:
-            break  # truncated tail (still being written)
-        if zlib.crc32(bytes([rtype]) + payload) & 0xFFFFFFFF != crc:
-            raise ValueError(f"CRC mismatch at byte {pos}")
-        pos += _HEADER + length
-        if rtype == 1:
-            yield payload
-        elif rtype == 2:
-            pending = payload
-        elif rtype == 3:
-            pending += payload
-        elif rtype == 4:
-            yield pending + payload
-            pending = b""
-
-
-def read_offline_run(path: str, timeout: float = 10.0) -> Dict[str, Any]:
-    """Read an offline run back: ``{"history": [row, ...], "summary": {...}, "exited": bool}``.
-
-    Args:
-        path: a ``run-<id>.wandb`` file or the ``offline-run-*`` directory holding one.
-        timeout: wait up to this many seconds for the final ``exit`` record, since ``finish()``
-            can return before the file is flushed (call ``wandb.teardown()`` to avoid waiting).
-
-    Each history row maps keys (nested keys joined with ``/``) to decoded JSON values and
-    includes ``_step``. Media values (tables, images, charts) are the JSON stubs wandb stores.
-    """
-    import glob
-    import os
-    import time as _time
-
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*.wandb")))
-        if not files:
-            raise FileNotFoundError(f"no .wandb file in {path}")
-        path = files[0]
-    deadline = _time.monotonic() + timeout
-    while True:
-        with open(path, "rb") as fh:
-            data = fh.read()
-        out: Dict[str, Any] = {"history": [], "summary": {}, "exited": False}
-        if len(data) >= _HEADER:
-            for raw in _read_records(data):
-                rec = pb.Record()
-                rec.ParseFromString(raw)
-                kind = rec.WhichOneof("record_type")
-                if kind == "history":
-                    row = {_item_key(i): _history_item_value(i) for i in rec.history.item}
-                    if "_step" not in row and rec.history.HasField("step"):
-                        row["_step"] = rec.history.step.num
-                    out["history"].append(row)
-                elif kind == "summary":
-                    for item in rec.summary.update:
-                        out["summary"][_item_key(item)] = (json.loads(item.value_json)
-                                                           if item.value_json else None)
-                elif kind == "exit":
-                    out["exited"] = True
-        if out["exited"] or _time.monotonic() > deadline:
-            return out
-        _time.sleep(0.2)

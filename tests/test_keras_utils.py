@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
-os.environ.setdefault("KERAS_BACKEND", "torch")
-os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="keras-home-"))
+# KERAS_BACKEND=torch and a temporary KERAS_HOME are set by conftest.py, before keras is imported.
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

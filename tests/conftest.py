@@ -1,0 +1,32 @@
+"""Shared fixtures and session setup. Plain helper functions are in ``tests/helpers.py``.
+
+``tox -e core`` collects this file without torch (or any framework) installed: nothing heavy is
+imported at module level, only inside the fixtures that need it.
+"""
+
+import os
+import sys
+import tempfile
+
+import pytest
+
+# Keras 3 reads its backend once, at its first import: every Keras test runs on torch, and keeps
+# its cache/config out of the real home directory. (Set before any test module imports keras.)
+os.environ.setdefault("KERAS_BACKEND", "torch")
+os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="keras-home-"))
+
+
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+    """W&B in offline mode, silent, writing its runs under ``tmp_path``.
+
+    wandb reads ``WANDB_DIR`` etc. once per process setup, so an already imported wandb is torn
+    down to start afresh with these settings. (wandb itself is not imported here.)
+    """
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
+    return tmp_path

@@ -1,0 +1,142 @@
+"""Plain helpers shared by several test modules (``from helpers import ...``; pytest puts tests/ on
+``sys.path``). Fixtures live in ``conftest.py``.
+
+Only numpy and the standard library are imported here: ``tox -e core`` imports this module without
+torch installed. Framework objects are touched only inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+#: The repository root (the working directory of the subprocess tests).
+REPO = Path(__file__).resolve().parents[1]
+
+#: Freeze-policy options under which any settled-enough alpha counts, decided at the 2nd analysis
+#: (the framework action tests: Lightning, HF, Keras).
+LOOSE_FREEZE = {"band": (0.0, 100.0), "tol": 10.0, "window": 2, "max_share": 0.5}
+
+
+# ----------------------------------------------------------------------- weights
+
+def spec_matrices():
+    """The deterministic matrices of weightwatcher-spec.md §12, float32 (draw order matters):
+    ``A`` (fc1, 1000×500 Gaussian), ``B`` (fc2, heavy-tailed Pareto(2.5)), ``C`` (conv, 128×64×3×3)."""
+    rng = np.random.default_rng(12345)
+    A = rng.standard_normal((1000, 500)) / np.sqrt(1000)
+    signs = rng.choice([-1.0, 1.0], size=(1000, 500))
+    B = signs * (rng.pareto(2.5, size=(1000, 500)) + 1) / np.sqrt(1000)
+    C = rng.standard_normal((128, 64, 3, 3)) * np.sqrt(2 / (64 * 9))
+    return [x.astype(np.float32) for x in (A, B, C)]
+
+
+def heavy_tailed(rng, shape, mu=2.5):
+    """Random-sign Pareto(mu) entries scaled by 1/sqrt(rows), float32: alpha in the trained range."""
+    signs = rng.choice([-1.0, 1.0], size=shape)
+    return (signs * (rng.pareto(mu, size=shape) + 1) / np.sqrt(shape[0])).astype(np.float32)
+
+
+# ----------------------------------------------------------------------- float32 tolerances
+
+def float32_alpha_tol(ref) -> float:
+    """How far the default ``precision="auto"`` alpha of a layer may be from its float64 alpha.
+
+    ``ref`` is the layer's float64 :class:`~ww_core.LayerResult` (or its ``to_dict()`` record).
+    From ww_core/precision.py: a layer is kept in float32 only when its fit passed the checks, so
+    its alpha moves by at most the winner's own shift ``(α-1)²·ν/xmin`` (ν = ``resolution(λ_max,
+    N, M)``, itself 8-100× above the measured eigenvalue errors) plus ``ALPHA_TOL`` (a KS near-tie
+    won by a candidate of nearly the same alpha). The shift term is doubled to cover that
+    candidate's own shift. A layer re-solved in float64 agrees to rounding, well inside this.
+    """
+    from ww_core.precision import ALPHA_TOL
+
+    alpha, xmin = _field(ref, "alpha"), _field(ref, "xmin")
+    return ALPHA_TOL + 2.0 * (alpha - 1.0) ** 2 * float32_resolution(ref) / xmin
+
+
+def assert_alpha_float32_close(got, ref, label=None):
+    """``got`` (an alpha from the default ``precision="auto"``) is within :func:`float32_alpha_tol`
+    of the float64 layer ``ref``'s alpha; a failed fit (NaN) must fail in both."""
+    expected = _field(ref, "alpha")
+    if expected != expected:
+        assert got != got, (label, got)
+        return
+    tol = float32_alpha_tol(ref)
+    assert abs(got - expected) <= tol, (label, got, expected, tol)
+
+
+def float32_resolution(ref) -> float:
+    """ν of ww_core/precision.py for a layer: the bound on the absolute error of any of its
+    (scaled) eigenvalues solved in float32, so also of ``xmin``, ``xmax`` and ``spectral_norm``."""
+    from ww_core.precision import resolution
+
+    N, M = _field(ref, "N"), _field(ref, "M")
+    return resolution(_field(ref, "spectral_norm"), max(N, M), min(N, M))
+
+
+def _field(layer, key):
+    return layer[key] if isinstance(layer, dict) else getattr(layer, key)
+
+
+def assert_records_close(got, expected, rel=1e-12, label=None):
+    """Two records (``LayerResult.to_dict()``) equal, floats to ``rel`` (NaN equals NaN)."""
+    assert got.keys() == expected.keys(), label
+    for key, value in expected.items():
+        if isinstance(value, float) and isinstance(got[key], float):
+            if value != value:
+                assert got[key] != got[key], (label, key, got[key])
+            else:
+                assert abs(got[key] - value) <= rel * abs(value) + 1e-300, (label, key, got[key], value)
+        else:
+            assert got[key] == value, (label, key, got[key], value)
+
+
+# ----------------------------------------------------------------------- processes
+
+def torchrun_command(nproc=2):
+    """``torchrun --standalone --nproc-per-node N`` next to this interpreter, or skip the test."""
+    import pytest
+
+    exe = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    if not os.path.exists(exe):
+        pytest.skip("torchrun not installed")
+    return [exe, "--standalone", "--nproc-per-node", str(nproc)]
+
+
+# ----------------------------------------------------------------------- trackers and actions
+
+def events_tracker():
+    """A tracker that records ``log_event`` calls in ``.events`` and ignores analyses."""
+    from ww_callbacks.trackers.base import Tracker
+
+    class Events(Tracker):
+        name = "events"
+
+        def __init__(self):
+            self.events = []
+
+        def log_analysis(self, **kw):
+            pass
+
+        def log_event(self, *, step, kind, payload):
+            self.events.append((step, kind, payload))
+
+    return Events()
+
+
+class FrozenParamSnapshot:
+    """An action run after the callback's own: copies each torch parameter of ``module`` that is
+    frozen (``requires_grad=False``) when it is first seen frozen, with the step: ``.at[name]``."""
+
+    def __init__(self, module):
+        self.module, self.at = module, {}
+
+    def on_analysis(self, controller, result, step, epoch):
+        for name, p in self.module.named_parameters():
+            if not p.requires_grad and name not in self.at:
+                self.at[name] = (step, p.detach().clone())

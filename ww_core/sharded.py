@@ -1,0 +1,149 @@
+"""Wrapped and sharded torch models: unwrap DDP / ``torch.compile``, gather FSDP1 units.
+
+:func:`unwrap_model` is the one place that strips wrappers (``DistributedDataParallel`` /
+``DataParallel``'s ``.module``, ``torch.compile``'s ``._orig_mod``). :func:`gather_snapshot` turns
+a model into what the engine should read: the unwrapped model itself, or, when the model holds
+FSDP1 units (each rank holding only a shard of every weight), a CPU :class:`~ww_core.Snapshot`
+of the full weights gathered one unit at a time, named with the user's module paths.
+
+``torch.distributed.fsdp`` is never imported here unless it already is (FSDP cannot be in use
+otherwise), so plain runs do not pay for it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Iterable, List, Sequence, Tuple, Union
+
+from .errors import in_layer
+from .selection import LayerSelector
+from .sources import LayerMatrices, Snapshot, find_layers
+
+__all__ = ["WRAPPER_SEGMENTS", "clean_name", "fsdp_units", "gather_snapshot", "unwrap_model"]
+
+#: Class names whose ``.module`` is the user's model.
+_DATA_PARALLEL = ("DistributedDataParallel", "DataParallel")
+#: Path segments that FSDP1 (and activation checkpointing) insert into module names.
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def unwrap_model(model: Any) -> Any:
+    """The model under ``DistributedDataParallel`` / ``DataParallel`` (``.module``) and
+    ``torch.compile`` (``._orig_mod``) wrappers, in any nesting (at most 8 levels).
+
+    Other objects with a ``.module`` attribute (FSDP units included) are returned as they are.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(4, 4)
+        >>> unwrap_model(torch.nn.DataParallel(net)) is net
+        True
+    """
+    for _ in range(8):
+        inner = None
+        if any(c.__name__ in _DATA_PARALLEL for c in type(model).__mro__):
+            inner = getattr(model, "module", None)
+        if inner is None:
+            inner = getattr(model, "_orig_mod", None)
+        if inner is None or inner is model:
+            break
+        model = inner
+    return model
+
+
+def clean_name(name: str) -> str:
+    """The user's module path under FSDP1 / activation-checkpointing wrappers.
+
+    Example:
+        >>> clean_name("_fsdp_wrapped_module.body.0._checkpoint_wrapped_module")
+        'body.0'
+    """
+    return ".".join(p for p in name.split(".") if p not in WRAPPER_SEGMENTS)
+
+
+def fsdp_units(model: Any) -> List[Tuple[str, Any]]:
+    """``(path, module)`` of every FSDP1 unit in ``model`` (model order), ``[]`` without FSDP.
+
+    Looks only when ``torch.distributed.fsdp`` is already imported, so plain runs never import it.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    cls = getattr(fsdp, "FullyShardedDataParallel", None)
+    if cls is None or not hasattr(model, "named_modules"):
+        return []
+    return [(path, mod) for path, mod in model.named_modules() if isinstance(mod, cls)]
+
+
+def _frozen(data: Any) -> Callable[[], Any]:
+    """A loader returning a CPU copy of ``data`` (a torch tensor or a numpy array)."""
+    data = data.detach().to("cpu", copy=True) if hasattr(data, "detach") else data.copy()
+
+    def load() -> Any:
+        return data
+    return load
+
+
+def gather_snapshot(model: Any, layers: Union[None, str, Sequence[str]] = None,
+                    layer_types: Union[None, str, Iterable[str]] = None, conv2d_norm: bool = True,
+                    split_qkv: bool = True) -> Any:
+    """What the engine should analyse for a (possibly wrapped or sharded) training model.
+
+    Under FSDP1 each rank holds only a shard of every weight, so the units are gathered one at a
+    time (``summon_full_params(unit, recurse=False, writeback=False)``, a collective that every
+    rank must enter in the same order) and the selected layers each unit owns are copied to the
+    CPU. Peak device memory is one unit unsharded.
+
+    Args:
+        model: any model source; DDP / DataParallel / ``torch.compile`` wrappers are removed.
+        layers, layer_types: which layers to copy (see :class:`ww_core.LayerSelector`); used only
+            when gathering, the unwrapped model is returned whole.
+        conv2d_norm, split_qkv: as in :func:`ww_core.analyze`; fixed in the snapshot.
+
+    Returns:
+        A CPU :class:`~ww_core.Snapshot` in model order, with FSDP's ``_fsdp_wrapped_module``
+        segments removed from the names, when ``model`` holds FSDP1 units; otherwise the
+        unwrapped model itself. An exception raised while a layer is copied carries its name
+        (:func:`ww_core.errors.failing_layer`).
+
+    Raises:
+        ValueError: invalid ``layers`` or ``layer_types``.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(16, 8)
+        >>> gather_snapshot(torch.nn.DataParallel(net)) is net        # no FSDP: the model itself
+        True
+    """
+    selector = LayerSelector(layers, layer_types)
+    model = unwrap_model(model)
+    units = fsdp_units(model)
+    if not units:
+        return model
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    # model order of the layers (units are visited outer first, not in model order)
+    order = {clean_name(path): i for i, (path, _) in enumerate(model.named_modules())}
+
+    def position(name: str) -> int:
+        while name not in order and "." in name:
+            name = name.rsplit(".", 1)[0]
+        return order.get(name, len(order))
+
+    kept: List[LayerMatrices] = []
+    for path, unit in units:
+        nested = [p for p, m in unit.named_modules() if m is not unit and isinstance(m, FSDP)]
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=False):
+            for lm in find_layers(unit, conv_norm=conv2d_norm, split_qkv=split_qkv):
+                if any(lm.name == p or lm.name.startswith(p + ".") for p in nested):
+                    continue                   # owned (and gathered) by a nested unit
+                name = clean_name(f"{path}.{lm.name}" if path else lm.name)
+                if not selector.matches(name, lm.type):
+                    continue
+                load = lm.load
+                if lm.unusable is None:
+                    with in_layer(name):
+                        load = _frozen(lm.load())
+                kept.append(LayerMatrices(name=name, type=lm.type, rf=lm.rf, rows=lm.rows,
+                                          cols=lm.cols, load=load, scale=lm.scale,
+                                          unusable=lm.unusable, dtype=lm.dtype))
+    kept.sort(key=lambda lm: position(lm.name))
+    return Snapshot(kept, conv2d_norm=conv2d_norm, split_qkv=split_qkv)
