@@ -9,6 +9,8 @@ import pytest
 import ww_core
 from ww_core.errors import failing_layer
 
+pytestmark = pytest.mark.core          # numpy only: runs in the torch-free env too
+
 
 class Broken:
     """A state-dict value with a shape and a float dtype that raises when converted to an array."""

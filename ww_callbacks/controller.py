@@ -10,17 +10,11 @@ also usable on its own, in a plain training loop (``examples/plain_pytorch_loop.
 ``step`` is the number of optimizer steps done (the trainer's global step) and ``epoch`` the
 0-based epoch those weights belong to.
 
-Ranks: the analysis runs on every rank that calls :meth:`~WeightWatcherController.run` (actions may
-need the result everywhere), but only global rank 0 writes files, calls trackers and logs. With
-``configure(world_size>1)``, an initialised ``torch.distributed`` and the default engine, the
-layers are sharded across the ranks (:func:`ww_core.analyze_distributed` over a gloo group made
-once in ``configure``) and every rank records the same full result at the same step. Sharded
-models are gathered layer by layer by :func:`ww_core.gather_snapshot`. See
-``docs/reliability.md``.
-
-Errors in the analysis, a tracker or an action are reported once per kind through ``log_fn`` and
-training continues (``strict=True`` re-raises); a failing tracker is dropped, the others and the
-local record continue.
+Ranks: every rank that calls :meth:`~WeightWatcherController.run` analyses (sharded across the
+ranks when a process group is up, :mod:`ww_callbacks.executor`), so every rank takes the same
+decisions; only global rank 0 writes files, calls trackers and logs. Errors of the analysis, a
+tracker or an action are reported once per kind and training continues
+(:mod:`ww_callbacks.reporting`). See ``docs/reliability.md``.
 
 Example:
     >>> import numpy as np
@@ -36,33 +30,24 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from ww_callbacks.actions.build import ActionSet
-from ww_callbacks.atomic import read_json, write_json
 from ww_callbacks.distributed import broadcast_object, rank_info
-from ww_callbacks.executor import BackgroundAnalysis
+from ww_callbacks.executor import AnalysisExecutor, Finished, check_analyze_options
 from ww_callbacks.history import History
 from ww_callbacks.reporting import ErrorReporter, format_line
 from ww_callbacks.schedule import Schedule
+from ww_callbacks.state import ControllerState
 from ww_callbacks.trackers.base import Tracker
-from ww_callbacks.trackers.resolve import build_trackers, check_tracker_spec
+from ww_callbacks.trackers.resolve import build_trackers, check_tracker_spec, fan_out
 
 __all__ = ["WeightWatcherController"]
 
-_STATE_VERSION = 1
 
-
-def _default_analyze(*args: Any, **kwargs: Any) -> Any:
-    import ww_core
-
-    return ww_core.analyze(*args, **kwargs)
-
-
-class WeightWatcherController:
+class WeightWatcherController(ControllerState):
     """Schedules spectral analyses during training, records them and acts on them.
 
     Args:
@@ -137,9 +122,8 @@ class WeightWatcherController:
                 raise ValueError(f"action {action!r} has no on_analysis(controller, result, step, epoch)")
         if analyze_fn is not None and not callable(analyze_fn):
             raise ValueError(f"analyze_fn must be callable, got {analyze_fn!r}")
-        self.analyze_fn = analyze_fn or _default_analyze
-        self.analyze_options = dict(analyze_options)
-        self._check_analyze_options(analyze_fn)
+        check_analyze_options(analyze_fn, analyze_options)
+        self.executor = AnalysisExecutor(analyze_fn, self.layers, analyze_options)
 
         self.history = History(self.output_dir, write=True)
         self.trackers: List[Tracker] = []
@@ -156,10 +140,7 @@ class WeightWatcherController:
         #: Seconds the training loop waited inside the controller (the whole analysis when
         #: synchronous, only the weight copy and any final wait when asynchronous).
         self.blocking_seconds = 0.0
-        self._async = False
         self._keep_evals = False
-        self._background = BackgroundAnalysis()
-        self._group: Any = None                  # gloo group for sharded analyses
         self._bound = False
         self._last_seen: Optional[tuple] = None  # (model, step, epoch) of the last maybe_run
 
@@ -175,19 +156,23 @@ class WeightWatcherController:
         return self.reporter.log_fn
 
     @property
+    def analyze_options(self) -> Dict[str, Any]:
+        return self.executor.options
+
+    @property
     def asynchronous(self) -> bool:
         """Whether analyses run in the background (decided in :meth:`configure`)."""
-        return self._async
+        return self.executor.asynchronous
 
     @property
     def pending(self) -> bool:
         """Whether a background analysis is still to be recorded."""
-        return self._background.busy
+        return self.executor.busy
 
     @property
     def sharded(self) -> bool:
         """Whether analyses are sharded across the ranks of a process group."""
-        return self._group is not None
+        return self.executor.group is not None
 
     @property
     def actions(self) -> List[Any]:
@@ -206,24 +191,6 @@ class WeightWatcherController:
         """One line to ``log_fn`` (rank 0 only)."""
         if self.is_global_zero:
             self.reporter.log(message)
-
-    def _check_analyze_options(self, analyze_fn: Optional[Callable[..., Any]]) -> None:
-        if not self.analyze_options:
-            return
-        if analyze_fn is None:
-            import ww_core
-
-            analyze_fn = ww_core.analyze
-        try:
-            params = inspect.signature(analyze_fn).parameters
-        except (TypeError, ValueError):
-            return
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            return
-        unknown = sorted(set(self.analyze_options) - set(params))
-        if unknown:
-            raise ValueError(f"unknown analysis option(s) {unknown}; ww_core.analyze accepts "
-                             f"{sorted(p for p in params if p not in ('source', 'layers'))}")
 
     # ------------------------------------------------------------------ actions
     def bind_actions(self, freeze_fn: Optional[Callable[[List[str], List[str]], Any]] = None,
@@ -244,13 +211,6 @@ class WeightWatcherController:
         Raises:
             ValueError: an ``apply`` mode without its function.
         """
-        if self.action_set.freeze_mode == "apply" and freeze_fn is None:
-            raise ValueError("freeze='apply' needs bind_actions(freeze_fn=...): the function "
-                             "that freezes layers in your framework (the adapters bind it)")
-        if self.action_set.lr_mode == "apply" and lr_fn is None:
-            raise ValueError("balance_lr=True needs bind_actions(lr_fn=...): the function that "
-                             "sets per-layer LR factors in your framework (the adapters bind it)")
-
         def stop(reason: str) -> None:
             self.stop_reason = reason
             if stop_fn is not None:
@@ -310,11 +270,8 @@ class WeightWatcherController:
         world_size = world if world_size is None else int(world_size)
         if not self._bound:
             self.bind_actions()
-        default_engine = self.analyze_fn is _default_analyze
-        self._async = (world_size == 1 and default_engine) if self.async_analysis == "auto" \
-            else bool(self.async_analysis)
-        if world_size > 1 and default_engine and self._group is None:
-            self._group = self._make_group()
+        self.executor.configure(world_size, (world_size == 1 and self.executor.default_engine)
+                                if self.async_analysis == "auto" else bool(self.async_analysis))
         if output_dir is not None:
             self.output_dir = self.history.output_dir = os.fspath(output_dir)
         self.is_global_zero = self.reporter.is_global_zero = self.history.write = is_global_zero
@@ -327,32 +284,12 @@ class WeightWatcherController:
                                         self.guard, self.reporter.log, self.strict)
                          if is_global_zero else [])
         self._keep_evals = any(getattr(t, "wants_evals", False) for t in self.trackers)
-        if self._group is not None:
-            # only rank 0 has trackers, but a sharded analysis needs the same options everywhere
-            import torch.distributed as dist
-
-            flag = [self._keep_evals]
-            dist.broadcast_object_list(flag, src=0, group=self._group)
-            self._keep_evals = bool(flag[0])
+        # only rank 0 has trackers, but a sharded analysis needs the same options everywhere
+        self._keep_evals = bool(self.executor.broadcast(self._keep_evals))
         if is_global_zero:
             self.guard("writing the history files", self.history.sync)
         self.configured = True
         self.finished = False
-
-    @staticmethod
-    def _make_group() -> Any:
-        """A gloo group over all ranks for :func:`ww_core.analyze_distributed`, or ``None``.
-
-        gloo whatever the training backend: the exchange is small pickled results on the CPU,
-        which keeps NCCL's device and stream rules out of it.
-        """
-        try:
-            import torch.distributed as dist
-        except ImportError:  # pragma: no cover - torch without distributed
-            return None
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-            return None
-        return dist.new_group(backend="gloo")
 
     def _resume_history(self, current_step: int) -> None:
         dropped = self.history.truncate(current_step)
@@ -402,24 +339,8 @@ class WeightWatcherController:
         return bool(self.analyze_options.get("keep_evals", False)) or self._keep_evals
 
     def snapshot(self, model: Any) -> Any:
-        """What the engine analyses: the unwrapped model, or a CPU copy gathered layer by layer
-        from a sharded one (:func:`ww_core.gather_snapshot`)."""
-        import ww_core
-
-        opts = self.analyze_options
-        return ww_core.gather_snapshot(model, layers=self.layers, layer_types=opts.get("layer_types"),
-                                       conv2d_norm=opts.get("conv2d_norm", True),
-                                       split_qkv=opts.get("split_qkv", True))
-
-    def _analyze(self, model: Any, options: Dict[str, Any]) -> Any:
-        source = self.snapshot(model)
-        if self._group is None:
-            return self.analyze_fn(source, layers=self.layers, **options)
-        import ww_core
-
-        # Every rank gets here at the same step (the schedule is a pure function of the step),
-        # analyses its share and receives the others': the same result everywhere.
-        return ww_core.analyze_distributed(source, group=self._group, layers=self.layers, **options)
+        """What the engine analyses (:meth:`AnalysisExecutor.snapshot`)."""
+        return self.executor.snapshot(model)
 
     def run(self, model: Any, step: int, epoch: int) -> Any:
         """Analyse ``model`` now; record, fan out, log and call the actions.
@@ -433,73 +354,45 @@ class WeightWatcherController:
         self.poll()
         if self.last_step is not None and step <= self.last_step:
             return None
-        if self._async and self._background.busy:
+        if self.asynchronous and self.executor.busy:
             self.skipped_analyses += 1
             self.log(f"ww step {step}: previous analysis still running, skipped this one "
                      f"({self.skipped_analyses} skipped so far)")
             return None
         self.last_step = step
-        options = dict(self.analyze_options)
-        if self.wants_evals:
-            options["keep_evals"] = True
-        started, t0 = time.time(), time.perf_counter()
-        try:
-            if self._async:
-                snap = self._copy(model, options)
-            else:
-                result = self._analyze(model, options)
-        except Exception as exc:
-            self.report("analysis", self._failure(step, epoch, exc), exc)
+        t0 = time.perf_counter()
+        done = self.executor.start(model, step, epoch, keep_evals=self.wants_evals)
+        if done is None:                         # submitted: training waited for the copy only
+            self.blocking_seconds += time.perf_counter() - t0
             return None
-        hook = time.perf_counter() - t0
-        self.blocking_seconds += hook
-        if self._async:
-            self._background.submit(step, epoch, started, hook, self.analyze_fn, (snap,),
-                                    dict(layers=self.layers, **options))
-            return None
-        return self._record(result, step, epoch, started, hook)
-
-    def _copy(self, model: Any, options: Dict[str, Any]) -> Any:
-        """The weights copied (the only part training waits for in async mode)."""
-        import ww_core
-
-        return ww_core.snapshot(self.snapshot(model), layers=self.layers,
-                                layer_types=options.get("layer_types"),
-                                conv2d_norm=options.get("conv2d_norm", True),
-                                split_qkv=options.get("split_qkv", True))
+        self.blocking_seconds += done.hook_seconds
+        return self._record(done)
 
     def poll(self, wait: bool = False) -> Any:
         """Record a finished background analysis, if any (``wait=True`` waits for it).
 
         Costs nothing when none is pending. Returns the result recorded now, or ``None``.
         """
-        done = self._background.collect(wait=wait)
+        done = self.executor.collect(wait=wait)
         if done is None:
             return None
         self.blocking_seconds += done.waited      # training waited here too: count it
+        return self._record(done)
+
+    def _record(self, done: Finished) -> Any:
+        """Record and fan out one analysis; never raises into training unless ``strict``."""
         if done.error is not None:
-            self.report("analysis", self._failure(done.step, done.epoch, done.error), done.error)
+            self.report("analysis", done.failure(), done.error)
             return None
-        return self._record(done.result, done.step, done.epoch, done.started, done.hook_seconds)
-
-    @staticmethod
-    def _failure(step: int, epoch: int, exc: BaseException) -> str:
-        from ww_core.errors import failing_layer
-
-        layer = failing_layer(exc)
-        where = f" in layer {layer!r}" if layer else ""
-        return f"analysis at step {step} (epoch {epoch}) failed{where}"
-
-    def _record(self, result: Any, step: int, epoch: int, started: float, hook: float) -> Any:
-        """Record and fan out one result; never raises into training unless ``strict``."""
         try:
-            return self._record_unguarded(result, step, epoch, started, hook)
+            return self._record_result(done.result, done.step, done.epoch, done.started,
+                                       done.hook_seconds)
         except Exception as exc:
-            self.report("recording", f"recording the analysis of step {step} failed", exc)
+            self.report("recording", f"recording the analysis of step {done.step} failed", exc)
             return None
 
-    def _record_unguarded(self, result: Any, step: int, epoch: int, started: float,
-                          hook: float) -> Any:
+    def _record_result(self, result: Any, step: int, epoch: int, started: float,
+                       hook: float) -> Any:
         self.num_analyses += 1
         self.last_result = result
         rows = [{"step": step, "epoch": epoch, "time": started, **rec} for rec in result.to_records()]
@@ -508,38 +401,21 @@ class WeightWatcherController:
             summary = dict(self.guard("summarising", result.summary) or {})
             summary["hook_seconds"] = hook
             summary["analysis_seconds"] = time.time() - started
-            for tracker in list(self.trackers):
-                self._call_tracker(tracker, f"at step {step}", "log_analysis", step=step,
-                                   epoch=epoch, rows=rows, summary=summary, result=result,
-                                   history=self.history.rows)
+            fan_out(self.trackers, self.report, f"at step {step}", "log_analysis", step=step,
+                    epoch=epoch, rows=rows, summary=summary, result=result, history=self.history.rows)
             self.log(format_line(result, step, epoch) + f" [training waited {hook:.3f} s]")
         for action in self.actions:
             name = type(action).__name__
             self.guard(f"action {name}", action.on_analysis, self, result, step, epoch)
         return result
 
-    def _call_tracker(self, tracker: Tracker, when: str, method: str, **kwargs: Any) -> None:
-        """Call a tracker; one that raises is dropped (reported once) and closed."""
-        try:
-            getattr(tracker, method)(**kwargs)
-        except Exception as exc:
-            if tracker in self.trackers:
-                self.trackers.remove(tracker)
-            name = getattr(tracker, "name", type(tracker).__name__)
-            self.report(f"tracker {id(tracker)}", f"tracker {name} failed {when}; tracker disabled", exc)
-            try:
-                tracker.close()
-            except Exception:
-                pass
-
     def log_event(self, step: int, kind: str, payload: Dict[str, Any]) -> None:
         """Report an action's event (freeze, LR factors, stop) to the log and the trackers."""
         if not self.is_global_zero:
             return
         self.log(f"ww step {step}: {kind} {payload}")
-        for tracker in list(self.trackers):
-            self._call_tracker(tracker, f"on event {kind!r}", "log_event", step=step, kind=kind,
-                               payload=payload)
+        fan_out(self.trackers, self.report, f"on event {kind!r}", "log_event", step=step,
+                kind=kind, payload=payload)
 
     # ------------------------------------------------------------------ end of training
     def finish(self, model: Any, step: int, epoch: int) -> Any:
@@ -551,11 +427,11 @@ class WeightWatcherController:
         self.poll(wait=True)
         result = None
         if model is not None and (self.last_step is None or step > self.last_step):
-            was_async, self._async = self._async, False     # the run is over: nothing to overlap
+            was_async, self.executor.asynchronous = self.asynchronous, False  # nothing to overlap
             try:
                 result = self.run(model, step=step, epoch=epoch)
             finally:
-                self._async = was_async
+                self.executor.asynchronous = was_async
         self.close()
         return result
 
@@ -565,7 +441,7 @@ class WeightWatcherController:
             return
         self.finished = True
         self.guard("waiting for the background analysis", self.poll, True)
-        self._background.shutdown()
+        self.executor.shutdown()
         for tracker in self.trackers:
             self.guard(f"closing tracker {getattr(tracker, 'name', type(tracker).__name__)}",
                        tracker.close)
@@ -580,64 +456,6 @@ class WeightWatcherController:
         else:
             self.close()
         return False
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> Dict[str, Any]:
-        """JSON-serialisable state for checkpoints: history, last analysed step, action state.
-
-        Never waits for a background analysis: one in flight is not part of this state (its
-        step counts as not analysed); its rows reach ``history.jsonl`` when it finishes, and a
-        resume from this checkpoint takes them back from there.
-        """
-        last = self.history.last_step if self._background.busy else self.last_step
-        state = {"version": _STATE_VERSION, "last_step": last, "num_analyses": self.num_analyses,
-                 "schedule": self.schedule.describe(), "history": self.history.state_dict()}
-        if self.action_set.enabled:
-            state["actions"] = self.action_set.state_dict()
-        return state
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the files are rewritten at the next ``configure``/write.
-
-        Raises:
-            ValueError: the state was written by a newer version.
-        """
-        if not state:
-            return
-        if state.get("version", _STATE_VERSION) > _STATE_VERSION:
-            raise ValueError(f"state version {state.get('version')} is newer than this "
-                             f"ww_callbacks understands ({_STATE_VERSION})")
-        self.history.load_state_dict(state.get("history", {}))
-        last = state.get("last_step")
-        self.last_step = int(last) if last is not None else self.history.last_step
-        self.num_analyses = int(state.get("num_analyses", len(self.history.steps)))
-        self.action_set.load_state_dict(state.get("actions"))
-        self.finished = False
-        if self.configured and self.is_global_zero:
-            self.guard("writing the history files", self.history.sync)
-
-    def save_state(self, path: str, **extra: Any) -> None:
-        """Write :meth:`state_dict` (plus the adapter's ``extra`` keys) to ``path`` atomically.
-
-        Raises:
-            OSError: the file cannot be written.
-        """
-        write_json(path, {**self.state_dict(), "adapter": extra})
-
-    def load_state(self, path: str) -> Optional[Dict[str, Any]]:
-        """Restore a :meth:`save_state` file; returns its ``extra`` keys, ``None`` if it is missing.
-
-        Raises:
-            OSError: the file exists but cannot be read.
-            ValueError: it is not a valid state file.
-        """
-        if not os.path.exists(path):
-            return None
-        state = read_json(path)
-        if not isinstance(state, dict):
-            raise ValueError(f"{path} does not hold a ww_callbacks state")
-        self.load_state_dict(state)
-        return dict(state.get("adapter") or {})
 
     def __repr__(self) -> str:
         return (f"WeightWatcherController({self.schedule!r}, layers={self.layers!r}, "

@@ -1,40 +1,84 @@
-"""The background analysis: one worker thread, at most one analysis in flight.
+"""How an analysis is executed: in the training thread or in the background, alone or sharded.
 
-Training waits only for the weight copy (:func:`ww_core.snapshot`); the spectra are computed in
-the ``ww-analysis`` thread and the result is collected by a later :meth:`BackgroundAnalysis.collect`,
-stamped with the step it belongs to.
+* **Synchronous**: the engine reads the live weights one layer at a time; training waits for the
+  whole analysis.
+* **Asynchronous**: training waits only for the weight copy (:func:`ww_core.snapshot`); the
+  spectra are computed in one ``ww-analysis`` worker thread, at most one analysis in flight, and
+  the result is collected later, stamped with the step it belongs to.
+* **Sharded** (``world_size > 1``, an initialised ``torch.distributed``, the default engine):
+  each rank analyses its share of the layers and receives the others'
+  (:func:`ww_core.analyze_distributed` over a gloo group), so every rank gets the same result.
+
+Sharded models (FSDP) are gathered layer by layer by :func:`ww_core.gather_snapshot` first.
 
 Example:
-    >>> bg = BackgroundAnalysis()
-    >>> bg.submit(step=10, epoch=0, started=0.0, hook_seconds=0.01, fn=sum, args=([1, 2],))
-    >>> bg.collect(wait=True).result
-    3
-    >>> bg.busy, bg.shutdown()
-    (False, None)
+    >>> import numpy as np
+    >>> ex = AnalysisExecutor()
+    >>> ex.configure(world_size=1, asynchronous=True)
+    >>> weights = {"fc.weight": np.random.default_rng(0).standard_normal((200, 100))}
+    >>> ex.start(weights, step=10, epoch=0) is None        # submitted
+    True
+    >>> done = ex.collect(wait=True)
+    >>> done.step, done.result.names, ex.busy
+    (10, ['fc'], False)
+    >>> ex.shutdown()
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
-__all__ = ["BackgroundAnalysis", "Finished"]
+__all__ = ["AnalysisExecutor", "Finished", "default_analyze", "check_analyze_options"]
+
+
+def default_analyze(*args: Any, **kwargs: Any) -> Any:
+    """:func:`ww_core.analyze` (imported when first used)."""
+    import ww_core
+
+    return ww_core.analyze(*args, **kwargs)
+
+
+def check_analyze_options(analyze_fn: Optional[Callable[..., Any]], options: Dict[str, Any]) -> None:
+    """Check ``options`` against the analysis function's keywords (before training starts).
+
+    Raises:
+        ValueError: an option the function does not accept.
+    """
+    if not options:
+        return
+    if analyze_fn is None:
+        import ww_core
+
+        analyze_fn = ww_core.analyze
+    try:
+        params = inspect.signature(analyze_fn).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        raise ValueError(f"unknown analysis option(s) {unknown}; ww_core.analyze accepts "
+                         f"{sorted(p for p in params if p not in ('source', 'layers'))}")
 
 
 @dataclass
 class Finished:
-    """A collected background analysis.
+    """One executed analysis.
 
     Attributes:
-        step: the training step the weights were copied at.
+        step: the training step the weights belong to.
         epoch: the epoch they belong to.
-        started: Unix time of the copy.
-        hook_seconds: how long training waited for it (the copy, plus any wait in ``collect``).
+        started: Unix time of the start (of the copy, when asynchronous).
+        hook_seconds: how long training waited for it (everything when synchronous; the copy
+            plus any wait in :meth:`AnalysisExecutor.collect` when asynchronous).
         waited: the part of ``hook_seconds`` spent waiting in ``collect``.
-        result: the analysis result (``None`` when it raised).
+        result: the ``AnalysisResult`` (``None`` when it raised).
         error: the exception it raised, else ``None``.
     """
 
@@ -44,40 +88,133 @@ class Finished:
     hook_seconds: float
     waited: float = 0.0
     result: Any = None
-    error: Optional[BaseException] = None
+    error: Optional[Exception] = None
+
+    def failure(self) -> str:
+        """What failed, naming the layer the engine was working on (when it says)."""
+        from ww_core.errors import failing_layer
+
+        layer = failing_layer(self.error) if self.error is not None else None
+        where = f" in layer {layer!r}" if layer else ""
+        return f"analysis at step {self.step} (epoch {self.epoch}) failed{where}"
 
 
-class BackgroundAnalysis:
-    """Runs one analysis at a time in a single worker thread (``ww-analysis``)."""
+class AnalysisExecutor:
+    """Runs analyses for the controller.
 
-    def __init__(self) -> None:
-        self._executor: Optional[ThreadPoolExecutor] = None
+    Args:
+        analyze_fn: the analysis function (default :func:`ww_core.analyze`).
+        layers: the checked ``layers=`` patterns.
+        options: ``ww_core.analyze`` options.
+    """
+
+    def __init__(self, analyze_fn: Optional[Callable[..., Any]] = None, layers: Any = None,
+                 options: Optional[Dict[str, Any]] = None) -> None:
+        self.analyze_fn = analyze_fn or default_analyze
+        self.layers = layers
+        self.options = dict(options or {})
+        self.asynchronous = False
+        self._group: Any = None
+        self._pool: Optional[ThreadPoolExecutor] = None
         self._pending: Optional[tuple] = None     # (future, step, epoch, started, hook_seconds)
 
     @property
+    def default_engine(self) -> bool:
+        return self.analyze_fn is default_analyze
+
+    @property
     def busy(self) -> bool:
-        """Whether an analysis was submitted and not yet collected."""
+        """Whether a background analysis was submitted and not yet collected."""
         return self._pending is not None
 
-    def submit(self, step: int, epoch: int, started: float, hook_seconds: float,
-               fn: Callable[..., Any], args: tuple = (), kwargs: Optional[dict] = None) -> None:
-        """Start ``fn(*args, **kwargs)`` in the worker thread.
+    @property
+    def group(self) -> Any:
+        """The gloo process group of sharded analyses, else ``None``."""
+        return self._group
+
+    def configure(self, world_size: int, asynchronous: bool) -> None:
+        """Choose the mode; with ``world_size > 1`` and the default engine, make the gloo group
+        (``new_group`` is a collective: every rank must call this)."""
+        self.asynchronous = bool(asynchronous)
+        if world_size > 1 and self.default_engine and self._group is None:
+            self._group = self._make_group()
+
+    @staticmethod
+    def _make_group() -> Any:
+        # gloo whatever the training backend: the exchange is small pickled results on the CPU,
+        # which keeps NCCL's device and stream rules out of it
+        try:
+            import torch.distributed as dist
+        except ImportError:  # pragma: no cover - torch without distributed
+            return None
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return None
+        return dist.new_group(backend="gloo")
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank of the sharding group (``obj`` when not sharded)."""
+        if self._group is None:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self._group)
+        return box[0]
+
+    def snapshot(self, model: Any) -> Any:
+        """What the engine analyses: the unwrapped model, or a CPU copy gathered layer by layer
+        from a sharded one (:func:`ww_core.gather_snapshot`)."""
+        import ww_core
+
+        opts = self.options
+        return ww_core.gather_snapshot(model, layers=self.layers, layer_types=opts.get("layer_types"),
+                                       conv2d_norm=opts.get("conv2d_norm", True),
+                                       split_qkv=opts.get("split_qkv", True))
+
+    def _analyze(self, model: Any, options: Dict[str, Any]) -> Any:
+        source = self.snapshot(model)
+        if self._group is None:
+            return self.analyze_fn(source, layers=self.layers, **options)
+        import ww_core
+
+        # every rank gets here at the same step (the schedule is a pure function of the step)
+        return ww_core.analyze_distributed(source, group=self._group, layers=self.layers, **options)
+
+    def _copy(self, model: Any) -> Any:
+        import ww_core
+
+        opts = self.options
+        return ww_core.snapshot(self.snapshot(model), layers=self.layers,
+                                layer_types=opts.get("layer_types"),
+                                conv2d_norm=opts.get("conv2d_norm", True),
+                                split_qkv=opts.get("split_qkv", True))
+
+    def start(self, model: Any, step: int, epoch: int, keep_evals: bool = False) -> Optional[Finished]:
+        """Analyse ``model``: the :class:`Finished` analysis when synchronous (or when the copy
+        failed), ``None`` once submitted to the background.
 
         Raises:
-            RuntimeError: an analysis is still pending (collect it first).
+            RuntimeError: asynchronous and an analysis is still pending (check :attr:`busy`).
         """
-        if self._pending is not None:
+        if self.asynchronous and self._pending is not None:
             raise RuntimeError("an analysis is already in flight")
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ww-analysis")
-        future: Future = self._executor.submit(fn, *args, **(kwargs or {}))
-        self._pending = (future, step, epoch, started, hook_seconds)
+        options = dict(self.options, **({"keep_evals": True} if keep_evals else {}))
+        started, t0 = time.time(), time.perf_counter()
+        try:
+            if not self.asynchronous:
+                result = self._analyze(model, options)
+                return Finished(step, epoch, started, time.perf_counter() - t0, result=result)
+            snap = self._copy(model)
+        except Exception as exc:
+            return Finished(step, epoch, started, time.perf_counter() - t0, error=exc)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ww-analysis")
+        future: Future = self._pool.submit(self.analyze_fn, snap, layers=self.layers, **options)
+        self._pending = (future, step, epoch, started, time.perf_counter() - t0)
+        return None
 
     def collect(self, wait: bool = False) -> Optional[Finished]:
-        """The finished analysis (``wait=True`` waits for it), or ``None`` when none is ready.
-
-        The seconds spent waiting are added to ``hook_seconds``: training waited for them too.
-        """
+        """The finished background analysis (``wait=True`` waits for it), else ``None``."""
         if self._pending is None:
             return None
         future, step, epoch, started, hook = self._pending
@@ -98,6 +235,6 @@ class BackgroundAnalysis:
 
     def shutdown(self) -> None:
         """Stop the worker thread (waits for a running analysis)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

@@ -23,6 +23,7 @@ except ImportError:  # pragma: no cover - depends on which package is installed
 
 from ww_callbacks.adapter import CallbackBase, override
 from ww_callbacks.controller import WeightWatcherController
+from ww_callbacks.torch_utils import model_param_groups as layer_param_groups
 
 __all__ = ["WeightWatcherCallback", "layer_param_groups"]
 
@@ -82,11 +83,8 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
         return self._generate_state_key(start_fraction=s.start_fraction, every_n_epochs=s.every_n_epochs,
                                         every_n_steps=s.every_n_steps, layers=self.controller.layers)
 
-    @staticmethod
-    def param_groups(pl_module: Any, base_lr: Optional[float] = None, layers: Any = None,
-                     **group_kwargs: Any) -> List[Dict[str, Any]]:
-        """Per-layer named param groups for ``configure_optimizers`` (see :func:`layer_param_groups`)."""
-        return layer_param_groups(pl_module, base_lr=base_lr, layers=layers, **group_kwargs)
+    #: Per-layer named param groups for ``configure_optimizers`` (:func:`layer_param_groups`).
+    param_groups = staticmethod(layer_param_groups)
 
     # ------------------------------------------------------------------ apply functions
     def _freeze(self, freeze: List[str], unfreeze: List[str]) -> None:
@@ -117,7 +115,7 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
             if match is not None:
                 name, kwargs = match
                 tracker = self.controller.guard(f"attaching to {type(lg).__name__}",
-                                                lambda: get_tracker_class(name)(**kwargs(lg)))
+                                                lambda n, k: get_tracker_class(n)(**k), name, kwargs(lg))
                 if tracker is not None:
                     out.append(tracker)
         return out
@@ -183,27 +181,3 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                      exception: BaseException) -> None:
         self.controller.close()
-
-
-def layer_param_groups(pl_module: Any, base_lr: Optional[float] = None, layers: Any = None,
-                       **group_kwargs: Any) -> List[Dict[str, Any]]:
-    """One named param group per analysable layer plus ``"rest"``, for ``balance_lr=True``.
-
-    Args:
-        pl_module: the module (or any ``nn.Module``).
-        base_lr: ``lr`` of every group (``None``: the optimizer's default).
-        layers: regex(es) restricting the layers that get their own group.
-        **group_kwargs: extra keys for every group (``weight_decay``, ...).
-
-    Returns:
-        The param groups, for any ``torch.optim`` optimizer.
-
-    Example::
-
-        def configure_optimizers(self):
-            opt = torch.optim.SGD(layer_param_groups(self, base_lr=0.1), momentum=0.9)
-            return [opt], [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.99 ** s)]
-    """
-    from ww_callbacks.torch_utils import model_param_groups
-
-    return model_param_groups(pl_module, base_lr=base_lr, layers=layers, **group_kwargs)

@@ -74,7 +74,8 @@ def main(out_dir):
              "body.4": model.body[4]}
     opt = torch.optim.SGD(fsdp.parameters(), lr=0.05)
     ctl = WeightWatcherController(start_fraction=0.0, every_n_steps=2, trackers=[],
-                                  output_dir=None, log_fn=lambda line: None)
+                                  output_dir=None, log_fn=lambda line: None,
+                                  precision="float64")     # compares with the reference exactly
     ctl.configure(total_steps=4, is_global_zero=rank == 0, current_step=0, world_size=world)
 
     probing = {"on": False}
@@ -128,7 +129,7 @@ def main(out_dir):
     # reference at the last step: all weights gathered at once, analysed in this process
     with FSDP.summon_full_params(fsdp, writeback=False, rank0_only=False):
         full = {n: p.detach().clone() for n, p in fsdp.named_parameters()}
-    ref = ww_core.analyze(full)
+    ref = ww_core.analyze(full, precision="float64")
     FSDP.summon_full_params = staticmethod(real_summon)
     FlatParamHandle.unshard = real_unshard
     with open(os.path.join(out_dir, f"probe{rank}.json"), "w") as fh:

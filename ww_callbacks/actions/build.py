@@ -116,7 +116,16 @@ class ActionSet:
         ``freeze_fn(freeze, unfreeze)`` is needed for ``freeze="apply"``, ``lr_fn(factors)`` for
         ``balance_lr=True``, ``stop_fn(reason)`` for ``early_stop=True``. Binding again (a new
         adapter on the same controller) keeps the policies' state.
+
+        Raises:
+            ValueError: an ``apply`` mode without its function.
         """
+        if self.freeze_mode == "apply" and freeze_fn is None:
+            raise ValueError("freeze='apply' needs a freeze_fn: the function that freezes layers in "
+                             "your framework (the adapters bind it; see bind_actions)")
+        if self.lr_mode == "apply" and lr_fn is None:
+            raise ValueError("balance_lr=True needs an lr_fn: the function that sets per-layer LR "
+                             "factors in your framework (the adapters bind it; see bind_actions)")
         self.freeze_action = self.lr_action = self.stop_action = None
         if self.freeze_policy.enabled:
             self.freeze_action = FreezeAction(self.freeze_policy, freeze_fn if self.freeze_mode == "apply"

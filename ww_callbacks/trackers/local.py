@@ -24,7 +24,7 @@ import os
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from ww_callbacks.trackers.base import Tracker, finite_float
+from ww_callbacks.trackers.base import Tracker, finite_float, plain_value
 
 __all__ = ["LocalTracker"]
 
@@ -63,10 +63,8 @@ def _fmt(value: Any) -> str:
 
 
 def _flags_of(row: Dict[str, Any]) -> str:
-    flags = row.get("flags", "")
-    if isinstance(flags, (tuple, list)):
-        flags = ",".join(flags)
-    return "" if flags is None or (isinstance(flags, float) and math.isnan(flags)) else str(flags)
+    flags = plain_value(row.get("flags", ""))  # tuple -> "a,b"; None / nan -> None
+    return "" if flags is None else str(flags)
 
 
 def _by_step(history: Sequence[Dict[str, Any]]) -> "OrderedDict[int, List[Dict[str, Any]]]":
