@@ -27,6 +27,8 @@ import math
 import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
+from ww_callbacks.atomic import atomic_open
+
 __all__ = ["History", "HISTORY_KEYS", "read_jsonl"]
 
 #: Keys the history adds in front of the engine's columns.
@@ -181,19 +183,14 @@ class History:
         """Rewrite both files from the in-memory rows (atomically: temp file then rename)."""
         if not self._can_write():
             return
-        os.makedirs(self.output_dir, exist_ok=True)
         self._fieldnames = self._columns(self.rows)
-        tmp = self.jsonl_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with atomic_open(self.jsonl_path) as fh:
             for row in self.rows:
                 fh.write(self._json_line(row))
-        os.replace(tmp, self.jsonl_path)
-        tmp = self.csv_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+        with atomic_open(self.csv_path, newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=self._fieldnames, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self._csv_row(r) for r in self.rows)
-        os.replace(tmp, self.csv_path)
         self._synced = True
 
     # ------------------------------------------------------------------ state

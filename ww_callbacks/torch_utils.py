@@ -9,7 +9,7 @@ matched after stripping the wrapper prefixes ``module.`` (DDP/DataParallel) and 
 share one parameter, so they share one group (``"name": "attn.in_proj"``, ``"ww_layers"`` lists
 the three) whose factor is the mean of theirs.
 
-Freezing mid-training (frameworks reference §0.3, §1): ``requires_grad_(False)`` **and**
+Freezing mid-training: ``requires_grad_(False)`` **and**
 ``p.grad = None``. With a ``None`` grad every torch optimizer skips the parameter, so neither
 momentum nor (decoupled) weight decay can move it; the parameter stays in its group so the
 optimizer/scheduler layout and checkpoints are unchanged. ``requires_grad`` is not saved in
@@ -30,6 +30,8 @@ import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ww_core.sharded import unwrap_model  # (in __all__: the one unwrapper, re-exported)
+
+from ww_callbacks.distributed import broadcast_object  # re-exported: one broadcast for all
 
 __all__ = ["model_layer_names", "model_param_groups", "layer_param_groups", "resolve_layer_params", "freeze_layers", "unfreeze_layers",
            "apply_lr_factors", "group_factor", "broadcast_object", "unwrap_model",
@@ -395,17 +397,3 @@ def _scaled(value: Any, ratio: float) -> Any:
         value.mul_(ratio)
         return value
     return float(value) * ratio
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Return rank ``src``'s ``obj`` on every rank when ``torch.distributed`` is initialised,
-    else ``obj`` itself. Use as the actions' ``sync_fn`` so all DDP ranks decide alike."""
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover - torch without distributed
-        return obj
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

@@ -8,9 +8,9 @@ Two triggers, checked on the series of mean alphas (one value per analysis, olde
 * **over-trained**: the latest mean alpha is below ``lower_bound`` (WeightWatcher's README
   suggests stopping when the mean alpha drops below 2.0).
 
-Science caveat (HT-SR reference §3, §10, §13): experimental. The 2.0 bound is calibrated for
-WeightWatcher's CSN ``alpha`` on well-trained models, not for the Hill estimator; and the mean
-alpha is not monotone in quality during LLM pre-training (WW #307).
+**Experimental**: the 2.0 bound is calibrated for WeightWatcher's CSN ``alpha`` on well-trained
+models, not for the Hill estimator, and the mean alpha is not monotone in quality during LLM
+pre-training (see ``docs/actions.md``).
 
 The adapter asks the trainer to stop with its own mechanism (Lightning
 ``trainer.should_stop = True``, HF ``control.should_training_stop = True``, Keras

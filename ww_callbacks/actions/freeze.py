@@ -20,9 +20,9 @@ are really frozen keeps its alpha (the analysis is deterministic), so in ``"appl
 fires for weights that are shared with a training layer or changed by something else; in
 ``"suggest"`` mode the layer keeps training and a suggestion is withdrawn when it drifts.
 
-**Science caveat** (``docs`` / HT-SR reference §10, §13): no published work validates
-alpha-based freezing, and freezing may "overload" the remaining layers (SETOL §6.6). Treat it as
-experimental; ``"suggest"`` is the safe way to try it.
+**Experimental**: no published work validates alpha-based freezing, and freezing may overload
+the layers that keep training; our own measurements are in ``docs/actions.md``. ``"suggest"`` is
+the safe way to try it.
 
 The band and the thresholds refer to WeightWatcher's CSN ``alpha`` (``metric="alpha"``). The Hill
 estimator (``alpha_hill``) reads on a different scale (about 2.1 on noise), so a band must be

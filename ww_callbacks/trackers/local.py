@@ -24,6 +24,7 @@ import os
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from ww_callbacks.atomic import write_bytes
 from ww_callbacks.trackers.base import Tracker, finite_float, plain_value
 
 __all__ = ["LocalTracker"]
@@ -128,9 +129,9 @@ class LocalTracker(Tracker):
                 self.log_fn(f"ww: the alpha plot failed ({type(exc).__name__}: {exc}); "
                             f"{self.REPORT} continues without it (training continues)")
         if png is not None:
-            self._write_bytes(self.plot_path, png)
+            write_bytes(self.plot_path, png)
         if self.report:
-            self._write_bytes(self.report_path, self.render_html(history, png).encode("utf-8"))
+            write_bytes(self.report_path, self.render_html(history, png).encode("utf-8"))
 
     # ------------------------------------------------------------------ plot
     def _plot_png(self, history: Sequence[Dict[str, Any]]) -> Optional[bytes]:
@@ -283,9 +284,3 @@ class LocalTracker(Tracker):
         parts.append("</table></body></html>")
         return "".join(parts)
 
-    @staticmethod
-    def _write_bytes(path: str, data: bytes) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
