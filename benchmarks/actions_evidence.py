@@ -364,7 +364,6 @@ def report(results: List[Dict[str, Any]], args: argparse.Namespace, command: str
              "| backward FLOPs saved (per seed) | layers frozen (epochs of the decisions) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for task in args.tasks:
-        base = [r["acc"] for r in results if r["task"] == task and r["config"] == "baseline"]
         for config in CONFIGS:
             rs = [r for r in results if r["task"] == task and r["config"] == config]
             if not rs:

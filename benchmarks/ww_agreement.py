@@ -296,6 +296,7 @@ def _selected(names: Optional[List[str]]) -> List[str]:
 
 def cmd_reference(args) -> None:
     import logging
+
     import weightwatcher as ww
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     import torch
@@ -564,8 +565,9 @@ def render_doc(summaries: List[Dict[str, Any]], meta: Dict[str, Any], doc: Path)
                      f"{100 * s['share_joined']:.1f}%", f"{100 * s['share_union']:.1f}%",
                      f"{s['max_dalpha']:.2e}", s["resolved_f64"], f"{s['max_dalpha_f64']:.2e}",
                      f"{m.get('ww_analyze_s', '?')}", f"{s['ours_s']:.2f}"])
-        tot["ww"] += s["ww_rows"]; tot["ours"] += s["our_rows"]; tot["joined"] += s["joined"]
-        tot["union"] += s["union"]; tot["agree"] += s["agree"]
+        for key, col in (("ww", "ww_rows"), ("ours", "our_rows"), ("joined", "joined"),
+                         ("union", "union"), ("agree", "agree")):
+            tot[key] += s[col]
     body.append(["**all**", tot["ww"], tot["ours"], tot["joined"], tot["agree"],
                  f"{100 * tot['agree'] / max(tot['joined'], 1):.1f}%",
                  f"{100 * tot['agree'] / max(tot['union'], 1):.1f}%",
@@ -639,7 +641,8 @@ def render_doc(summaries: List[Dict[str, Any]], meta: Dict[str, Any], doc: Path)
         "bash benchmarks/run_agreement.sh            # both sides, all models",
         "# or by hand:",
         "$WWREF_PY benchmarks/ww_agreement.py reference --out benchmarks/results",
-        "python    benchmarks/ww_agreement.py compare  --results benchmarks/results --doc docs/ww-agreement.md",
+        "python    benchmarks/ww_agreement.py compare  --results benchmarks/results "
+        "--doc docs/ww-agreement.md",
         "$WWREF_PY benchmarks/ww_agreement.py esd --model crepe-full --layer conv3 --out /tmp/conv3.npy",
         "```",
         "",

@@ -6,8 +6,8 @@ Trains an MLP on scikit-learn's handwritten digits (``load_digits``, shipped ins
 nothing is downloaded) for a few seconds on a CPU. ``WeightWatcherController`` is used as a
 context manager: ``maybe_run`` after each optimizer step and at each epoch end, a final analysis
 when the ``with`` block ends. With ``--freeze apply`` the layers whose alpha has settled in the
-band (never the output head) are frozen mid-training through :mod:`ww_callbacks.torch_utils`, the same functions the
-Lightning and Hugging Face callbacks use.
+band (never the output head) are frozen mid-training through :mod:`ww_callbacks.torch_utils`,
+the functions the Lightning and Hugging Face callbacks use too.
 
 What to look at: the per-analysis line (mean alpha, flagged layers), the ``freeze`` events, and
 ``<out>/report.html`` (alpha per layer over the steps).

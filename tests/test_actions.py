@@ -9,10 +9,19 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from ww_callbacks.actions import (PRESETS, EarlyStopAction, EarlyStopPolicy, FreezeAction,
-                                  FreezePolicy, LRBalanceAction, LRBalancePolicy,
-                                  mean_series_from_rows, relative_range, series_from_rows,
-                                  tempbalance_factors)
+from ww_callbacks.actions import (
+    PRESETS,
+    EarlyStopAction,
+    EarlyStopPolicy,
+    FreezeAction,
+    FreezePolicy,
+    LRBalanceAction,
+    LRBalancePolicy,
+    mean_series_from_rows,
+    relative_range,
+    series_from_rows,
+    tempbalance_factors,
+)
 
 pytestmark = pytest.mark.core
 

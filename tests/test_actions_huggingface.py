@@ -10,10 +10,12 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 torch = pytest.importorskip("torch")
 
+from helpers import LOOSE_FREEZE as LOOSE  # noqa: E402
+from helpers import FrozenParamSnapshot as Snapshot
+from helpers import events_tracker as Events
 from ww_callbacks.actions import tempbalance_factors  # noqa: E402
 from ww_callbacks.huggingface import WeightWatcherCallback, create_layer_optimizer  # noqa: E402
 from ww_callbacks.torch_utils import unwrap_optimizer  # noqa: E402
-from helpers import LOOSE_FREEZE as LOOSE, FrozenParamSnapshot as Snapshot, events_tracker as Events  # noqa: E402
 
 SEQ, VOCAB = 16, 64
 # analysed in model order; wte is tied to lm_head (the output head) and wpe has 16 eigenvalues

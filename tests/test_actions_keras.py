@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 # KERAS_BACKEND=torch and a temporary KERAS_HOME are set by conftest.py, before keras is imported.
-
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -14,9 +13,10 @@ keras = pytest.importorskip("keras")
 if keras.config.backend() != "torch":  # pragma: no cover - another backend was imported first
     pytest.skip("these tests run Keras on the torch backend", allow_module_level=True)
 
+from helpers import LOOSE_FREEZE as LOOSE  # noqa: E402
+from helpers import events_tracker as Events
 from ww_callbacks.actions import tempbalance_factors  # noqa: E402
 from ww_callbacks.keras import WeightWatcherCallback  # noqa: E402
-from helpers import LOOSE_FREEZE as LOOSE, events_tracker as Events  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:.*__array__ implementation.*:DeprecationWarning"),

@@ -12,9 +12,11 @@ from lightning.pytorch import Trainer  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.demos.boring_classes import BoringModel  # noqa: E402
 
+from helpers import LOOSE_FREEZE as LOOSE  # noqa: E402
+from helpers import FrozenParamSnapshot as Snapshot
+from helpers import events_tracker as Events
 from ww_callbacks.actions import tempbalance_factors  # noqa: E402
 from ww_callbacks.lightning import WeightWatcherCallback, layer_param_groups  # noqa: E402
-from helpers import LOOSE_FREEZE as LOOSE, FrozenParamSnapshot as Snapshot, events_tracker as Events  # noqa: E402
 
 # analysed: layer.0, 2, 4, 6, 8 (the 64x2 head has too few eigenvalues and is skipped)
 ANALYSED = ["layer.0", "layer.2", "layer.4", "layer.6", "layer.8"]

@@ -223,8 +223,6 @@ def test_eval_bounds_reject_bad_values(model_path, capsys, opt, value):
     assert err.startswith("ww-analyze: error:")
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: max_evals < min_evals is a bad argument "
-                   "(documented exit code 2) but ww-analyze exits 1, the code for file errors")
 def test_max_evals_below_min_evals_is_a_bad_argument(model_path, capsys):
     rc, out, err = run([model_path, "--no-progress", "--max-evals", "10", "--min-evals", "20"],
                        capsys)
@@ -232,8 +230,6 @@ def test_max_evals_below_min_evals_is_a_bad_argument(model_path, capsys):
     assert rc == 2
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: '--types ,' (no type at all) is accepted "
-                   "and silently analyses every type instead of being rejected")
 def test_types_without_any_type_is_rejected(model_path, capsys):
     rc, _, err = run([model_path, "--no-progress", "--types", ","], capsys)
     assert rc == 2 and "error" in err

@@ -2,16 +2,16 @@
 
 import csv
 import json
-import re
 import math
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from ww_callbacks.controller import WeightWatcherController
-from ww_callbacks.history import History, read_jsonl
+from ww_callbacks.history import read_jsonl
 from ww_callbacks.schedule import Schedule
 from ww_callbacks.trackers.base import Tracker
 from ww_callbacks.trackers.local import LocalTracker

@@ -14,8 +14,8 @@ pytest.importorskip("accelerate")
 torch = pytest.importorskip("torch")
 
 import ww_core  # noqa: E402
-from ww_callbacks.huggingface import WeightWatcherCallback  # noqa: E402
 from ww_callbacks.history import read_jsonl  # noqa: E402
+from ww_callbacks.huggingface import WeightWatcherCallback  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

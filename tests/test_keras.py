@@ -6,7 +6,6 @@ import json
 import os
 
 # KERAS_BACKEND=torch and a temporary KERAS_HOME are set by conftest.py, before keras is imported.
-
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

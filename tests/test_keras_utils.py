@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 # KERAS_BACKEND=torch and a temporary KERAS_HOME are set by conftest.py, before keras is imported.
-
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -13,8 +12,7 @@ if keras.config.backend() != "torch":  # pragma: no cover - another backend was 
     pytest.skip("these tests run Keras on the torch backend", allow_module_level=True)
 
 import ww_core  # noqa: E402
-from ww_callbacks.keras_utils import (LayerLRScaler, find_layers, freeze_layers,  # noqa: E402
-                                      unfreeze_layers)
+from ww_callbacks.keras_utils import LayerLRScaler, find_layers, freeze_layers, unfreeze_layers  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:.*__array__ implementation.*:DeprecationWarning"),

@@ -1,7 +1,6 @@
 """Real Lightning Trainer runs on CPU (no mocked trainer) with the WeightWatcher callback."""
 
 import csv
-import importlib
 import json
 import math
 import os
@@ -16,10 +15,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.demos.boring_classes import BoringModel  # noqa: E402
 
 import ww_core  # noqa: E402
+from helpers import assert_alpha_float32_close  # noqa: E402
 from ww_callbacks.history import read_jsonl  # noqa: E402
 from ww_callbacks.lightning import WeightWatcherCallback as _Callback  # noqa: E402
 from ww_callbacks.trackers.base import Tracker  # noqa: E402
-from helpers import assert_alpha_float32_close  # noqa: E402
 
 
 def WeightWatcherCallback(**kwargs):

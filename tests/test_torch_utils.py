@@ -11,8 +11,14 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from ww_callbacks.actions import LRBalanceAction, LRBalancePolicy  # noqa: E402
-from ww_callbacks.torch_utils import (apply_lr_factors, broadcast_object, freeze_layers,  # noqa: E402
-                                      layer_param_groups, resolve_layer_params, unfreeze_layers)
+from ww_callbacks.torch_utils import (  # noqa: E402
+    apply_lr_factors,
+    broadcast_object,
+    freeze_layers,
+    layer_param_groups,
+    resolve_layer_params,
+    unfreeze_layers,
+)
 
 LAYERS = ["0", "2", "4"]
 

@@ -8,7 +8,7 @@ hooks, their three apply functions (freeze, LR factors, stop) and their tracker 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from ww_callbacks.controller import WeightWatcherController
 from ww_callbacks.history import History

@@ -53,7 +53,9 @@ def _tensorboard_dir(args: Any, output_dir: str) -> str:
         return os.path.expanduser(os.environ["TENSORBOARD_LOGGING_DIR"])
     pattern = f"events.out.tfevents.*.{socket.gethostname()}.{os.getpid()}.*"
     mine = glob.glob(os.path.join(args.output_dir or ".", "runs", "*", pattern))
-    return os.path.dirname(max(mine, key=os.path.getmtime)) if mine else os.path.join(output_dir, "tensorboard")
+    if not mine:
+        return os.path.join(output_dir, "tensorboard")
+    return os.path.dirname(max(mine, key=os.path.getmtime))
 
 
 class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
@@ -169,8 +171,7 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ tracker discovery
     def _trackers(self, args: Any, output_dir: str) -> List[Any]:
-        from ww_callbacks.trackers.resolve import (active_mlflow_tracker, active_wandb_tracker,
-                                                   requested_names)
+        from ww_callbacks.trackers.resolve import active_mlflow_tracker, active_wandb_tracker, requested_names
 
         report_to = args.report_to or []
         report_to = {str(r).lower() for r in ([report_to] if isinstance(report_to, str) else report_to)}
@@ -203,7 +204,8 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
             self.controller.guard(f"reading {path}", self.controller.load_state, path)
         # an input embedding tied to lm_head is the output head too: never freeze it. LR factors
         # live in the optimizer's param groups and the scheduler's base_lrs (restored by HF).
-        self.controller.start_actions(protect=tied_head_layers(self._model) if self._model is not None else ())
+        tied = tied_head_layers(self._model) if self._model is not None else ()
+        self.controller.start_actions(protect=tied)
         total_epochs = getattr(state, "num_train_epochs", None) or getattr(args, "num_train_epochs", None)
         self.controller.configure(total_steps=state.max_steps, total_epochs=total_epochs,
                                   trackers=self._trackers(args, output_dir) if zero else [],

@@ -104,8 +104,7 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
 
     # ------------------------------------------------------------------ tracker discovery
     def _trackers(self) -> List[Any]:
-        from ww_callbacks.trackers.resolve import (active_mlflow_tracker, active_wandb_tracker,
-                                                   requested_names)
+        from ww_callbacks.trackers.resolve import active_mlflow_tracker, active_wandb_tracker, requested_names
 
         spec = self.controller.tracker_spec
         named, guard = requested_names(spec), self.controller.guard

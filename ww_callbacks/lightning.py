@@ -19,7 +19,8 @@ except ImportError:  # pragma: no cover - depends on which package is installed
         import pytorch_lightning as pl
         from pytorch_lightning.utilities import rank_zero_info
     except ImportError as exc:
-        raise ImportError("ww_callbacks.lightning needs Lightning: pip install 'ww-callbacks[lightning]'") from exc
+        raise ImportError("ww_callbacks.lightning needs Lightning: "
+                          "pip install 'ww-callbacks[lightning]'") from exc
 
 from ww_callbacks.adapter import CallbackBase, override
 from ww_callbacks.controller import WeightWatcherController

@@ -29,13 +29,12 @@ import math
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from ww_callbacks.distributed import broadcast_object  # re-exported: one broadcast for all
 from ww_core.sharded import unwrap_model  # (in __all__: the one unwrapper, re-exported)
 
-from ww_callbacks.distributed import broadcast_object  # re-exported: one broadcast for all
-
-__all__ = ["model_layer_names", "model_param_groups", "layer_param_groups", "resolve_layer_params", "freeze_layers", "unfreeze_layers",
-           "apply_lr_factors", "group_factor", "broadcast_object", "unwrap_model",
-           "unwrap_optimizer"]
+__all__ = ["model_layer_names", "model_param_groups", "layer_param_groups", "resolve_layer_params",
+           "freeze_layers", "unfreeze_layers", "apply_lr_factors", "group_factor", "broadcast_object",
+           "unwrap_model", "unwrap_optimizer"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MHA_SUFFIX = re.compile(r"\.(in_proj(_[qkv])?|([qkv])_proj)$")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import io
 import math
 import os
@@ -28,6 +29,7 @@ import sys
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, TextIO
 
+from .analyze import analyze
 from .selection import LAYER_TYPES, check_layer_patterns
 
 PROG = "ww-analyze"
@@ -99,7 +101,9 @@ def _parse_types(values: Optional[List[str]], parser: argparse.ArgumentParser) -
             if item not in LAYER_TYPES:
                 parser.error(f"unknown layer type {item!r}; choose from {', '.join(LAYER_TYPES)}")
             types.append(item)
-    return types or None
+    if not types:
+        parser.error("--types names no layer type; choose from " + ", ".join(LAYER_TYPES))
+    return types
 
 
 def _fmt(column: str, value: Any) -> str:
@@ -238,6 +242,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if value is not None and value < 1:
             stderr.write(f"{PROG}: error: --{opt.replace('_', '-')} must be >= 1\n")
             return EXIT_NO_LAYERS
+    defaults = inspect.signature(analyze).parameters
+    lo = args.min_evals if args.min_evals is not None else defaults["min_evals"].default
+    hi = args.max_evals if args.max_evals is not None else defaults["max_evals"].default
+    if hi < lo:
+        stderr.write(f"{PROG}: error: max_evals ({hi}) must be >= min_evals ({lo})\n")
+        return EXIT_NO_LAYERS
 
     if not os.path.exists(args.path):
         return _error(f"no such file or directory: {args.path}", stderr)

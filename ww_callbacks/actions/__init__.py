@@ -15,11 +15,15 @@ from __future__ import annotations
 
 from ww_callbacks.actions._common import mean_metric, series_from_rows
 from ww_callbacks.actions.early_stop import EarlyStopPolicy, StopDecision
-from ww_callbacks.actions.freeze import (DEFAULT_EXCLUDE_FLAGS, PRESETS, FreezeDecision,
-                                         FreezePolicy, relative_range)
+from ww_callbacks.actions.freeze import (
+                                         DEFAULT_EXCLUDE_FLAGS,
+                                         PRESETS,
+                                         FreezeDecision,
+                                         FreezePolicy,
+                                         relative_range,
+)
 from ww_callbacks.actions.lr_balance import LRBalancePolicy, LRDecision, tempbalance_factors
-from ww_callbacks.actions.runner import (EarlyStopAction, FreezeAction, LRBalanceAction,
-                                         mean_series_from_rows)
+from ww_callbacks.actions.runner import EarlyStopAction, FreezeAction, LRBalanceAction, mean_series_from_rows
 
 __all__ = [
     "FreezePolicy", "FreezeDecision", "PRESETS", "DEFAULT_EXCLUDE_FLAGS", "relative_range",
@@ -31,4 +35,4 @@ __all__ = [
 
 from ww_callbacks.actions.build import ActionSet  # noqa: E402
 
-__all__.append("ActionSet")
+__all__ += ["ActionSet"]

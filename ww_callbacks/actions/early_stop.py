@@ -59,8 +59,8 @@ class EarlyStopPolicy:
         >>> p = EarlyStopPolicy(patience=2, min_delta=0.01)
         >>> p.should_stop([4.0, 3.5, 3.2]).stop
         False
-        >>> p.should_stop([4.0, 3.5, 3.2, 3.21, 3.195])
-        StopDecision(stop=True, reason='mean alpha has not improved by more than 0.01 below 3.200 for 2 analyses')
+        >>> p.should_stop([4.0, 3.5, 3.2, 3.21, 3.195]).reason
+        'mean alpha has not improved by more than 0.01 below 3.200 for 2 analyses'
         >>> p.should_stop([3.0, 1.9]).reason
         'mean alpha 1.900 below the over-trained bound 2'
     """

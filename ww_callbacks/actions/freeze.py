@@ -39,7 +39,13 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ww_callbacks.actions._common import (
-    Patterns, check_metric, compile_patterns, finite, matches, normalise_mode)
+    Patterns,
+    check_metric,
+    compile_patterns,
+    finite,
+    matches,
+    normalise_mode,
+)
 
 __all__ = ["FreezePolicy", "FreezeDecision", "PRESETS", "DEFAULT_EXCLUDE_FLAGS", "relative_range"]
 

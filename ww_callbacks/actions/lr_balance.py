@@ -26,7 +26,14 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 import numpy as np
 
-from ww_callbacks.actions._common import Patterns, check_metric, compile_patterns, finite, matches, normalise_mode
+from ww_callbacks.actions._common import (
+    Patterns,
+    check_metric,
+    compile_patterns,
+    finite,
+    matches,
+    normalise_mode,
+)
 
 __all__ = ["tempbalance_factors", "LRBalancePolicy", "LRDecision"]
 
