@@ -323,7 +323,8 @@ def test_same_weights_same_results_module_state_dict_safetensors(tmp_path, model
     # float32 too, by construction (ww_core/spectrum.py): one solver (torch) for every source,
     # the same Gram matrix per layer, and a route fixed by the matrix size (one thread each).
     auto = ww_core.analyze(model)
-    for source in (sd, {k: v.numpy() for k, v in sd.items()}, path, str(path), tmp_path / "model.pt", tmp_path):
+    sources = (sd, {k: v.numpy() for k, v in sd.items()}, path, str(path), tmp_path / "model.pt", tmp_path)
+    for source in sources:
         label = source if not isinstance(source, dict) else "dict"
         assert ww_core.analyze(source, precision="float64").to_records() == result.to_records(), label
         assert ww_core.analyze(source).to_records() == auto.to_records(), label

@@ -67,7 +67,8 @@ def assert_consistent(cb, out):
     disk = read_jsonl(os.path.join(out, "history.jsonl"))
     assert [(r["step"], r["name"]) for r in disk] == [(r["step"], r["name"]) for r in rows]
     with open(os.path.join(out, "history.csv")) as fh:
-        assert [(int(r["step"]), r["name"]) for r in csv.DictReader(fh)] == [(r["step"], r["name"]) for r in rows]
+        on_disk = [(int(r["step"]), r["name"]) for r in csv.DictReader(fh)]
+        assert on_disk == [(r["step"], r["name"]) for r in rows]
 
 
 def same(a, b):
@@ -157,7 +158,8 @@ def test_resume_continues_history_without_gap_or_duplicate(tmp_path):
     # resume from the checkpoint after epoch 2 (step 8): the analysis at step 12 is after it
     path = os.path.join(ckpt_dir, "epoch=1-step=8.ckpt")
     assert os.path.exists(path)
-    assert any(k.startswith("WeightWatcherCallback") for k in torch.load(path, weights_only=False)["callbacks"])
+    saved = torch.load(path, weights_only=False)["callbacks"]
+    assert any(k.startswith("WeightWatcherCallback") for k in saved)
     second = WeightWatcherCallback(**kw)
     ckpt2 = ModelCheckpoint(dirpath=str(tmp_path / "ckpt2"), save_top_k=-1, every_n_epochs=1)
     make_trainer(tmp_path, [second, ckpt2], max_epochs=5).fit(make_model(), ckpt_path=path)
@@ -257,4 +259,5 @@ def test_async_analysis_records_every_result_with_its_step(tmp_path):
     assert sorted(final) == sorted(ref.names)
     for layer in ref:
         assert_alpha_float32_close(final[layer.name], layer, layer.name)
-    assert ctl.blocking_seconds > 0 and all("training waited" in l for l in lines if l.startswith("ww step") and "skipped" not in l)
+    analysis_lines = [ln for ln in lines if ln.startswith("ww step") and "skipped" not in ln]
+    assert ctl.blocking_seconds > 0 and all("training waited" in ln for ln in analysis_lines)

@@ -134,7 +134,8 @@ def conv_weights(draw):
 
 
 def _evals(W, **kw):
-    (layer,) = ww_core.analyze({"w.weight": W}, keep_evals=True, min_evals=2, precision="float64", **kw).layers
+    res = ww_core.analyze({"w.weight": W}, keep_evals=True, min_evals=2, precision="float64", **kw)
+    (layer,) = res.layers
     return layer
 
 

@@ -20,7 +20,8 @@ Example:
     >>> import numpy as np
     >>> weights = {"fc.weight": np.random.default_rng(0).standard_normal((200, 100))}
     >>> with WeightWatcherController(every_n_steps=10, start_fraction=0, output_dir=None,
-    ...                              trackers=None, log_fn=lambda line: None) as ww:
+    ...                              trackers=None, log_fn=lambda line: None,
+    ...                              async_analysis=False) as ww:  # exact steps below
     ...     ww.configure(total_steps=30)
     ...     for step in range(1, 31):
     ...         _ = ww.maybe_run(weights, step=step, epoch=0)
