@@ -28,6 +28,7 @@ import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from ww_callbacks.atomic import atomic_open
+from ww_callbacks.values import plain_value
 
 __all__ = ["History", "HISTORY_KEYS", "read_jsonl"]
 
@@ -41,20 +42,6 @@ def _engine_columns() -> Sequence[str]:
     except Exception:  # pragma: no cover - ww_core is part of this project
         return ()
     return COLUMNS
-
-
-def _to_json_value(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalars
-        try:
-            value = value.item()
-        except Exception:
-            return value
-        return _to_json_value(value)
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return value
 
 
 def _from_json_value(value: Any) -> Any:
@@ -198,7 +185,7 @@ class History:
         """JSON-serialisable: column names plus one value list per row (non-finite -> None)."""
         columns = self._columns(self.rows)
         return {"version": 1, "columns": columns,
-                "rows": [[_to_json_value(r.get(c, None)) for c in columns] for r in self.rows]}
+                "rows": [[plain_value(r.get(c, None)) for c in columns] for r in self.rows]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         columns = list(state.get("columns", ()))
@@ -222,7 +209,7 @@ class History:
 
     @staticmethod
     def _json_line(row: Dict[str, Any]) -> str:
-        return json.dumps({k: _to_json_value(v) for k, v in row.items()}, allow_nan=False) + "\n"
+        return json.dumps({k: plain_value(v) for k, v in row.items()}, allow_nan=False) + "\n"
 
     @staticmethod
     def _csv_row(row: Dict[str, Any]) -> Dict[str, Any]:

@@ -102,24 +102,19 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
             apply_lr_factors(opt, scheds, factors)
 
     def _stop(self, reason: str) -> None:
-        if self._trainer is not None:
-            self._trainer.should_stop = True
+        self._trainer.should_stop = True
 
     # ------------------------------------------------------------------ tracker discovery
     def _trackers(self, trainer: "pl.Trainer") -> List[Any]:
-        from ww_callbacks.trackers import get_tracker_class
+        from ww_callbacks.trackers import make_tracker
 
-        out = []
+        found = []
         for lg in trainer.loggers:
             names = {cls.__name__ for cls in type(lg).__mro__}
-            match = next((v for k, v in _LOGGER_TRACKERS.items() if k in names), None)
-            if match is not None:
-                name, kwargs = match
-                tracker = self.controller.guard(f"attaching to {type(lg).__name__}",
-                                                lambda n, k: get_tracker_class(n)(**k), name, kwargs(lg))
-                if tracker is not None:
-                    out.append(tracker)
-        return out
+            for name, kwargs in (v for k, v in _LOGGER_TRACKERS.items() if k in names):
+                found.append(self.controller.guard(f"attaching to {type(lg).__name__}",
+                                                   lambda n, k, g: make_tracker(n, **k(g)), name, kwargs, lg))
+        return [t for t in found if t is not None]
 
     # ------------------------------------------------------------------ hooks
     @override

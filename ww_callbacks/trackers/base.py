@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import math
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List
+
+from ww_callbacks.values import finite_float, plain_value  # noqa: F401  (shared by the trackers)
 
 
 class Tracker:
@@ -45,25 +46,6 @@ LAYER_METRICS = (
 )
 
 
-def finite_float(value: Any) -> Optional[float]:
-    """``value`` as a finite Python float, else None.
-
-    Accepts ints, floats, numpy scalars and 0-d arrays/tensors; bools, None, strings (a layer
-    named ``"0"`` is not a number) and non-finite values give None. The one rule every tracker
-    uses to decide what is a plottable scalar.
-
-    >>> finite_float(2), finite_float(float("nan")), finite_float("0"), finite_float(True)
-    (2.0, None, None, None)
-    """
-    if value is None or isinstance(value, (bool, str, bytes)):
-        return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
-
-
 def metric_key(prefix: str, layer: str, metric: str) -> str:
     """``<prefix>/<layer>/<metric>``."""
     return f"{prefix}/{layer}/{metric}"
@@ -89,23 +71,3 @@ def flat_metrics(rows: Iterable[Dict[str, Any]], summary: Dict[str, Any], prefix
         if value is not None:
             out[f"{prefix}/summary/{metric}"] = value
     return out
-
-
-def plain_value(value: Any) -> Any:
-    """A JSON-safe cell: numpy scalars as Python values, non-finite floats as None, tuples and
-    lists (``flags``) joined with ``,``; anything else unchanged.
-
-    >>> plain_value(float("inf")), plain_value(("under-trained", "rank-collapse")), plain_value("a")
-    (None, 'under-trained,rank-collapse', 'a')
-    """
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        try:
-            value = value.item()
-        except Exception:
-            pass
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (tuple, list)):
-        return ",".join(map(str, value))
-    return value
-
