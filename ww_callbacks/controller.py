@@ -402,6 +402,8 @@ class WeightWatcherController(ControllerState):
             summary = dict(self.guard("summarising", result.summary) or {})
             summary["hook_seconds"] = hook
             summary["analysis_seconds"] = time.time() - started
+            if self.action_set.freeze_policy.enabled:
+                summary["num_frozen"] = len(self.action_set.freeze_policy.frozen)
             fan_out(self.trackers, self.report, f"at step {step}", "log_analysis", step=step,
                     epoch=epoch, rows=rows, summary=summary, result=result, history=self.history.rows)
             self.log(format_line(result, step, epoch) + f" [training waited {hook:.3f} s]")

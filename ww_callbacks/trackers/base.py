@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List
+import re
+from typing import Any, Dict, Iterable, List, Optional
 
 from ww_callbacks.values import finite_float, plain_value  # noqa: F401  (shared by the trackers)
 
@@ -70,4 +71,139 @@ def flat_metrics(rows: Iterable[Dict[str, Any]], summary: Dict[str, Any], prefix
         value = finite_float(value)
         if value is not None:
             out[f"{prefix}/summary/{metric}"] = value
+    return out
+
+
+# -- keys that scale: one section per metric, layers in model order --------------------------
+#: The summary section (``ww/<key>``): at most a dozen scalars per analysis.
+SUMMARY_KEYS = ("alpha_mean", "alpha_median", "alpha_min", "alpha_max", "log_norm_mean",
+                "num_layers", "num_flagged", "num_under_trained", "num_over_trained", "num_frozen",
+                "analysis_seconds", "hook_seconds")
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_]+")
+
+
+class LayerKeys:
+    """Stable, sortable, W&B-safe key segments for layer names, in model order.
+
+    ``encoder.layer.10.attention.self.query`` becomes ``07_encoder_layer_10_attention_self_query``:
+    a zero-padded index (the layer's position in the first analysis that saw it, so
+    alphabetical order is model order) and the name with every run of characters outside
+    ``[A-Za-z0-9_]`` replaced by ``_``. The index width is fixed at the first analysis (at
+    least 2 digits); layers first seen later get the next indices.
+
+    Example:
+        >>> keys = LayerKeys()
+        >>> keys.update(["embed", "encoder.layer.0.attention.self.query", "lm-head"])
+        >>> keys["encoder.layer.0.attention.self.query"], keys["lm-head"]
+        ('01_encoder_layer_0_attention_self_query', '02_lm_head')
+        >>> metric_section("alpha"), metric_section("log_norm")
+        ('ww_alpha', 'ww_log_norm')
+    """
+
+    def __init__(self) -> None:
+        self._keys: Dict[str, str] = {}
+        self._width = 0
+
+    def update(self, names: Iterable[str]) -> None:
+        """Register ``names`` (model order) not seen before."""
+        names = [str(n) for n in names]
+        if not self._width:
+            self._width = max(2, len(str(max(len(names) - 1, 0))))
+        for name in names:
+            if name not in self._keys:
+                slug = _UNSAFE.sub("_", name).strip("_") or "layer"
+                self._keys[name] = f"{len(self._keys):0{self._width}d}_{slug}"
+
+    def __getitem__(self, name: str) -> str:
+        if name not in self._keys:
+            self.update([name])
+        return self._keys[name]
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def items(self) -> List[tuple]:
+        """``(layer name, key)`` pairs in index order."""
+        return list(self._keys.items())
+
+
+def metric_section(metric: str, prefix: str = "ww") -> str:
+    """The section of a per-layer metric: ``ww_alpha``, ``ww_stable_rank``, ..."""
+    return f"{prefix}_{metric}"
+
+
+def summary_scalars(rows: Iterable[Dict[str, Any]], summary: Dict[str, Any]) -> Dict[str, float]:
+    """The :data:`SUMMARY_KEYS` of one analysis (only those with a finite value).
+
+    ``summary`` is ``AnalysisResult.summary()`` plus what the controller adds (``hook_seconds``,
+    ``analysis_seconds``, ``num_frozen``); the alpha statistics are computed from ``rows``.
+
+    Example:
+        >>> rows = [{"alpha": 3.0, "warning": ""}, {"alpha": 7.0, "warning": "under-trained"},
+        ...         {"alpha": float("nan"), "warning": ""}]
+        >>> out = summary_scalars(rows, {"num_layers": 3, "num_flagged": 1, "log_norm": 1.5})
+        >>> out["alpha_mean"], out["alpha_median"], out["num_under_trained"], out["log_norm_mean"]
+        (5.0, 5.0, 1.0, 1.5)
+    """
+    rows = list(rows)
+    alphas = sorted(v for v in (finite_float(r.get("alpha")) for r in rows) if v is not None)
+    out: Dict[str, Any] = {}
+    if alphas:
+        mid = len(alphas) // 2
+        out.update(alpha_mean=sum(alphas) / len(alphas), alpha_min=alphas[0], alpha_max=alphas[-1],
+                   alpha_median=alphas[mid] if len(alphas) % 2 else (alphas[mid - 1] + alphas[mid]) / 2)
+    summary = dict(summary or {})
+    out["log_norm_mean"] = summary.get("log_norm")
+    out["num_layers"] = summary.get("num_layers", len(rows))
+    out["num_flagged"] = summary.get("num_flagged")
+    out["num_under_trained"] = sum(1 for r in rows if r.get("warning") == "under-trained")
+    out["num_over_trained"] = sum(1 for r in rows if r.get("warning") == "over-trained")
+    for key in ("num_frozen", "analysis_seconds", "hook_seconds"):
+        out[key] = summary.get(key)
+    return {k: f for k in SUMMARY_KEYS if (f := finite_float(out.get(k))) is not None}
+
+
+# -- decisions: one table format for every tracker --------------------------------------------
+#: Columns of the decisions table.
+DECISION_COLUMNS = ("step", "layer", "action", "reason", "alpha", "factor")
+
+
+def decision_rows(step: int, kind: str, payload: Dict[str, Any],
+                  alphas: Optional[Dict[str, float]] = None) -> List[Dict[str, Any]]:
+    """An action event (``controller.log_event``) as rows of the decisions table.
+
+    Args:
+        step: the step of the decision.
+        kind: ``freeze``, ``freeze-suggestion``, ``lr-factors``, ``lr-factors-suggestion``,
+            ``early-stop`` or another action's kind.
+        payload: the event's payload.
+        alphas: the latest alpha per layer (for the ``alpha`` column).
+
+    Example:
+        >>> decision_rows(40, "freeze", {"freeze": ["fc1"], "unfreeze": [],
+        ...                              "reasons": {"fc1": "settled"}}, {"fc1": 3.1})
+        [{'step': 40, 'layer': 'fc1', 'action': 'freeze', 'reason': 'settled', 'alpha': 3.1, 'factor': None}]
+    """
+    alphas = alphas or {}
+    payload = dict(payload or {})
+    reasons = payload.get("reasons") or {}
+
+    def row(layer: Optional[str], action: str, reason: Any = "", factor: Any = None) -> Dict[str, Any]:
+        return {"step": int(step), "layer": layer, "action": action, "reason": str(reason or ""),
+                "alpha": finite_float(alphas.get(layer)) if layer else None,
+                "factor": finite_float(factor)}
+
+    out: List[Dict[str, Any]] = []
+    if kind.startswith("freeze"):
+        suffix = "" if kind == "freeze" else " (suggested)"
+        out += [row(n, "freeze" + suffix, reasons.get(n)) for n in payload.get("freeze") or ()]
+        out += [row(n, "unfreeze" + suffix, reasons.get(n)) for n in payload.get("unfreeze") or ()]
+    elif kind.startswith("lr-factors"):
+        action = "lr-factor" + ("" if kind == "lr-factors" else " (suggested)")
+        out += [row(n, action, "TempBalance", f) for n, f in (payload.get("factors") or {}).items()]
+    elif kind == "early-stop":
+        out.append(row(None, "early-stop", payload.get("reason")))
+    else:
+        out.append(row(payload.get("layer"), kind, payload.get("reason", "")))
     return out
