@@ -207,3 +207,32 @@ def decision_rows(step: int, kind: str, payload: Dict[str, Any],
     else:
         out.append(row(payload.get("layer"), kind, payload.get("reason", "")))
     return out
+
+
+def scalars(rows: Iterable[Dict[str, Any]], summary: Dict[str, Any], keys: LayerKeys,
+            metrics: Iterable[str] = ("alpha",), prefix: str = "ww") -> Dict[str, float]:
+    """The scalars of one analysis under the scalable key scheme.
+
+    ``<prefix>_<metric>/<layer key>`` for each finite per-layer ``metric`` (``keys`` assigns the
+    layer keys, in model order) and ``<prefix>/<summary key>`` for :func:`summary_scalars`.
+
+    Example:
+        >>> keys = LayerKeys()
+        >>> rows = [{"name": "fc.1", "alpha": 3.0, "stable_rank": 2.0}]
+        >>> out = scalars(rows, {"num_layers": 1}, keys, metrics=("alpha", "stable_rank"))
+        >>> sorted(out)[:3], out["ww/alpha_mean"]
+        (['ww/alpha_max', 'ww/alpha_mean', 'ww/alpha_median'], 3.0)
+        >>> out["ww_alpha/00_fc_1"], out["ww_stable_rank/00_fc_1"]
+        (3.0, 2.0)
+    """
+    rows = list(rows)
+    keys.update(str(r.get("name")) for r in rows)
+    out: Dict[str, float] = {}
+    for metric in metrics:
+        section = metric_section(metric, prefix)
+        for row in rows:
+            value = finite_float(row.get(metric))
+            if value is not None:
+                out[f"{section}/{keys[str(row.get('name'))]}"] = value
+    out.update({f"{prefix}/{k}": v for k, v in summary_scalars(rows, summary).items()})
+    return out
