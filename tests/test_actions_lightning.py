@@ -154,7 +154,8 @@ def test_balance_lr_sets_tempbalance_factors_under_lambdalr_and_survives_resume(
     assert {k: v for k, v in seen["factors"].items() if k in expect} == pytest.approx(expect)
     assert seen["base_lrs"] == pytest.approx([0.05 * expect.get(g["name"], 1.0)
                                               for g in opt.param_groups])
-    assert cb2.action_set.lr_policy.log[0]["step"] == cb.action_set.lr_policy.log[0]["step"]
+    # the checkpoint carries the latest decision only (bounded state); the rest is in the files
+    assert cb2.action_set.lr_policy.log[0]["step"] in [e["step"] for e in cb.action_set.lr_policy.log]
 
 
 def test_balance_lr_without_named_groups_fails_clearly(tmp_path):

@@ -160,7 +160,8 @@ def test_run_writes_history_files_and_line(tmp_path):
     assert ctl.run(MODEL, step=30, epoch=2) is None          # a step is analysed once
     assert not ctl.should_run(30, 2, epoch_end=True)
     assert ctl.finish(MODEL, step=30, epoch=2) is None       # final skipped: 30 was analysed
-    assert fake_analyze.calls[-1]["min_evals"] == 4 and fake_analyze.calls[-1]["keep_evals"] is False
+    # the local tracker asks for eigenvalues (ESDs of flagged layers in report.html)
+    assert fake_analyze.calls[-1]["min_evals"] == 4 and fake_analyze.calls[-1]["keep_evals"] is True
 
     rows = ctl.history.rows
     assert [r["step"] for r in rows] == [10] * 3 + [20] * 3 + [30] * 3
@@ -179,9 +180,9 @@ def test_run_writes_history_files_and_line(tmp_path):
     assert re.fullmatch(r"ww step 10 epoch 0: mean alpha 5\.25 \(3 layers\), flagged: fc2 under-trained"
                         r" \[training waited \d+\.\d{3} s\]", lines[0]), lines[0]
     html = (out / "report.html").read_text()
-    assert all(name in html for name in ("fc1", "fc2", "fc3")) and "class='flag'" in html
+    assert all(name in html for name in ("fc1", "fc2", "fc3")) and '"under-trained"' in html
     assert (out / "alpha_over_time.png").read_bytes()[:4] == b"\x89PNG"
-    assert "data:image/png;base64," in html
+    assert '<script type="application/json" id="ww-data">' in html
 
 
 def test_start_fraction_one_leaves_only_final(tmp_path):

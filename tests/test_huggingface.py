@@ -97,15 +97,29 @@ def test_epoch_schedule_wandb_and_tensorboard(tmp_path):
     hist = data["history"]
     assert [r["_step"] for r in hist] == sorted(r["_step"] for r in hist)
     assert any("train/loss" in r for r in hist)  # HF's own rows are intact
-    ww_rows = [r for r in hist if "ww/summary/alpha" in r]
+    ww_rows = [r for r in hist if "ww/alpha_mean" in r]
     assert [r["train/global_step"] for r in ww_rows] == [8, 12, 16]
     last = ww_rows[-1]
+    from ww_callbacks.trackers.base import LayerKeys
+
+    keys = LayerKeys()
+    keys.update(layer.name for layer in final.layers)
     for layer in final.layers:
-        for metric in ("alpha", "log_norm", "stable_rank"):
-            value = getattr(layer, metric)
-            if value == value:  # finite
-                assert last[f"ww/{layer.name}/{metric}"] == pytest.approx(value, rel=1e-9), layer.name
+        if layer.alpha == layer.alpha:  # finite
+            assert last[f"ww_alpha/{keys[layer.name]}"] == pytest.approx(layer.alpha, rel=1e-9), layer.name
+    assert sorted(k for k in last if k.startswith("ww_alpha/")) == [
+        f"ww_alpha/{keys[l.name]}" for l in final.layers if l.alpha == l.alpha]  # model order
     assert last["ww/layers/_type"] == "table-file"
+    assert last["ww/alpha_heatmap/_type"] == "image-file"
+    with open(os.path.join(run_dir, "files", last["ww/layers/path"])) as fh:
+        table = json.load(fh)  # log_norm and stable_rank: in the table, not as charts
+    got = {r[table["columns"].index("name")]: r for r in table["data"]}
+    for layer in final.layers:
+        for metric in ("log_norm", "stable_rank"):
+            value = getattr(layer, metric)
+            if value == value:
+                cell = got[layer.name][table["columns"].index(metric)]
+                assert cell == pytest.approx(value, rel=1e-9), (layer.name, metric)
 
     # TensorBoard: HF's TensorBoardCallback writer (closed by HF before our final analysis)
     tb_dirs = {os.path.dirname(p) for p in glob.glob(str(tmp_path / "out" / "runs" / "*" / "events.*"))}
@@ -113,8 +127,12 @@ def test_epoch_schedule_wandb_and_tensorboard(tmp_path):
     ea = EventAccumulator(tb_dirs.pop(), size_guidance={"scalars": 0})
     ea.Reload()
     assert "train/loss" in ea.Tags()["scalars"]
+    from ww_callbacks.trackers.base import LayerKeys
+
+    keys = LayerKeys()
+    keys.update(l.name for l in final.layers)  # model order, as the tracker numbers them
     layer = final.layers[0]
-    events = ea.Scalars(f"ww/{layer.name}/alpha")
+    events = ea.Scalars(f"ww_alpha/{keys[layer.name]}")
     assert [e.step for e in events] == [8, 12, 16]
     assert events[-1].value == pytest.approx(layer.alpha, rel=1e-6)
 
@@ -129,7 +147,10 @@ def test_step_schedule_and_resume(tmp_path, restore):
     _trainer(out, ww, **kw).train()
     assert _steps(ww.history.rows) == [2, 4, 6, 8]
     saved = json.load(open(out / "checkpoint-4" / "trainer_state.json"))["stateful_callbacks"]
-    assert _steps_of_state(saved["WeightWatcherCallback"]) == [2, 4]
+    pointer = saved["WeightWatcherCallback"]["attributes"]["controller_state"]["history"]
+    # the state points into history.jsonl instead of carrying the rows (checkpoints stay small)
+    assert pointer["last_step"] == 4 and pointer["output_dir"] == str(wwdir)
+    assert pointer["num_rows"] == len([r for r in ww.history.rows if r["step"] <= 4])
 
     # resume from step 4 as if the run had crashed after its checkpoint: 6 and 8 are redone
     ww2 = WeightWatcherCallback(start_fraction=0.0, every_n_steps=2, output_dir=str(wwdir),
@@ -149,12 +170,6 @@ def test_step_schedule_and_resume(tmp_path, restore):
     final = ww_core.analyze(trainer.model)
     got = {r["name"]: r["alpha"] for r in rows if r["step"] == 8}
     assert got == pytest.approx({l.name: l.alpha for l in final.layers}, nan_ok=True)
-
-
-def _steps_of_state(state):
-    hist = state["attributes"]["controller_state"]["history"]
-    col = hist["columns"].index("step")
-    return sorted({row[col] for row in hist["rows"]})
 
 
 def test_non_zero_process_writes_nothing(tmp_path):

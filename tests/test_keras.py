@@ -17,6 +17,7 @@ if keras.config.backend() != "torch":  # pragma: no cover - another backend was 
 import ww_core  # noqa: E402
 from ww_callbacks.history import read_jsonl  # noqa: E402
 from ww_callbacks.keras import WeightWatcherCallback  # noqa: E402
+from ww_callbacks.trackers.base import LayerKeys  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:.*__array__ implementation.*:DeprecationWarning")]
@@ -70,12 +71,15 @@ def test_epoch_schedule_with_wandb(tmp_path):
     wandb.teardown()
     data = read_offline_run(run_dir, timeout=15)
     assert data["exited"]
-    rows = [r for r in data["history"] if "ww/summary/alpha" in r]
+    rows = [r for r in data["history"] if "ww/alpha_mean" in r]
     assert [r["global_step"] for r in rows] == [16, 24, 32]
     assert [r["_step"] for r in rows] == sorted(r["_step"] for r in rows)
+    keys = LayerKeys()
+    keys.update(layer.name for layer in final.layers)
     for layer in final.layers:
-        assert rows[-1][f"ww/{layer.name}/alpha"] == pytest.approx(layer.alpha, rel=1e-9)
-        assert rows[-1][f"ww/{layer.name}/log_norm"] == pytest.approx(layer.log_norm, rel=1e-9)
+        assert rows[-1][f"ww_alpha/{keys[layer.name]}"] == pytest.approx(layer.alpha, rel=1e-9)
+    assert rows[-1]["ww/log_norm_mean"] == pytest.approx(final.summary()["log_norm"], rel=1e-9)
+    assert rows[-1]["ww/layers/nrows"] == 3
     state = json.load(open(tmp_path / "ww" / "ww_state.json"))
     assert state["adapter"] == {"global_step": 32, "epoch": 3}
 
@@ -129,5 +133,5 @@ def test_named_trackers_without_a_run_write_under_output_dir(tmp_path):
     client = MlflowClient(tracking_uri="sqlite:///" + str(out / "mlflow.db"))
     (exp,) = [e for e in client.search_experiments() if e.name == "ww-callbacks"]
     (run,) = client.search_runs([exp.experiment_id])
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "ww/summary/alpha")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "ww/alpha_mean")]
     assert steps == [8, 16]

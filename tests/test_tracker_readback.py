@@ -111,14 +111,26 @@ def _callback(tmp_path, **kw):
     return WeightWatcherCallback(**kw)
 
 
+def _layer_keys(history):
+    """The trackers' ``ww_alpha/<key>`` segments: model order of the first analysis."""
+    from ww_callbacks.trackers.base import LayerKeys
+
+    keys = LayerKeys()
+    keys.update(r["name"] for r in history.rows_at(history.steps[0]))
+    return keys
+
+
 def _assert_scalars_match(got, history, rel):
     expected = _expected(history)
     assert expected, "no finite alpha in the history"
+    keys = _layer_keys(history)
+    assert sorted(k for k in got if k.startswith("ww_alpha/")) == [
+        f"ww_alpha/{keys[n]}" for n in expected]  # one key per layer, sorted = model order
     for name, points in expected.items():
-        series = got[f"ww/{name}/alpha"]
+        series = got[f"ww_alpha/{keys[name]}"]
         assert [s for s, _ in series] == [s for s, _ in points], name
         assert [v for _, v in series] == pytest.approx([v for _, v in points], rel=rel), name
-    summary = got["ww/summary/alpha"]
+    summary = got["ww/alpha_mean"]
     want = _summary_alpha(history)
     assert [s for s, _ in summary] == [s for s, _ in want]
     assert [v for _, v in summary] == pytest.approx([v for _, v in want], rel=rel)
@@ -154,7 +166,7 @@ def test_lightning_tensorboard_and_mlflow_loggers_read_back(tmp_path):
     assert run.info.run_id == mlf.run_id
     assert "train_loss" in run.data.metrics
     got = {key: [(m.step, m.value) for m in client.get_metric_history(mlf.run_id, key)]
-           for key in run.data.metrics if key.startswith("ww/")}
+           for key in run.data.metrics if key.startswith("ww")}
     _assert_scalars_match(got, cb.history, rel=1e-12)
 
 
@@ -177,7 +189,6 @@ def test_huggingface_report_to_mlflow_read_back(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     from ww_callbacks.huggingface import WeightWatcherCallback
-    from ww_callbacks.trackers.mlflow import sanitize_metric_key
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -230,10 +241,11 @@ def test_huggingface_report_to_mlflow_read_back(tmp_path, monkeypatch):
     assert "loss" in run.data.metrics  # HF's own metrics share the run
     expected = _expected(ww.history)
     assert len(expected) >= 4
+    keys = _layer_keys(ww.history)
     for name, points in expected.items():
-        hist = client.get_metric_history(run.info.run_id, sanitize_metric_key(f"ww/{name}/alpha"))
+        hist = client.get_metric_history(run.info.run_id, f"ww_alpha/{keys[name]}")
         assert [(m.step, m.value) for m in hist] == [(s, pytest.approx(v, rel=1e-12)) for s, v in points]
-    summary = client.get_metric_history(run.info.run_id, "ww/summary/alpha")
+    summary = client.get_metric_history(run.info.run_id, "ww/alpha_mean")
     assert [m.step for m in summary] == [4, 8]
     assert [m.value for m in summary] == pytest.approx([v for _, v in _summary_alpha(ww.history)],
                                                        rel=1e-12)

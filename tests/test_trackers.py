@@ -107,7 +107,8 @@ def test_wandb_shared_run(wandb_env, tmp_path):
     # the trainer's own x-axis, as Lightning's WandbLogger declares it
     run.define_metric("trainer/global_step")
     run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
-    tracker = WandbTracker(step_metric="trainer/global_step", max_images=2)
+    tracker = WandbTracker(step_metric="trainer/global_step", max_images=2,
+                           log_metrics=["alpha", "stable_rank"])
     assert tracker.wants_evals
     analyses = _analyses(3)
     for a in analyses:  # interleave the trainer's own rows
@@ -119,39 +120,38 @@ def test_wandb_shared_run(wandb_env, tmp_path):
     run.log({"trainer/global_step": 99, "train/loss": 0.0})  # still the trainer's, not finished
     data, run_dir = _finish_and_read(wandb, run)
 
-    ww_rows = [r for r in data["history"] if any(k.startswith("ww/") for k in r)]
+    ww_rows = [r for r in data["history"] if any(k.startswith("ww") for k in r)]
     assert len(ww_rows) == 3
     steps = [r["trainer/global_step"] for r in ww_rows]
     assert steps == [10, 20, 30]
     internal = [r["_step"] for r in data["history"]]
     assert internal == sorted(internal) and len(set(internal)) == len(internal)
+    assert {"ww/*", "ww_alpha/*", "ww_stable_rank/*"} <= set(data["metrics"])
     for row, (step, epoch, res, rows, summary, history) in zip(ww_rows, analyses):
-        exp = _expected(rows, summary)
+        exp = _expected_keyed(rows, summary)
+        exp.update({f"ww_stable_rank/{i:02d}_{r['name']}": r["stable_rank"]
+                    for i, r in enumerate(rows)})
         for key, value in exp.items():
-            assert key in row, key
             assert row[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+        assert not any(k.startswith("ww_log_norm/") or k.startswith("ww/summary/") for k in row)
         assert row["ww/layers/_type"] == "table-file"
-        assert "ww/alpha_per_layer_table/_type" in row
-        # the layer table file holds the rows that were passed
+        assert row["ww/alpha_heatmap/_type"] == "image-file"
+        assert not any("alpha_per_layer" in k for k in row)  # no growing chart any more
+        # the layer table file holds the rows that were passed, all columns
         with open(os.path.join(run_dir, "files", row["ww/layers/path"])) as fh:
             table = json.load(fh)
         alpha_col = table["columns"].index("alpha")
         name_col = table["columns"].index("name")
         got = {r[name_col]: r[alpha_col] for r in table["data"]}
         assert got == pytest.approx({r["name"]: r["alpha"] for r in rows})
-        flagged = [l.name for l in res.layers if l.flags]
+        assert [r[0] for r in table["data"]] == ["00_fc1", "01_fc2", "02_head"]  # layer_key
         try:
             import ww_core.plots  # noqa: F401
         except ImportError:
-            flagged = []
-        for name in flagged[:2]:
-            assert row[f"ww/esd/{name}/_type"] == "image-file"
-            assert os.path.exists(os.path.join(run_dir, "files", row[f"ww/esd/{name}/path"]))
-    # the alpha chart of the last analysis covers every step seen so far
-    with open(os.path.join(run_dir, "files", ww_rows[-1]["ww/alpha_per_layer_table/path"])) as fh:
-        chart = json.load(fh)
-    step_col = chart["columns"].index("step")
-    assert sorted({r[step_col] for r in chart["data"]}) == [10, 20, 30]
+            continue
+        assert row["ww/esd/_type"] == "images/separated" and row["ww/esd/count"] == 2
+        for name in row["ww/esd/filenames"]:
+            assert os.path.exists(os.path.join(run_dir, "files", name))
 
 
 def test_wandb_no_run_and_open_run(wandb_env, tmp_path):
@@ -176,9 +176,10 @@ def test_wandb_no_run_and_open_run(wandb_env, tmp_path):
 
     data = read_offline_run(run_dir, timeout=15)
     assert data["exited"]
-    rows = [r for r in data["history"] if "ww/summary/alpha" in r]
+    rows = [r for r in data["history"] if "ww/alpha_mean" in r]
     assert [r["step"] for r in rows] == [10, 20]
-    assert rows[1]["ww/summary/alpha"] == pytest.approx(a[1][4]["alpha"])
+    assert rows[1]["ww_alpha/01_fc2"] == pytest.approx(a[1][3][1]["alpha"])
+    assert data["metrics"]["ww/*"] == "step"
     assert not any(k.startswith("ww/esd/") for r in rows for k in r)
 
 
@@ -203,6 +204,24 @@ def test_mlflow_sanitize():
                 "ww/ü-é/alpha"):
         _validate_metric_name(sanitize_metric_key(key))
     assert sanitize_metric_key("ww/a:b[0]/alpha") == "ww/a_b_0_/alpha"
+    for key in ("ww_alpha/03_encoder_layer_0_attention_self_query", "ww/alpha_mean",
+                "ww/event/lr-factors-suggestion"):  # the tracker's own keys pass unchanged
+        assert sanitize_metric_key(key) == key
+
+
+def _expected_keyed(rows, summary):
+    """MLflow/TensorBoard scalars of one analysis of ``_state_dict``: alpha per layer under
+    ``ww_alpha/<NN>_<layer>`` (model order) and the summary section ``ww/<key>``."""
+    exp = {f"ww_alpha/{i:02d}_{r['name']}": float(r["alpha"]) for i, r in enumerate(rows)
+           if r["alpha"] is not None and math.isfinite(float(r["alpha"]))}
+    alphas = list(exp.values())
+    exp.update({"ww/alpha_mean": sum(alphas) / len(alphas), "ww/alpha_min": min(alphas),
+                "ww/alpha_max": max(alphas), "ww/log_norm_mean": summary["log_norm"],
+                "ww/num_layers": summary["num_layers"], "ww/num_flagged": summary["num_flagged"]})
+    return exp
+
+
+FREEZE_FC1 = {"freeze": ["fc1"], "unfreeze": [], "reasons": {"fc1": "alpha settled"}}
 
 
 def test_mlflow_own_run(mlflow_store):
@@ -216,28 +235,36 @@ def test_mlflow_own_run(mlflow_store):
         tracker = MLflowTracker(tracking_uri=uri, experiment_name="ww-test")
         analyses = _analyses(3)
         _feed(tracker, analyses)
-        tracker.log_event(step=30, kind="freeze", payload={"layer": "fc1", "factor": 0.5})
+        tracker.log_event(step=30, kind="freeze", payload=FREEZE_FC1)
         tracker.close()
         client = MlflowClient(tracking_uri=uri)
         run = client.get_run(tracker.run_id)
         assert run.info.status == "FINISHED"
         keys = set(run.data.metrics)
         for step, epoch, res, rows, summary, history in analyses:
-            for key, value in _expected(rows, summary).items():
-                assert key in keys
-        for key in ("ww/fc1/alpha", "ww/summary/alpha", "ww/head/D"):
+            assert set(_expected_keyed(rows, summary)) <= keys
+        assert not any(k.startswith("ww_") and not k.startswith("ww_alpha/") for k in keys)
+        for key in ("ww_alpha/00_fc1", "ww_alpha/02_head", "ww/alpha_mean", "ww/num_layers"):
             hist = client.get_metric_history(tracker.run_id, key)
             assert [m.step for m in hist] == [10, 20, 30]
             assert [m.value for m in hist] == pytest.approx(
-                [_expected(a[3], a[4])[key] for a in analyses], rel=1e-12)
-        assert [m.value for m in client.get_metric_history(tracker.run_id, "ww/event/freeze/factor")] == [0.5]
+                [_expected_keyed(a[3], a[4])[key] for a in analyses], rel=1e-12)
+        assert [m.value for m in client.get_metric_history(tracker.run_id, "ww/event/freeze")] == [1.0]
         arts = {f.path for f in client.list_artifacts(tracker.run_id, "ww")}
-        assert arts == {"ww/layers.json", "ww/layers.csv"}
+        assert arts == {"ww/layers.json", "ww/layers.csv", "ww/decisions.json"}
         local = client.download_artifacts(tracker.run_id, "ww/layers.json", str(d / "dl"))
         with open(local) as fh:
             table = json.load(fh)
         assert table["step"] == 30
+        assert [r["key"] for r in table["layers"]] == ["00_fc1", "01_fc2", "02_head"]
         assert [r["alpha"] for r in table["layers"]] == pytest.approx([r["alpha"] for r in analyses[-1][3]])
+        local = client.download_artifacts(tracker.run_id, "ww/decisions.json", str(d / "dl"))
+        with open(local) as fh:
+            dec = json.load(fh)
+        (row,) = [dict(zip(dec["columns"], r)) for r in dec["data"]]
+        assert row["step"] == 30 and row["layer"] == "fc1" and row["action"] == "freeze"
+        assert row["reason"] == "alpha settled"
+        assert row["alpha"] == pytest.approx(analyses[-1][3][0]["alpha"], rel=1e-9)
 
 
 def test_mlflow_active_run_not_ended(mlflow_store, monkeypatch):
@@ -259,7 +286,7 @@ def test_mlflow_active_run_not_ended(mlflow_store, monkeypatch):
             tracker.close()
             assert mlflow.active_run() is not None
             assert client.get_run(active.info.run_id).info.status == "RUNNING"
-        hist = client.get_metric_history(active.info.run_id, "ww/fc2/alpha")
+        hist = client.get_metric_history(active.info.run_id, "ww_alpha/01_fc2")
         assert [m.step for m in hist] == [10, 20]
         # Lightning style: MLFlowLogger.experiment (a client) + run_id passed in
         run = client.create_run(exp_id)
@@ -267,7 +294,7 @@ def test_mlflow_active_run_not_ended(mlflow_store, monkeypatch):
         _feed(tracker, _analyses(1))
         tracker.close()
         assert client.get_run(run.info.run_id).info.status == "RUNNING"
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "ww/fc1/alpha")] == [10]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "ww_alpha/00_fc1")] == [10]
 
 
 # -- TensorBoard --------------------------------------------------------------------------------
@@ -298,13 +325,16 @@ def test_tensorboard_own_writer(tmp_path, backend):
     tracker = TensorBoardTracker(log_dir=str(tmp_path / "tb"), backend=backend)
     analyses = _analyses(3)
     _feed(tracker, analyses)
+    tracker.log_event(step=30, kind="freeze", payload=FREEZE_FC1)
     tracker.close()
     got = _scalars(tmp_path / "tb")
     for i, (step, epoch, res, rows, summary, history) in enumerate(analyses):
-        for key, value in _expected(rows, summary).items():
+        for key, value in _expected_keyed(rows, summary).items():
             assert got[key][i][0] == step
             assert got[key][i][1] == pytest.approx(value, rel=1e-6)  # stored as float32
-    assert [s for s, _ in got["ww/fc1/alpha"]] == [10, 20, 30]
+    assert [s for s, _ in got["ww_alpha/00_fc1"]] == [10, 20, 30]
+    assert got["ww/event/freeze"] == [(30, 1.0)]
+    assert {k.split("/")[0] for k in got} == {"ww", "ww_alpha"}
 
 
 def test_tensorboard_trainer_writer_not_closed(tmp_path):
@@ -319,5 +349,5 @@ def test_tensorboard_trainer_writer_not_closed(tmp_path):
     writer.add_scalar("train/loss", 0.5, 21)  # the trainer's writer still works
     writer.close()
     got = _scalars(tmp_path / "tb")
-    assert [s for s, _ in got["ww/head/alpha"]] == [10, 20]
+    assert [s for s, _ in got["ww_alpha/02_head"]] == [10, 20]
     assert got["train/loss"] == [(21, 0.5)]

@@ -73,6 +73,10 @@ def _read_records(data: bytes) -> Iterable[bytes]:
 def read_offline_run(path: str, timeout: float = 10.0) -> Dict[str, Any]:
     """Read an offline run back: ``{"history": [row, ...], "summary": {...}, "exited": bool}``.
 
+    Also ``"history_bytes"`` (the serialised size of each history record, parallel to
+    ``"history"``), ``"alerts"`` (``{"title", "text", "level"}`` per ``run.alert``) and
+    ``"metrics"`` (``{"name" or "glob_name": step_metric}`` per ``define_metric``).
+
     Args:
         path: a ``run-<id>.wandb`` file or the ``offline-run-*`` directory holding one.
         timeout: wait up to this many seconds for the final ``exit`` record, since ``finish()``
@@ -92,7 +96,8 @@ def read_offline_run(path: str, timeout: float = 10.0) -> Dict[str, Any]:
     while True:
         with open(path, "rb") as fh:
             data = fh.read()
-        out: Dict[str, Any] = {"history": [], "summary": {}, "exited": False}
+        out: Dict[str, Any] = {"history": [], "summary": {}, "exited": False,
+                               "history_bytes": [], "alerts": [], "metrics": {}}
         if len(data) >= _HEADER:
             for raw in _read_records(data):
                 rec = pb.Record()
@@ -103,6 +108,13 @@ def read_offline_run(path: str, timeout: float = 10.0) -> Dict[str, Any]:
                     if "_step" not in row and rec.history.HasField("step"):
                         row["_step"] = rec.history.step.num
                     out["history"].append(row)
+                    out["history_bytes"].append(len(raw))
+                elif kind == "alert":
+                    out["alerts"].append({"title": rec.alert.title, "text": rec.alert.text,
+                                          "level": rec.alert.level})
+                elif kind == "metric":
+                    name = rec.metric.name or rec.metric.glob_name
+                    out["metrics"][name] = rec.metric.step_metric
                 elif kind == "summary":
                     for item in rec.summary.update:
                         out["summary"][_item_key(item)] = (json.loads(item.value_json)

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional
 
 from ww_callbacks.controller import WeightWatcherController
 from ww_callbacks.history import History
+from ww_callbacks.run_dir import AUTO
 
 __all__ = ["CallbackBase", "override"]
 
@@ -71,7 +72,10 @@ class CallbackBase:
                 raise ValueError(f"pass either controller= or its keywords, not both (got "
                                  f"{sorted(kwargs)})")
         else:
-            controller = WeightWatcherController(**{**defaults, **kwargs})
+            options = {**defaults, **kwargs}
+            if options.get("output_dir", AUTO) is None:   # the callbacks' None: the default folder
+                options.pop("output_dir")
+            controller = WeightWatcherController(**options)
         self.controller = controller
         #: the keywords this callback was built with (HF rebuilds a restored callback from them)
         self.init_kwargs = dict(kwargs)

@@ -35,20 +35,22 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
+from ww_callbacks.actions.binding import ControllerActions
 from ww_callbacks.actions.build import ActionSet
-from ww_callbacks.distributed import broadcast_object, rank_info
+from ww_callbacks.distributed import rank_info
 from ww_callbacks.executor import AnalysisExecutor, Finished, check_analyze_options
 from ww_callbacks.history import History
 from ww_callbacks.reporting import ErrorReporter, format_line
+from ww_callbacks.run_dir import AUTO, run_folder
 from ww_callbacks.schedule import Schedule
 from ww_callbacks.state import ControllerState
-from ww_callbacks.trackers.base import Tracker
+from ww_callbacks.trackers.base import Tracker, summary_scalars
 from ww_callbacks.trackers.resolve import build_trackers, check_tracker_spec, fan_out
 
 __all__ = ["WeightWatcherController"]
 
 
-class WeightWatcherController(ControllerState):
+class WeightWatcherController(ControllerActions, ControllerState):
     """Schedules spectral analyses during training, records them and acts on them.
 
     Args:
@@ -58,8 +60,10 @@ class WeightWatcherController(ControllerState):
             ``every_n_steps``).
         every_n_steps: analyse every n optimizer steps instead.
         layers: regex or list of regexes selecting layers by name (``ww_core.analyze``).
-        output_dir: folder of ``history.jsonl``/``history.csv`` and the local report; ``None``
-            keeps the history in memory only (and drops the local tracker).
+        output_dir: folder of ``history.jsonl``/``history.csv`` and the local report. Default:
+            a new folder per run, ``<base>/<run id or start time>`` (:mod:`ww_callbacks.run_dir`;
+            ``base`` is the trainer's folder, else ``ww-output``); ``None`` keeps the history in
+            memory only (and drops the local tracker).
         trackers: ``"auto"`` (the framework's loggers the adapter found, plus the local
             record), ``None``/``[]`` (history files only), or a list of names (``"local"``,
             ``"wandb"``, ``"mlflow"``, ``"tensorboard"``) and ``Tracker`` instances.
@@ -94,7 +98,7 @@ class WeightWatcherController(ControllerState):
     def __init__(self, start_fraction: float = 0.5, every_n_epochs: Optional[int] = None,
                  every_n_steps: Optional[int] = None,
                  layers: Union[None, str, Sequence[str]] = None,
-                 output_dir: Optional[Union[str, os.PathLike]] = "ww-output",
+                 output_dir: Optional[Union[str, os.PathLike]] = AUTO,
                  trackers: Union[str, Sequence[Union[str, Tracker]], None] = "auto",
                  log_fn: Optional[Callable[[str], Any]] = None, strict: bool = False,
                  freeze: Any = "off", freeze_options: Optional[Dict[str, Any]] = None,
@@ -110,9 +114,10 @@ class WeightWatcherController(ControllerState):
         self.async_analysis = async_analysis
         self.schedule = Schedule(start_fraction, every_n_epochs, every_n_steps)
         self.layers = check_layer_patterns(layers)
-        if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
+        if output_dir not in (None, AUTO) and not isinstance(output_dir, (str, os.PathLike)):
             raise ValueError(f"output_dir must be a path or None, got {output_dir!r}")
-        self.output_dir = os.fspath(output_dir) if output_dir is not None else None
+        self._per_run = output_dir is AUTO
+        self.output_dir = os.fspath(output_dir) if output_dir not in (None, AUTO) else None
         self.tracker_spec = check_tracker_spec(trackers)
         self.reporter = ErrorReporter(log_fn, strict)
         self.action_set = ActionSet(freeze, freeze_options, balance_lr, lr_options, early_stop,
@@ -134,6 +139,7 @@ class WeightWatcherController(ControllerState):
         self.last_step: Optional[int] = None     # last step analysed (or attempted)
         self.num_analyses = 0
         self.last_result: Any = None
+        self.last_scalars: Dict[str, float] = {}
         #: Why early stopping asked to stop (``None`` while it has not).
         self.stop_reason: Optional[str] = None
         #: Analyses that fell due while another was still running (async mode), not run.
@@ -155,6 +161,11 @@ class WeightWatcherController(ControllerState):
     @property
     def log_fn(self) -> Callable[[str], Any]:
         return self.reporter.log_fn
+
+    @property
+    def per_run(self) -> bool:
+        """Whether :attr:`output_dir` is a per-run folder chosen in :meth:`configure`."""
+        return self._per_run
 
     @property
     def analyze_options(self) -> Dict[str, Any]:
@@ -193,58 +204,12 @@ class WeightWatcherController(ControllerState):
         if self.is_global_zero:
             self.reporter.log(message)
 
-    # ------------------------------------------------------------------ actions
-    def bind_actions(self, freeze_fn: Optional[Callable[[List[str], List[str]], Any]] = None,
-                     lr_fn: Optional[Callable[[Dict[str, float]], Any]] = None,
-                     stop_fn: Optional[Callable[[str], Any]] = None,
-                     sync_fn: Optional[Callable[[Any], Any]] = broadcast_object) -> None:
-        """Give the actions their framework functions (may be called again, e.g. by a new adapter).
-
-        Args:
-            freeze_fn: ``freeze_fn(freeze, unfreeze)`` with layer names; needed for
-                ``freeze="apply"``.
-            lr_fn: ``lr_fn({layer: factor})``; needed for ``balance_lr=True``.
-            stop_fn: ``stop_fn(reason)`` asks the trainer to stop (``stop_reason`` is set
-                either way).
-            sync_fn: returns rank 0's object on every rank (default: a ``torch.distributed``
-                broadcast when a process group is up).
-
-        Raises:
-            ValueError: an ``apply`` mode without its function.
-        """
-        def stop(reason: str) -> None:
-            self.stop_reason = reason
-            if stop_fn is not None:
-                stop_fn(reason)
-
-        self.action_set.bind(freeze_fn=freeze_fn, lr_fn=lr_fn, stop_fn=stop, sync_fn=sync_fn)
-        self._bound = True
-
-    def start_actions(self, protect: Sequence[str] = ()) -> None:
-        """At the start of a fit: never freeze ``protect`` (e.g. a tied output head) and
-        re-freeze what a restored state froze (``requires_grad``/``trainable`` are not saved)."""
-        if self.action_set.freeze_policy.protect_head and protect:
-            self.action_set.freeze_policy.protect_names(list(protect))
-        if not self._bound:
-            self.bind_actions()
-        self.guard("re-applying frozen layers", self.action_set.reapply)
-
-    @property
-    def frozen_layers(self) -> List[str]:
-        """Layers frozen (``freeze="apply"``) or suggested (``"suggest"``) so far."""
-        return list(self.action_set.freeze_policy.frozen)
-
-    @property
-    def lr_factors(self) -> Dict[str, float]:
-        """The latest TempBalance factors (``balance_lr`` on)."""
-        return dict(self.action_set.lr_policy.factors)
-
     # ------------------------------------------------------------------ setup
     def configure(self, total_steps: Any = None, total_epochs: Any = None,
                   trackers: Optional[Sequence[Tracker]] = None,
                   is_global_zero: Optional[bool] = None, current_step: Optional[int] = None,
                   output_dir: Optional[Union[str, os.PathLike]] = None,
-                  world_size: Optional[int] = None) -> None:
+                  world_size: Optional[int] = None, base_dir: Optional[str] = None) -> None:
         """Tell the controller the training plan; call once the trainer knows it, on every rank.
 
         Args:
@@ -257,8 +222,9 @@ class WeightWatcherController(ControllerState):
             current_step: the trainer's global step now. On resume, history rows after it are
                 dropped, rows on disk up to it that the checkpoint missed are recovered, and the
                 files are rewritten. ``0``/``None`` with no state loaded starts the files afresh.
-            output_dir: overrides the constructor's ``output_dir`` (adapters default it to a
-                folder of the trainer).
+            output_dir: overrides the constructor's ``output_dir``.
+            base_dir: where the per-run folder goes when no ``output_dir`` was named (adapters
+                pass a folder of the trainer; default ``ww-output``).
             world_size: number of training processes (default: detected). Above 1,
                 ``async_analysis="auto"`` is synchronous and the default engine shards the
                 layers over the ranks (``new_group`` is a collective: every rank must call this).
@@ -274,7 +240,12 @@ class WeightWatcherController(ControllerState):
         self.executor.configure(world_size, (world_size == 1 and self.executor.default_engine)
                                 if self.async_analysis == "auto" else bool(self.async_analysis))
         if output_dir is not None:
-            self.output_dir = self.history.output_dir = os.fspath(output_dir)
+            self.output_dir, self._per_run = os.fspath(output_dir), False
+        elif self._per_run:
+            # the folder a loaded state points to, else the latest (resume) or a new one
+            self.output_dir = self.history.output_dir or run_folder(base_dir or "ww-output",
+                                                                    current_step, trackers or ())
+        self.history.output_dir = self.output_dir
         self.is_global_zero = self.reporter.is_global_zero = self.history.write = is_global_zero
         warning = self.schedule.configure(total_steps, total_epochs)
         if warning:
@@ -294,9 +265,8 @@ class WeightWatcherController(ControllerState):
 
     def _resume_history(self, current_step: int) -> None:
         dropped = self.history.truncate(current_step)
-        recovered = 0
-        if current_step > 0 and self.is_global_zero:
-            recovered = self.guard("reading the history file", self.history.recover, current_step) or 0
+        recovered = (self.guard("reading the history file", self.history.recover, current_step) or 0) \
+            if current_step > 0 and self.is_global_zero else 0
         steps = [s for s in (self.last_step, self.history.last_step) if s is not None]
         self.last_step = min(max(steps), current_step) if steps else None
         if dropped or recovered:
@@ -398,12 +368,13 @@ class WeightWatcherController(ControllerState):
         self.last_result = result
         rows = [{"step": step, "epoch": epoch, "time": started, **rec} for rec in result.to_records()]
         self.guard("writing the history files", self.history.append, rows)
+        summary = dict(self.guard("summarising", result.summary) or {})
+        summary.update(hook_seconds=hook, analysis_seconds=time.time() - started)
+        if self.action_set.freeze_policy.enabled:
+            summary["num_frozen"] = len(self.action_set.freeze_policy.frozen)
+        #: ``{summary key: value}`` of the latest analysis, on every rank (adapters publish it).
+        self.last_scalars = self.guard("summarising", summary_scalars, rows, summary) or {}
         if self.is_global_zero:
-            summary = dict(self.guard("summarising", result.summary) or {})
-            summary["hook_seconds"] = hook
-            summary["analysis_seconds"] = time.time() - started
-            if self.action_set.freeze_policy.enabled:
-                summary["num_frozen"] = len(self.action_set.freeze_policy.frozen)
             fan_out(self.trackers, self.report, f"at step {step}", "log_analysis", step=step,
                     epoch=epoch, rows=rows, summary=summary, result=result, history=self.history.rows)
             self.log(format_line(result, step, epoch) + f" [training waited {hook:.3f} s]")
@@ -417,6 +388,7 @@ class WeightWatcherController(ControllerState):
         if not self.is_global_zero:
             return
         self.log(f"ww step {step}: {kind} {payload}")
+        self.guard("writing the decisions file", self.history.append_decision, step, kind, payload)
         fan_out(self.trackers, self.report, f"on event {kind!r}", "log_event", step=step,
                 kind=kind, payload=payload)
 

@@ -80,6 +80,8 @@ class History:
 
     JSONL = "history.jsonl"
     CSV = "history.csv"
+    #: Every action decision (freeze, LR factors, stop), one JSON object a line.
+    DECISIONS = "decisions.jsonl"
 
     def __init__(self, output_dir: Optional[str] = None, write: bool = True) -> None:
         self.output_dir = os.fspath(output_dir) if output_dir is not None else None
@@ -130,8 +132,35 @@ class History:
             return
         self._append_files(rows)
 
+    def append_decision(self, step: int, kind: str, payload: Dict[str, Any]) -> None:
+        """Append an action's decision to ``decisions.jsonl`` (when this process writes)."""
+        if not self._can_write():
+            return
+        os.makedirs(self.output_dir, exist_ok=True)
+        line = json.dumps({"step": int(step), "kind": kind, "payload": payload}, default=str)
+        with open(os.path.join(self.output_dir, self.DECISIONS), "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+    def _truncate_decisions(self, after_step: int) -> None:
+        path = os.path.join(self.output_dir, self.DECISIONS) if self._can_write() else None
+        if path is None or not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as fh:
+            lines = [ln for ln in fh if ln.strip()]
+        kept = []
+        for ln in lines:
+            try:
+                if int(json.loads(ln)["step"]) <= after_step:
+                    kept.append(ln)
+            except (ValueError, KeyError, TypeError):
+                continue                      # a line cut short by a crash
+        if len(kept) != len(lines):
+            with atomic_open(path) as fh:
+                fh.writelines(kept)
+
     def truncate(self, after_step: int) -> int:
-        """Drop rows with ``step > after_step``; returns how many were dropped."""
+        """Drop rows (and decisions) with ``step > after_step``; returns how many rows were dropped."""
+        self._truncate_decisions(after_step)
         before = len(self.rows)
         self.rows = [r for r in self.rows if r["step"] <= after_step]
         dropped = before - len(self.rows)
@@ -182,16 +211,40 @@ class History:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
-        """JSON-serialisable: column names plus one value list per row (non-finite -> None)."""
+        """JSON-serialisable state of a few hundred bytes: a pointer into ``history.jsonl``.
+
+        With no output folder (memory only) the rows themselves: column names plus one value
+        list per row (non-finite -> None).
+        """
+        if self.output_dir is not None:
+            return {"version": 2, "output_dir": os.path.abspath(self.output_dir), "file": self.JSONL,
+                    "last_step": self.last_step, "num_rows": len(self.rows)}
         columns = self._columns(self.rows)
         return {"version": 1, "columns": columns,
                 "rows": [[plain_value(r.get(c, None)) for c in columns] for r in self.rows]}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        columns = list(state.get("columns", ()))
-        self.rows = [{c: _from_json_value(v) for c, v in zip(columns, values)}
-                     for values in state.get("rows", ())]
+    def load_state_dict(self, state: Dict[str, Any]) -> int:
+        """Restore :meth:`state_dict`: the rows themselves, or those up to the pointer's step read
+        back from its file (``output_dir`` is set to the pointer's folder when that exists).
+
+        Returns:
+            How many rows the state named that could not be found (0 when all were).
+        """
         self._synced = False
+        if "rows" in state or "output_dir" not in state:
+            columns = list(state.get("columns", ()))
+            self.rows = [{c: _from_json_value(v) for c, v in zip(columns, values)}
+                         for values in state.get("rows", ())]
+            return 0
+        folder = state["output_dir"]
+        if os.path.isdir(folder) or self.output_dir is None:
+            self.output_dir = folder
+        last = state.get("last_step")
+        path = self.jsonl_path
+        rows = read_jsonl(path, skip_bad_lines=True) if path and os.path.exists(path) else []
+        self.rows = sorted((r for r in rows if isinstance(r.get("step"), int)
+                            and (last is None or r["step"] <= last)), key=lambda r: r["step"])
+        return max(int(state.get("num_rows", 0)) - len(self.rows), 0)
 
     # ------------------------------------------------------------------ internals
     def _can_write(self) -> bool:

@@ -33,6 +33,13 @@ STATE_FILE = "ww_state.json"
 HF_STEP_METRIC = "train/global_step"
 
 
+def _console(line: str) -> None:
+    """The per-analysis line, printed above the Trainer's tqdm progress bar (HF's own console)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line)
+
+
 def _epoch_index(state: Any) -> int:
     """0-based epoch the current weights belong to (``state.epoch`` is e.g. 1.25 or 2.0)."""
     epoch = getattr(state, "epoch", None)
@@ -41,8 +48,8 @@ def _epoch_index(state: Any) -> int:
     return max(int(math.ceil(float(epoch) - 1e-9)) - 1, 0)
 
 
-def _tensorboard_dir(args: Any, output_dir: str) -> str:
-    """The folder HF's ``TensorBoardCallback`` writes to in this process, else our own.
+def _tensorboard_dir(args: Any) -> Optional[str]:
+    """The folder HF's ``TensorBoardCallback`` writes to in this process, if any.
 
     Its writer is created in its ``on_train_begin`` (before ours) under
     ``TENSORBOARD_LOGGING_DIR`` or ``<output_dir>/runs/<time>_<host>``; event file names end in
@@ -53,9 +60,7 @@ def _tensorboard_dir(args: Any, output_dir: str) -> str:
         return os.path.expanduser(os.environ["TENSORBOARD_LOGGING_DIR"])
     pattern = f"events.out.tfevents.*.{socket.gethostname()}.{os.getpid()}.*"
     mine = glob.glob(os.path.join(args.output_dir or ".", "runs", "*", pattern))
-    if not mine:
-        return os.path.join(output_dir, "tensorboard")
-    return os.path.dirname(max(mine, key=os.path.getmtime))
+    return os.path.dirname(max(mine, key=os.path.getmtime)) if mine else None
 
 
 class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
@@ -65,7 +70,8 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
         controller: an existing controller to drive (then give no other keyword).
         **kwargs: :class:`~ww_callbacks.controller.WeightWatcherController` keywords:
             ``start_fraction`` (of ``state.max_steps``), ``every_n_epochs``, ``every_n_steps``,
-            ``layers``, ``output_dir`` (default ``<args.output_dir>/ww-output``), ``trackers``
+            ``layers``, ``output_dir`` (default: a folder per run in
+            ``<args.output_dir>/ww-output``), ``trackers``
             (``"auto"``: the live integrations of ``args.report_to`` plus the local record),
             ``log_fn``, ``strict``, ``freeze``, ``freeze_options``, ``balance_lr`` (``True``
             needs :func:`create_layer_optimizer`), ``lr_options``, ``early_stop`` (sets
@@ -99,8 +105,7 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
         self._optimizer: Any = None
         self._scheduler: Any = None
         self._restored = False
-        self._setup_controller(controller, kwargs, output_dir=None)
-        self._output_dir = self.controller.output_dir
+        self._setup_controller(controller, kwargs, log_fn=_console)
 
     # ------------------------------------------------------------------ ExportableState
     @override
@@ -170,7 +175,7 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
                              "TrainingArguments(ddp_find_unused_parameters=True)")
 
     # ------------------------------------------------------------------ tracker discovery
-    def _trackers(self, args: Any, output_dir: str) -> List[Any]:
+    def _trackers(self, args: Any) -> List[Any]:
         from ww_callbacks.trackers.resolve import active_mlflow_tracker, active_wandb_tracker, requested_names
 
         report_to = args.report_to or []
@@ -183,11 +188,11 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
                                required="wandb" not in report_to))
         if "mlflow" in wanted:  # no active run: a named "mlflow" gets its own store (controller)
             found.append(guard("attaching to mlflow", active_mlflow_tracker))
-        if "tensorboard" in wanted:
+        log_dir = _tensorboard_dir(args) if "tensorboard" in wanted else None
+        if log_dir is not None:  # else a named "tensorboard" writes into the run folder (controller)
             from ww_callbacks.trackers.tensorboard import TensorBoardTracker
 
-            found.append(guard("attaching to tensorboard",
-                               lambda: TensorBoardTracker(log_dir=_tensorboard_dir(args, output_dir))))
+            found.append(guard("attaching to tensorboard", TensorBoardTracker, log_dir=log_dir))
         return [t for t in found if t is not None]
 
     # ------------------------------------------------------------------ hooks
@@ -195,7 +200,6 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         from ww_callbacks.torch_utils import tied_head_layers
 
-        output_dir = self._output_dir or os.path.join(args.output_dir or ".", "ww-output")
         zero, step = bool(state.is_world_process_zero), int(state.global_step or 0)
         self._bind(kwargs)
         self._check_actions(args)
@@ -208,8 +212,9 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
         self.controller.start_actions(protect=tied)
         total_epochs = getattr(state, "num_train_epochs", None) or getattr(args, "num_train_epochs", None)
         self.controller.configure(total_steps=state.max_steps, total_epochs=total_epochs,
-                                  trackers=self._trackers(args, output_dir) if zero else [],
-                                  is_global_zero=zero, current_step=step, output_dir=output_dir,
+                                  trackers=self._trackers(args) if zero else [],
+                                  is_global_zero=zero, current_step=step,
+                                  base_dir=os.path.join(args.output_dir or ".", "ww-output"),
                                   world_size=int(getattr(args, "world_size", 1) or 1))
 
     @override

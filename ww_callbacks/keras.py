@@ -10,6 +10,7 @@ Set ``KERAS_BACKEND`` (e.g. ``torch``) before the first ``import keras``.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Dict, List, Optional
 
@@ -29,6 +30,14 @@ __all__ = ["WeightWatcherCallback"]
 KERAS_STEP_METRIC = "global_step"
 
 
+def _console(line: str) -> None:
+    """The per-analysis line where Keras prints its own progress (the logger when it does not)."""
+    if keras.utils.is_interactive_logging_enabled():
+        print(line, flush=True)
+    else:
+        logging.getLogger("ww_callbacks").info(line)
+
+
 class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
     r"""Analyse the layer weights' spectra (alpha etc.) during ``model.fit`` with ``ww_core``.
 
@@ -37,8 +46,8 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
         **kwargs: :class:`~ww_callbacks.controller.WeightWatcherController` keywords:
             ``start_fraction`` (of ``params["epochs"] * params["steps"]``, else of the epochs),
             ``every_n_epochs``, ``every_n_steps`` (batches), ``layers`` (Keras variable paths
-            without ``/kernel``, e.g. ``sequential/dense_1``), ``output_dir`` (default
-            ``ww-output``; also holds the resume state ``ww_state.json``), ``trackers``
+            without ``/kernel``, e.g. ``sequential/dense_1``), ``output_dir`` (default: a folder
+            per run in ``ww-output``; also holds the resume state ``ww_state.json``), ``trackers``
             (``"auto"``: an active ``wandb.run`` plotted against ``global_step``, an active
             MLflow run, and the local record), ``log_fn``, ``strict``, ``freeze`` (``"apply"``
             sets ``layer.trainable = False`` mid-fit), ``freeze_options``, ``balance_lr``
@@ -69,7 +78,7 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
 
     def __init__(self, controller: Optional[WeightWatcherController] = None, **kwargs: Any) -> None:
         super().__init__()
-        self._setup_controller(controller, kwargs, output_dir="ww-output")
+        self._setup_controller(controller, kwargs, log_fn=_console)
         self.lr_scaler: Any = None
         self.global_step = 0
         self.epoch = 0
@@ -77,9 +86,18 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
         self._needs_configure = False
         self._is_zero = True
 
+    #: Where the per-run folders go when no ``output_dir`` is named.
+    BASE_DIR = "ww-output"
+
     @property
     def state_path(self) -> Optional[str]:
+        """``ww_state.json`` of this run (before the first epoch of a resumed fit: of the latest
+        run folder under :attr:`BASE_DIR`)."""
+        from ww_callbacks.run_dir import latest_run_dir
+
         out = self.controller.output_dir
+        if out is None and self.controller.per_run:
+            out = latest_run_dir(self.BASE_DIR)
         return os.path.join(out, self.STATE_FILE) if out else None
 
     # ------------------------------------------------------------------ apply functions
@@ -144,7 +162,8 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
         self.global_step = start
         self.controller.configure(total_steps=spe * int(epochs) if spe and epochs else None,
                                   total_epochs=epochs, trackers=self._trackers() if self._is_zero else [],
-                                  is_global_zero=self._is_zero, current_step=start)
+                                  is_global_zero=self._is_zero, current_step=start,
+                                  base_dir=self.BASE_DIR)
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -172,6 +191,8 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
         self.epoch = epoch
         self.controller.maybe_run(self.model, step=self.global_step, epoch=epoch, epoch_end=True)
+        if logs is not None:   # History, CSVLogger, EarlyStopping, WandbMetricsLogger listed after us
+            logs.update({f"ww/{k}": v for k, v in self.controller.last_scalars.items()})
         self._save_state()
 
     @override

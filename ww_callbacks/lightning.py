@@ -7,7 +7,6 @@ Trainers while ``lightning`` is installed too, use :mod:`ww_callbacks.pytorch_li
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Dict, List, Optional
 
@@ -48,7 +47,7 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
         **kwargs: :class:`~ww_callbacks.controller.WeightWatcherController` keywords:
             ``start_fraction`` (of ``trainer.estimated_stepping_batches``, else of
             ``max_epochs``), ``every_n_epochs``, ``every_n_steps``, ``layers``, ``output_dir``
-            (default ``<trainer.default_root_dir>/ww-output``), ``trackers``, ``log_fn``
+            (default: a folder per run in ``<trainer.default_root_dir>/ww-output``), ``trackers``, ``log_fn``
             (default ``rank_zero_info``), ``strict``, ``freeze`` (``"apply"`` sets
             ``requires_grad=False`` mid-fit), ``freeze_options``, ``balance_lr`` (``True``
             needs named param groups, see :func:`layer_param_groups`), ``lr_options``,
@@ -74,8 +73,7 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
         super().__init__()
         self._trainer: Any = None
         self._module: Any = None
-        self._setup_controller(controller, kwargs, log_fn=rank_zero_info, output_dir=None)
-        self._output_dir = self.controller.output_dir
+        self._setup_controller(controller, kwargs, log_fn=rank_zero_info)
 
     @override
     @property
@@ -107,13 +105,15 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
     # ------------------------------------------------------------------ tracker discovery
     def _trackers(self, trainer: "pl.Trainer") -> List[Any]:
         from ww_callbacks.trackers import make_tracker
+        from ww_callbacks.trackers.metrics_logger import MetricsLoggerTracker
 
         found = []
         for lg in trainer.loggers:
             names = {cls.__name__ for cls in type(lg).__mro__}
-            for name, kwargs in (v for k, v in _LOGGER_TRACKERS.items() if k in names):
-                found.append(self.controller.guard(f"attaching to {type(lg).__name__}",
-                                                   lambda n, k, g: make_tracker(n, **k(g)), name, kwargs, lg))
+            match = next((v for k, v in _LOGGER_TRACKERS.items() if k in names), None)
+            # any other logger (CSVLogger, Comet, Neptune, DVCLive...) gets the summary scalars
+            make = (lambda g, m=match: make_tracker(m[0], **m[1](g))) if match else MetricsLoggerTracker
+            found.append(self.controller.guard(f"attaching to {type(lg).__name__}", make, lg))
         return [t for t in found if t is not None]
 
     # ------------------------------------------------------------------ hooks
@@ -126,6 +126,9 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
             raise ValueError("balance_lr=True needs per-layer named param groups; build the optimizer "
                              "with WeightWatcherCallback.param_groups(self, base_lr=...) in "
                              "configure_optimizers")
+        for cb in trainer.callbacks:   # EarlyStopping(monitor="ww/...", strict=True) would raise
+            if isinstance(cb, pl.callbacks.EarlyStopping) and str(cb.monitor).startswith("ww"):
+                cb.strict = False      # before the first analysis; the value exists after it
         ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)   # no public accessor
         if actions.freeze_mode == "apply" and trainer.world_size > 1 and isinstance(ddp_kwargs, dict) \
                 and not ddp_kwargs.get("find_unused_parameters", False):
@@ -145,18 +148,18 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
             total_epochs=trainer.max_epochs if trainer.max_epochs not in (None, -1) else None,
             trackers=self._trackers(trainer) if zero else [], is_global_zero=zero,
             current_step=trainer.global_step, world_size=trainer.world_size,
-            output_dir=self._output_dir or os.path.join(trainer.default_root_dir, "ww-output"))
+            base_dir=os.path.join(trainer.default_root_dir, "ww-output"))
 
     def _maybe_run(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch_end: bool) -> None:
         if trainer.sanity_checking:
             return
         result = self.controller.maybe_run(pl_module, step=trainer.global_step,
                                            epoch=trainer.current_epoch, epoch_end=epoch_end)
-        alpha = result.summary().get("alpha", math.nan) if result is not None else math.nan
-        if math.isfinite(alpha):
+        if result is not None:
             import torch
 
-            trainer.callback_metrics["ww/alpha_mean"] = torch.tensor(alpha)
+            for key, value in self.controller.last_scalars.items():
+                trainer.callback_metrics[f"ww/{key}"] = torch.tensor(value)   # the trackers' keys
 
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,

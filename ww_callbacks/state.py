@@ -1,5 +1,8 @@
 """The controller's checkpoint state: what a resumed run needs to continue the same record.
 
+The history is not in it: ``history.jsonl`` in the run folder is the record, and the state
+points into it (folder, last step, row count); a resume reads the rows back from there.
+
 Kept in a mixin of :class:`~ww_callbacks.controller.WeightWatcherController` so that the
 controller module holds the run logic and this one the persistence.
 """
@@ -21,7 +24,9 @@ class ControllerState:
     """``state_dict`` / ``load_state_dict`` and their file forms, for the controller."""
 
     def state_dict(self) -> Dict[str, Any]:
-        """JSON-serialisable state for checkpoints: history, last analysed step, action state.
+        """JSON-serialisable state for checkpoints: a pointer into the history files, the last
+        analysed step and the action state; a few KB whatever the number of analyses (the rows
+        themselves only when the history is kept in memory, ``output_dir=None``).
 
         Never waits for a background analysis: one in flight is not part of this state (its
         step counts as not analysed); its rows reach ``history.jsonl`` when it finishes, and a
@@ -45,7 +50,14 @@ class ControllerState:
         if state.get("version", STATE_VERSION) > STATE_VERSION:
             raise ValueError(f"state version {state.get('version')} is newer than this "
                              f"ww_callbacks understands ({STATE_VERSION})")
-        self.history.load_state_dict(state.get("history", {}))
+        missing = self.history.load_state_dict(state.get("history", {}))
+        if self.output_dir is not None and not self._per_run:
+            self.history.output_dir = self.output_dir       # a named folder wins over the pointer
+        elif self.history.output_dir is not None:
+            self.output_dir = self.history.output_dir
+        if missing:
+            self.log(f"ww: {missing} history rows named by the restored state are missing from "
+                     f"{self.history.jsonl_path}; the record continues from the rows found")
         last = state.get("last_step")
         self.last_step = int(last) if last is not None else self.history.last_step
         self.num_analyses = int(state.get("num_analyses", len(self.history.steps)))

@@ -65,6 +65,8 @@ DEFAULT_EXCLUDE_FLAGS: Tuple[str, ...] = (
 _MODES = {"off": "off", False: "off", None: "off", "suggest": "suggest", "apply": "apply",
           True: "apply"}
 _STATE_VERSION = 1
+#: Decisions kept in :meth:`FreezePolicy.state_dict` (the most recent ones).
+STATE_DECISIONS = 32
 
 
 def relative_range(values: Sequence[float]) -> float:
@@ -283,9 +285,11 @@ class FreezePolicy:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
-        """JSON-serialisable state: the frozen (or suggested) set, the head and the decisions log."""
+        """JSON-serialisable state: the frozen (or suggested) set, the head and the last
+        :data:`STATE_DECISIONS` decisions (bounded, so checkpoints stay small; every decision is
+        also in the run folder's ``decisions.jsonl``)."""
         return {"version": _STATE_VERSION, "mode": self.mode, "frozen": list(self.frozen),
-                "head": self.head, "decisions": [dict(d) for d in self.decisions]}
+                "head": self.head, "decisions": [dict(d) for d in self.decisions[-STATE_DECISIONS:]]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`. The adapter must then re-apply :attr:`frozen` to the model

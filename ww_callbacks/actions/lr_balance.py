@@ -187,9 +187,10 @@ class LRBalancePolicy:
         return decision
 
     def state_dict(self) -> Dict[str, Any]:
-        """JSON-serialisable state: the latest factors and the log."""
+        """JSON-serialisable state: the latest factors and the latest log entry (bounded, so
+        checkpoints stay small; every decision is also in the run folder's ``decisions.jsonl``)."""
         return {"version": _STATE_VERSION, "mode": self.mode, "factors": dict(self.factors),
-                "log": [dict(d) for d in self.log]}
+                "log": [dict(d) for d in self.log[-1:]]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`. Torch optimizers/schedulers carry the applied LRs in their

@@ -236,3 +236,18 @@ def scalars(rows: Iterable[Dict[str, Any]], summary: Dict[str, Any], keys: Layer
                 out[f"{section}/{keys[str(row.get('name'))]}"] = value
     out.update({f"{prefix}/{k}": v for k, v in summary_scalars(rows, summary).items()})
     return out
+
+
+def check_metrics(metrics: Iterable[str]) -> tuple:
+    """``metrics`` (a tracker's ``log_metrics=``) as a tuple of per-layer columns, checked.
+
+    Raises:
+        ValueError: a name that is not a column of ``ww_core.result.COLUMNS``.
+    """
+    from ww_core.result import COLUMNS
+
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    unknown = [m for m in metrics if m not in COLUMNS]
+    if unknown:
+        raise ValueError(f"log_metrics: unknown per-layer column(s) {unknown}; choose from {COLUMNS}")
+    return metrics

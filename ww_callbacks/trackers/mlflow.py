@@ -1,4 +1,4 @@
-"""MLflow tracker: per-layer metrics with ``step=``, plus the latest layer table as artifacts.
+"""MLflow tracker: per-layer alpha with ``step=``, the layer table and the decisions as artifacts.
 
 Run resolution, at the first analysis:
 
@@ -21,9 +21,18 @@ import re
 import time
 import warnings
 import zlib
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
-from .base import Tracker, finite_float, flat_metrics, plain_value
+from .base import (
+    DECISION_COLUMNS,
+    LayerKeys,
+    Tracker,
+    check_metrics,
+    decision_rows,
+    finite_float,
+    plain_value,
+    scalars,
+)
 
 __all__ = ["MLflowTracker", "sanitize_metric_key"]
 
@@ -34,8 +43,9 @@ _MAX_KEY = 250
 def sanitize_metric_key(key: str) -> str:
     """A valid MLflow metric name: ``[\\w/.\\- ]`` only, no ``.``/``..``/empty path segments.
 
-    ``ww/encoder.layer.0.attention.self.query/alpha`` is kept as is; other characters (``:``,
-    ``[``, ``(``…) become ``_``. Keys longer than MLflow's 250 characters are shortened.
+    The tracker's own keys (``ww_alpha/03_encoder_layer_0_attention_self_query``, ``ww/alpha_mean``)
+    are valid already; this guards a custom ``prefix`` and keys longer than MLflow's 250
+    characters (shortened with a CRC suffix). Other characters (``:``, ``[``, ``(``…) become ``_``.
     """
     key = _BAD_CHARS.sub("_", str(key))
     parts = [p for p in key.split("/") if p != ""]
@@ -57,13 +67,26 @@ class MLflowTracker(Tracker):
         run_name: name of a run this tracker opens.
         artifact_location: artifact root of an experiment this tracker creates; default: an
             ``mlartifacts`` folder next to a sqlite database, else MLflow's default.
-        log_table: also store the latest per-layer table as ``ww/layers.json`` and
-            ``ww/layers.csv`` artifacts (overwritten at each analysis).
+        log_table: also store the latest per-layer table (every column, plus the layer's ``key``)
+            as ``ww/layers.json`` and ``ww/layers.csv`` artifacts (overwritten at each analysis).
+        log_metrics: the per-layer columns logged as metrics (default alpha only; e.g.
+            ``("alpha", "stable_rank")``); every column is in the table artifact anyway.
         prefix: metric key prefix (``ww``).
 
-    Metrics: ``ww/<layer>/<metric>`` and ``ww/summary/<metric>`` (finite values only), logged with
-    ``step=`` the trainer's global step, one ``MlflowClient.log_batch`` call per analysis (the client
-    splits it into requests of at most 1000 metrics itself).
+    Metrics, with ``step=`` the trainer's global step, one ``MlflowClient.log_batch`` call per
+    analysis (finite values only, see :func:`ww_callbacks.trackers.base.scalars`):
+
+    * ``ww_alpha/<NN>_<layer>``: alpha per layer; ``NN`` is the layer's model-order index (fixed
+      per tracker by :attr:`layer_keys`), so the keys sort in model order. Other ``log_metrics``
+      get their own section (``ww_stable_rank/...``).
+    * ``ww/<summary>``: the :data:`~ww_callbacks.trackers.base.SUMMARY_KEYS` (``ww/alpha_mean``,
+      ``ww/num_flagged``, ...).
+    * ``ww/event/<kind>``: at an action's step, the number of layers it concerns.
+
+    Decisions (freeze, LR factors, early stop) are appended to the table artifact
+    ``ww/decisions.json`` (``MlflowClient.log_table``: columns
+    :data:`~ww_callbacks.trackers.base.DECISION_COLUMNS`, alpha from the latest analysis, floats
+    to pandas' 10 significant digits); without pandas the tracker re-writes it whole per event.
     """
 
     name = "mlflow"
@@ -71,7 +94,8 @@ class MLflowTracker(Tracker):
     def __init__(self, client: Any = None, run_id: Optional[str] = None, *,
                  tracking_uri: Optional[str] = None, experiment_name: str = "ww-callbacks",
                  run_name: Optional[str] = None, artifact_location: Optional[str] = None,
-                 log_table: bool = True, prefix: str = "ww") -> None:
+                 log_table: bool = True, log_metrics: Iterable[str] = ("alpha",),
+                 prefix: str = "ww") -> None:
         if client is not None and run_id is None:
             raise ValueError("MLflowTracker: a client needs a run_id")
         self._client = client
@@ -81,7 +105,12 @@ class MLflowTracker(Tracker):
         self.run_name = run_name
         self.artifact_location = artifact_location
         self.log_table = log_table
+        self.log_metrics = check_metrics(log_metrics)
         self.prefix = prefix
+        #: Layer name -> metric key segment, model order, stable for this tracker's lifetime.
+        self.layer_keys = LayerKeys()
+        self._alphas: Dict[str, Optional[float]] = {}
+        self._decisions: List[Dict[str, Any]] = []  # only without pandas (log_table needs it)
         self._owns_run = False
         self._artifact_warned = False
 
@@ -140,18 +169,23 @@ class MLflowTracker(Tracker):
 
     def log_analysis(self, *, step: int, epoch: int, rows: List[Dict[str, Any]],
                      summary: Dict[str, float], result: Any, history: List[Dict[str, Any]]) -> None:
-        self._log_metrics(flat_metrics(rows, summary, self.prefix), step)
+        self._log_metrics(scalars(rows, summary, self.layer_keys, self.log_metrics, self.prefix), step)
+        self._alphas = {str(r.get("name")): finite_float(r.get("alpha")) for r in rows}
         if self.log_table and rows:
-            try:
-                self._log_table(rows, step, epoch)
-            except Exception as exc:  # metrics matter more than the artifact
-                if not self._artifact_warned:
-                    warnings.warn(f"MLflowTracker: table artifact not stored ({exc!r})",
-                                  RuntimeWarning, stacklevel=2)
-                    self._artifact_warned = True
+            self._artifact(self._log_table, rows, step, epoch)
+
+    def _artifact(self, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:  # metrics matter more than the artifacts
+            if not self._artifact_warned:
+                warnings.warn(f"MLflowTracker: artifact not stored ({exc!r})", RuntimeWarning,
+                              stacklevel=3)
+                self._artifact_warned = True
 
     def _log_table(self, rows: List[Dict[str, Any]], step: int, epoch: int) -> None:
-        clean = [{k: plain_value(v) for k, v in row.items()} for row in rows]
+        clean = [{"key": self.layer_keys[str(row.get("name"))],
+                  **{k: plain_value(v) for k, v in row.items()}} for row in rows]
         self.client.log_text(self.run_id, json.dumps({"step": int(step), "epoch": int(epoch),
                                                       "layers": clean}, indent=1),
                              f"{self.prefix}/layers.json")
@@ -162,12 +196,24 @@ class MLflowTracker(Tracker):
         self.client.log_text(self.run_id, buf.getvalue(), f"{self.prefix}/layers.csv")
 
     def log_event(self, *, step: int, kind: str, payload: Dict[str, Any]) -> None:
-        metrics: Dict[str, float] = {f"{self.prefix}/event/{kind}": 1.0}
-        for key, value in (payload or {}).items():
-            value = finite_float(value)
-            if value is not None:
-                metrics[f"{self.prefix}/event/{kind}/{key}"] = value
-        self._log_metrics(metrics, step)
+        rows = decision_rows(step, kind, payload, self._alphas)
+        self._log_metrics({f"{self.prefix}/event/{kind}": float(len(rows))}, step)
+        if rows:
+            self._artifact(self._log_decisions, rows)
+
+    def _log_decisions(self, rows: List[Dict[str, Any]]) -> None:
+        path = f"{self.prefix}/decisions.json"
+        try:
+            import pandas  # noqa: F401  (MlflowClient.log_table builds a DataFrame)
+        except ImportError:  # mlflow-skinny: re-write the whole (small) table in the same format
+            self._decisions += rows
+            table = {"columns": list(DECISION_COLUMNS),
+                     "data": [[r[c] for c in DECISION_COLUMNS] for r in self._decisions]}
+            self.client.log_text(self.run_id, json.dumps(table), path)
+            return
+        # appends to an existing artifact (also one written before a resume into the same run)
+        self.client.log_table(self.run_id, data={c: [r[c] for r in rows] for c in DECISION_COLUMNS},
+                              artifact_file=path)
 
     def close(self) -> None:
         if self._owns_run and self._run_id is not None:

@@ -1,25 +1,54 @@
-"""Weights & Biases tracker: per-layer scalars, a layer table, ESD images and an alpha chart.
+"""Weights & Biases tracker: keys that scale to hundreds of layers and analyses.
 
 The tracker logs into the trainer's existing run (Lightning's ``WandbLogger.experiment``, the run
 HF's ``WandbCallback`` opened, or whatever ``wandb.run`` is active). It never opens a second run;
 with no run at all it opens one only when ``open_run=True`` and then finishes it in :meth:`close`.
 
+Keys (``prefix="ww"``, N analysed layers), one committed row per analysis:
+
+* ``ww_alpha/<NN_layer>``: alpha per layer (:class:`~ww_callbacks.trackers.base.LayerKeys`:
+  zero-padded model-order index + sanitised name, so the panels sort in model order). Other
+  per-layer metrics only when asked for (``log_metrics``), each in its own ``ww_<metric>/`` section.
+* ``ww/<summary key>``: :data:`~ww_callbacks.trackers.base.SUMMARY_KEYS` (alpha mean/median/
+  min/max, flagged and frozen counts, timings).
+* ``ww/layers``: a table of this analysis only (every column, ``layer_key`` and the name).
+* ``ww/alpha_heatmap``: one image, layers (model order) x analysed steps (the last
+  ``heatmap_steps``), redrawn each analysis at a bounded size.
+* ``ww/esd``: a list of ESD images, worst layers first, at most ``max_images``.
+* ``ww/decisions``: the decisions table, logged at each action event with only the new rows.
+
+By default that is N + 16 keys, whatever the number of analyses, and nothing re-uploads history.
+
 Step semantics: the trainers that share the run define their own x-axis metric
 (``trainer/global_step`` for Lightning, ``train/global_step`` for HF) and never pass ``step=`` to
-``run.log``. This tracker does the same: it logs ``{step_metric: step, "ww/...": ...}`` as one
-committed row and declares ``define_metric("ww/*", step_metric=step_metric)`` once, so the curves
-plot against the trainer's step and wandb's internal ``_step`` stays monotonic for everybody.
+``run.log``. This tracker does the same: it logs ``{step_metric: step, ...}`` and declares
+``define_metric("<section>/*", step_metric=step_metric)`` for each of its sections.
 """
 
 from __future__ import annotations
 
-import re
+import math
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
-from .base import LAYER_METRICS, Tracker, finite_float, flat_metrics, metric_key, plain_value
+import numpy as np
 
-__all__ = ["WandbTracker", "LAYER_METRICS", "flat_metrics", "metric_key"]
+from .base import (
+    DECISION_COLUMNS,
+    LayerKeys,
+    Tracker,
+    decision_rows,
+    finite_float,
+    metric_section,
+    plain_value,
+    scalars,
+)
+
+__all__ = ["WandbTracker"]
+
+#: W&B's per-table row limit when the installed wandb does not say (``wandb.Table.MAX_ROWS``):
+#: a table file logged into a run keeps only its first 10,000 rows.
+DEFAULT_MAX_ROWS = 10000
 
 
 class WandbTracker(Tracker):
@@ -34,38 +63,64 @@ class WandbTracker(Tracker):
         open_run: with no run passed and none active, open one (then finished in :meth:`close`).
             When False and there is no run, the tracker raises at the first analysis, which the
             controller reports once and disables.
-        log_esd_images: log ``wandb.Image`` ESD plots of flagged layers (needs eigenvalues, i.e.
-            ``wants_evals``, and ``ww_core.plots``).
-        max_images: at most this many ESD images per analysis.
+        log_metrics: the per-layer metrics logged as charts, one section each
+            (``ww_alpha/...``, ``ww_stable_rank/...``). Every metric is in ``ww/layers`` anyway.
+        log_esd_images: log the ESD images ``ww/esd`` (needs eigenvalues, i.e. ``wants_evals``).
+        max_images: at most this many ESD images per analysis (flagged layers first, then by
+            alpha's distance from the 2-6 band).
+        heatmap_steps: the alpha heatmap shows at most this many analysed steps (the latest);
+            0 turns it off.
+        alert_on_flagged: send ``run.alert`` (level WARN) when an analysis flags layers that the
+            previous one did not.
         prefix: key prefix (``ww``).
         init_kwargs: more ``wandb.init`` arguments for a run this tracker opens (``dir``,
             ``name``, ``mode``...).
 
-    Per analysis one row is committed holding ``{step_metric: step}``, the per-layer scalars
-    ``ww/<layer>/<metric>``, ``ww/summary/<metric>``, the latest layer table ``ww/layers``, the
-    chart ``ww/alpha_per_layer`` (a ``line_series`` of every layer's alpha over the steps so far)
-    and ESD images ``ww/esd/<layer>``.
+    Raises:
+        ValueError: ``max_images`` outside 0..108 (``wandb.Image.MAX_ITEMS``), a negative
+            ``heatmap_steps`` or an unknown metric in ``log_metrics``.
+
+    Example:
+        >>> tracker = WandbTracker(step_metric="trainer/global_step",
+        ...                        log_metrics=["alpha", "stable_rank"])  # doctest: +SKIP
     """
 
     name = "wandb"
 
     def __init__(self, run: Any = None, *, step_metric: str = "trainer/global_step",
-                 project: Optional[str] = None, open_run: bool = False, log_esd_images: bool = True,
-                 max_images: int = 8, prefix: str = "ww",
-                 init_kwargs: Optional[Dict[str, Any]] = None) -> None:
-        if max_images < 0:
-            raise ValueError(f"max_images must be >= 0, got {max_images}")
+                 project: Optional[str] = None, open_run: bool = False,
+                 log_metrics: Union[str, Sequence[str]] = ("alpha",), log_esd_images: bool = True,
+                 max_images: int = 8, heatmap_steps: int = 200, alert_on_flagged: bool = False,
+                 prefix: str = "ww", init_kwargs: Optional[Dict[str, Any]] = None) -> None:
+        from ww_core.result import COLUMNS
+
+        if not 0 <= int(max_images) <= 108:
+            raise ValueError(f"max_images must be in 0..108 (wandb.Image.MAX_ITEMS), got {max_images}")
+        if int(heatmap_steps) < 0:
+            raise ValueError(f"heatmap_steps must be >= 0, got {heatmap_steps}")
+        metrics = (log_metrics,) if isinstance(log_metrics, str) else tuple(log_metrics or ())
+        unknown = [m for m in metrics if m not in COLUMNS or m in ("name", "type", "warning",
+                                                                    "status", "flags", "precision")]
+        if unknown:
+            raise ValueError(f"log_metrics: unknown per-layer metric(s) {unknown}")
         self._run = run
         self.step_metric = step_metric
         self.project = project
         self.open_run = open_run
+        self.log_metrics = tuple(dict.fromkeys(metrics))
         self.log_esd_images = log_esd_images
         self.max_images = int(max_images)
+        self.heatmap_steps = int(heatmap_steps)
+        self.alert_on_flagged = alert_on_flagged
         self.prefix = prefix
         self.init_kwargs = dict(init_kwargs or {})
+        self.keys = LayerKeys()
         self._owns_run = False
         self._defined = False
-        self._plots_warned = False
+        self._warned: set = set()
+        self._alphas: Dict[str, Optional[float]] = {}
+        self._flagged: frozenset = frozenset()
+        self._decisions: Any = None
         #: The controller keeps eigenvalues in the result when a tracker sets this.
         self.wants_evals = bool(log_esd_images and max_images > 0)
 
@@ -92,102 +147,257 @@ class WandbTracker(Tracker):
         if self._defined or not hasattr(run, "define_metric"):
             self._defined = True
             return
-        # The x-axis itself (harmless if the trainer defined it already), then our namespace.
+        # The x-axis itself (harmless if the trainer defined it already), then our sections.
         if self._owns_run:
             run.define_metric(self.step_metric)
-        run.define_metric(f"{self.prefix}/*", step_metric=self.step_metric)
+        for section in (self.prefix, *(metric_section(m, self.prefix) for m in self.log_metrics)):
+            run.define_metric(f"{section}/*", step_metric=self.step_metric)
         self._defined = True
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"WandbTracker: {message}", RuntimeWarning, stacklevel=3)
 
     # -- Tracker interface ----------------------------------------------------------------------
     def log_analysis(self, *, step: int, epoch: int, rows: List[Dict[str, Any]],
                      summary: Dict[str, float], result: Any, history: List[Dict[str, Any]]) -> None:
+        """Log one analysis as one committed row (see the module docstring for the keys)."""
         import wandb
 
         run = self.run
         self._define_metrics(run)
+        if not len(self.keys) and history:
+            # Resumed: number the layers as the first analysis of the history did.
+            first = history[0].get("step")
+            self.keys.update(str(r.get("name")) for r in history if r.get("step") == first)
         data: Dict[str, Any] = {self.step_metric: int(step)}
-        data.update(flat_metrics(rows, summary, self.prefix))
+        data.update(scalars(rows, summary, self.keys, self.log_metrics, self.prefix))
+        self._alphas = {str(r.get("name")): finite_float(r.get("alpha")) for r in rows}
         if rows:
-            data[f"{self.prefix}/layers"] = self._table(wandb, rows)
-        chart = self._alpha_chart(wandb, history)
-        if chart is not None:
-            data[f"{self.prefix}/alpha_per_layer"] = chart
+            data.update(self._layer_tables(wandb, rows))
+        if self.heatmap_steps and rows:
+            image = self._heatmap(wandb, int(step), history)
+            if image is not None:
+                data[f"{self.prefix}/alpha_heatmap"] = image
         if self.log_esd_images and self.max_images > 0 and result is not None:
-            data.update(self._esd_images(wandb, result))
+            images = self._esd_images(wandb, result)
+            if images:
+                data[f"{self.prefix}/esd"] = images
         # One committed row, no step=: the trainer's own x-axis key carries the step.
         run.log(data)
+        if self.alert_on_flagged:
+            self._alert(wandb, run, int(step), rows)
 
     def log_event(self, *, step: int, kind: str, payload: Dict[str, Any]) -> None:
+        """Append the event's decisions (``base.decision_rows``) to ``ww/decisions``.
+
+        With wandb's ``INCREMENTAL`` tables (0.21+) one table grows and each log uploads only
+        the new rows; with an older wandb each event logs a table of its own rows.
+        """
+        import wandb
+
+        new = decision_rows(step, kind, payload, self._alphas)
+        if not new:
+            return
         run = self.run
         self._define_metrics(run)
-        safe_kind = re.sub(r"\s+", "_", str(kind))
-        data: Dict[str, Any] = {self.step_metric: int(step), f"{self.prefix}/event/{safe_kind}": 1}
-        for key, value in (payload or {}).items():
-            value = finite_float(value)
-            if value is not None:
-                data[f"{self.prefix}/event/{safe_kind}/{key}"] = value
-        run.log(data)
+        columns = list(DECISION_COLUMNS)
+        limit = self._max_rows(wandb)
+        key = f"{self.prefix}/decisions"
+        for start in range(0, len(new), limit):  # an increment is capped at the row limit too
+            chunk = [[plain_value(r.get(c)) for c in columns] for r in new[start:start + limit]]
+            table = self._decisions_table(wandb, columns)
+            if table is None:
+                table = wandb.Table(columns=columns, data=chunk, allow_mixed_types=True)
+            else:
+                for values in chunk:
+                    table.add_data(*values)
+                if getattr(table, "_increment_num", 0) and table._increment_num >= 99:
+                    self._warn_once("increments", f"{key} has more than 100 increments; the W&B "
+                                    "workspace shows the latest 100 (all rows stay in the run's "
+                                    "files and in the local report)")
+            run.log({self.step_metric: int(step), key: table})
 
     def close(self) -> None:
+        """Finish the run if this tracker opened it; a trainer's run is left alone."""
         if self._owns_run and self._run is not None:
             self._run.finish()
             self._run = None
             self._owns_run = False
 
-    # -- helpers --------------------------------------------------------------------------------
+    # -- tables ---------------------------------------------------------------------------------
     @staticmethod
-    def _table(wandb: Any, rows: List[Dict[str, Any]]) -> Any:
-        columns = list(rows[0].keys())
-        data = []
+    def _max_rows(wandb: Any) -> int:
+        return max(1, int(getattr(getattr(wandb, "Table", None), "MAX_ROWS", DEFAULT_MAX_ROWS)))
+
+    def _decisions_table(self, wandb: Any, columns: List[str]) -> Any:
+        """The one INCREMENTAL decisions table, or None when this wandb has no such mode."""
+        if self._decisions is None and "incremental" not in self._warned:
+            try:
+                self._decisions = wandb.Table(columns=columns, log_mode="INCREMENTAL",
+                                              allow_mixed_types=True)
+            except (TypeError, AssertionError, ValueError):
+                self._warned.add("incremental")  # old wandb: one table per event
+        return self._decisions
+
+    def _layer_tables(self, wandb: Any, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """``ww/layers`` (split into ``ww/layers_part2``... above wandb's row limit)."""
+        columns = ["layer_key", "name"]
         for row in rows:
-            data.append([plain_value(row.get(col)) for col in columns])
-        return wandb.Table(columns=columns, data=data)
+            columns += [c for c in row if c not in columns]
+        data = [[self.keys[str(r.get("name"))], str(r.get("name"))]
+                + [plain_value(r.get(c)) for c in columns[2:]] for r in rows]
+        limit = self._max_rows(wandb)
+        key = f"{self.prefix}/layers"
+        if len(data) > limit:
+            parts = math.ceil(len(data) / limit)
+            self._warn_once("rows", f"{len(data)} layers exceed W&B's {limit} rows per table "
+                            f"(wandb.Table.MAX_ROWS): the layer table is split into {parts} "
+                            f"tables, {key}, {key}_part2, ... (no layer is dropped)")
+        out = {}
+        for i, start in enumerate(range(0, len(data), limit)):
+            out[key if i == 0 else f"{key}_part{i + 1}"] = wandb.Table(
+                columns=columns, data=data[start:start + limit], allow_mixed_types=True)
+        return out
 
-    def _alpha_chart(self, wandb: Any, history: List[Dict[str, Any]]) -> Any:
-        series: Dict[str, Dict[int, float]] = {}
-        for row in history or ():
-            alpha = finite_float(row.get("alpha"))
-            if alpha is None or row.get("step") is None:
-                continue
-            series.setdefault(str(row.get("name")), {})[int(row["step"])] = alpha
-        if not series:
+    # -- images ---------------------------------------------------------------------------------
+    def _figure(self, size: tuple, **margins: float) -> Any:
+        """A bare Figure (not registered with pyplot: no global state, safe off the main thread),
+        or None with one warning when matplotlib is unavailable. Fixed margins: a layout engine
+        costs more than the drawing."""
+        try:
+            from matplotlib.figure import Figure
+        except Exception as exc:
+            self._warn_once("matplotlib", f"images disabled ({exc!r})")
             return None
-        names = list(series)
-        xs = [sorted(series[n]) for n in names]
-        ys = [[series[n][s] for s in x] for n, x in zip(names, xs)]
-        return wandb.plot.line_series(xs=xs, ys=ys, keys=names, title="alpha per layer",
-                                      xname=self.step_metric)
+        fig = Figure(figsize=size, dpi=80)
+        fig.subplots_adjust(**margins)
+        return fig
 
-    def _esd_images(self, wandb: Any, result: Any) -> Dict[str, Any]:
+    @staticmethod
+    def _image(wandb: Any, fig: Any, caption: str) -> Any:
+        """``fig`` as a 256-colour PNG ``wandb.Image`` (a third of wandb's RGBA file)."""
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from PIL import Image
+
+            canvas = FigureCanvasAgg(fig)
+            canvas.draw()
+            pixels = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3]).quantize(256)
+            return wandb.Image(pixels, caption=caption)
+        except ImportError:
+            # wandb.Image's figure check reads the attribute ``matplotlib.pyplot``, which exists
+            # only once pyplot is imported; importing it does not select a GUI backend.
+            import matplotlib.pyplot  # noqa: F401
+
+            return wandb.Image(fig, caption=caption)
+
+    def _heatmap(self, wandb: Any, step: int, history: Iterable[Dict[str, Any]]) -> Any:
+        """alpha, layers (model order) x the latest ``heatmap_steps`` analysed steps."""
+        columns: Dict[int, Dict[str, Optional[float]]] = {step: dict(self._alphas)}
+        truncated = False
+        for row in reversed(list(history or ())):
+            s = row.get("step")
+            if s is None or int(s) == step:
+                continue
+            if int(s) not in columns:
+                if len(columns) >= self.heatmap_steps:
+                    truncated = True
+                    break
+                columns[int(s)] = {}
+            columns[int(s)][str(row.get("name"))] = finite_float(row.get("alpha"))
+        steps = sorted(columns)
+        names = [name for name, _ in self.keys.items()]
+        grid = np.array([[columns[s].get(n) if columns[s].get(n) is not None else np.nan
+                          for s in steps] for n in names], dtype=float).reshape(len(names), len(steps))
+        height = min(2.5 + 0.13 * len(names), 14.0)
+        fig = self._figure((10.0, height), left=0.3, right=0.9, bottom=1.0 / height,
+                           top=1 - 0.6 / height)
+        if fig is None:
+            return None
+        try:
+            import matplotlib
+
+            ax = fig.add_subplot(1, 1, 1)
+            cmap = matplotlib.colormaps["coolwarm"].resampled(24).with_extremes(bad="#d9d9d9")
+            im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest",
+                           cmap=cmap, vmin=1.0, vmax=7.0)
+            fig.colorbar(im, cax=fig.add_axes((0.92, 0.3, 0.015, 0.4)), label="alpha (2-6: typical)")
+            every = max(1, math.ceil(len(names) / max(1, int((height - 1.5) * 80 / 9))))
+            ticks = list(range(0, len(names), every))
+            ax.set_yticks(ticks, [_label(i, names[i]) for i in ticks], fontsize=6)
+            xt = sorted({round(i * (len(steps) - 1) / 9) for i in range(10)}) if len(steps) > 10 \
+                else list(range(len(steps)))
+            ax.set_xticks(xt, [str(steps[i]) for i in xt], fontsize=7)
+            ax.set_xlabel(self.step_metric)
+            scope = f"last {len(steps)} analysed steps" if truncated else f"{len(steps)} analysed steps"
+            title = f"alpha per layer ({len(names)} layers, {scope})"
+            ax.set_title(title, fontsize=9, y=1.0)  # a fixed y skips a costly title layout
+            return self._image(wandb, fig, title)
+        except Exception as exc:
+            self._warn_once("heatmap", f"alpha heatmap failed ({exc!r})")
+            return None
+        finally:
+            fig.clear()  # wandb.Image has rendered its own copy; free the artists now
+
+    def _esd_images(self, wandb: Any, result: Any) -> List[Any]:
         try:
             from ww_core.plots import plot_esd
         except Exception as exc:  # module missing or matplotlib unavailable
-            if not self._plots_warned:
-                warnings.warn(f"WandbTracker: ESD images disabled ({exc!r})", RuntimeWarning, stacklevel=2)
-                self._plots_warned = True
-            return {}
-        layers = [lay for lay in getattr(result, "layers", ()) if lay.flags and lay.evals is not None]
-        images: Dict[str, Any] = {}
-        if not layers:
-            return images
-        # A bare Figure (not registered with pyplot: nothing global to leak, safe off the main
-        # thread) rendered by wandb itself. wandb.Image's figure check reads the attribute
-        # ``matplotlib.pyplot``, which exists only once pyplot is imported; importing it does not
-        # select a GUI backend.
-        import matplotlib.pyplot  # noqa: F401
-        from matplotlib.figure import Figure
-
+            self._warn_once("matplotlib", f"ESD images disabled ({exc!r})")
+            return []
+        layers = [lay for lay in getattr(result, "layers", ()) if lay.evals is not None]
+        layers.sort(key=_badness)  # stable: model order among equals
+        images = []
         for layer in layers[: self.max_images]:
-            fig = Figure(figsize=(5, 3.5), dpi=80, layout="tight")
+            fig = self._figure((5.0, 3.5), left=0.14, right=0.97, bottom=0.14, top=0.88)
+            if fig is None:
+                return images
             try:
-                plot_esd(layer, ax=fig.add_subplot(1, 1, 1), evals=layer.evals)
-                caption = f"{layer.name}: alpha={layer.alpha:.3g} flags={','.join(layer.flags)}"
-                images[f"{self.prefix}/esd/{layer.name}"] = wandb.Image(fig, caption=caption)
+                ax = plot_esd(layer, ax=fig.add_subplot(1, 1, 1), evals=layer.evals)
+                ax.minorticks_off()  # log-log minor ticks cost more than the histogram
+                ax.set_title(ax.get_title(), fontsize=9, y=1.0)
+                flags = f" flags={','.join(layer.flags)}" if layer.flags else ""
+                caption = f"{self.keys[layer.name]} {layer.name}: alpha={layer.alpha:.3g}{flags}"
+                images.append(self._image(wandb, fig, caption))
             except Exception as exc:
-                if not self._plots_warned:
-                    warnings.warn(f"WandbTracker: ESD plot of {layer.name} failed ({exc!r})",
-                                  RuntimeWarning, stacklevel=2)
-                    self._plots_warned = True
+                self._warn_once("esd", f"ESD plot of {layer.name} failed ({exc!r})")
             finally:
-                fig.clear()  # wandb.Image has rendered its own copy; free the artists now
+                fig.clear()
         return images
+
+    # -- alerts ---------------------------------------------------------------------------------
+    def _alert(self, wandb: Any, run: Any, step: int, rows: List[Dict[str, Any]]) -> None:
+        flagged = {str(r.get("name")): r for r in rows if r.get("flags")}
+        new = [n for n in flagged if n not in self._flagged]
+        self._flagged = frozenset(flagged)
+        if not new or "alert" in self._warned:
+            return
+        text = "\n".join(f"{n}: alpha={_fmt(flagged[n].get('alpha'))} "
+                         f"flags={plain_value(flagged[n].get('flags'))}" for n in new[:50])
+        if len(new) > 50:
+            text += f"\n... and {len(new) - 50} more"
+        try:
+            level = getattr(getattr(wandb, "AlertLevel", None), "WARN", "WARN")
+            run.alert(title=f"ww: {len(new)} layer(s) newly flagged at step {step}"[:63],
+                      text=text, level=level)
+        except Exception as exc:
+            self._warn_once("alert", f"run.alert failed, alerts disabled ({exc!r})")
+
+
+def _badness(layer: Any) -> tuple:
+    """Sort key, worst first: flagged, then alpha's distance from [2, 6], then from 4."""
+    alpha = finite_float(getattr(layer, "alpha", None))
+    if alpha is None:
+        return (not layer.flags, -math.inf, -math.inf)
+    return (not layer.flags, -max(2.0 - alpha, alpha - 6.0, 0.0), -abs(alpha - 4.0))
+
+
+def _label(index: int, name: str, width: int = 44) -> str:
+    return f"{index} {name if len(name) <= width else '...' + name[-(width - 3):]}"
+
+
+def _fmt(value: Any) -> str:
+    value = finite_float(value)
+    return "nan" if value is None else f"{value:.3g}"
