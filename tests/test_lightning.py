@@ -202,9 +202,24 @@ def test_wandb_logger_is_mapped_to_a_tracker(tmp_path, monkeypatch):
                       enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(make_model())
     names = [type(t).__name__ for t in cb.controller.trackers]
+    run_dir = os.path.dirname(logger.experiment.dir)
     logger.experiment.finish()
     assert names == ["WandbTracker", "LocalTracker"]
     assert steps_of(cb) == [4, 8]
+    import wandb
+
+    from wandb_offline import read_offline_run
+
+    wandb.teardown()
+    data = read_offline_run(run_dir, timeout=15)
+    rows = [r for r in data["history"] if "ww/alpha_mean" in r]
+    assert [r["trainer/global_step"] for r in rows] == [4, 8]  # Lightning's x-axis
+    alpha_keys = [k for k in rows[-1] if k.startswith("ww_alpha/")]
+    assert alpha_keys and sorted(alpha_keys) == [f"ww_alpha/{k}" for _, k in
+                                                 cb.controller.trackers[0].keys.items()
+                                                 if f"ww_alpha/{k}" in alpha_keys]
+    assert rows[-1]["ww/layers/_type"] == "table-file"
+    assert data["metrics"]["ww_alpha/*"] == "trainer/global_step"
 
 
 def test_pytorch_lightning_trainer(tmp_path):

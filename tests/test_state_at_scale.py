@@ -128,3 +128,18 @@ def test_the_run_folder_is_named_by_the_tracker_run_id(tmp_path):
     ctl = WeightWatcherController(analyze_fn=scripted, trackers="auto", log_fn=lambda line: None)
     ctl.configure(total_steps=10, current_step=0, trackers=[WithId()], base_dir=str(tmp_path))
     assert os.path.basename(ctl.output_dir) == "3xk9a1b2"
+
+
+def test_a_resumed_report_keeps_the_earlier_decisions(tmp_path):
+    out = str(tmp_path / "ww")
+    ctl = controller(out, trackers=["local"])
+    ctl.configure(total_steps=20, current_step=0)
+    for step in range(1, 6):
+        ctl.maybe_run({"step": step}, step=step, epoch=0)
+    ctl.close()
+    first = [json.loads(line)["step"] for line in open(os.path.join(out, "decisions.jsonl"))]
+    resumed = controller(out, trackers=["local"])
+    resumed.load_state_dict(ctl.state_dict())
+    resumed.configure(total_steps=20, current_step=5)
+    (local,) = resumed.trackers
+    assert sorted({d["step"] for d in local._decisions}) == sorted(set(first))

@@ -19,9 +19,6 @@ import pytest
 import ww_core
 from ww_core.result import AnalysisResult, LayerResult
 
-PER_LAYER = ("alpha", "alpha_hill", "D", "log_norm", "log_spectral_norm", "stable_rank",
-             "num_pl_spikes")
-
 
 def _state_dict(seed: int):
     rng = np.random.default_rng(seed)
@@ -42,19 +39,6 @@ def _analyses(n: int = 3):
         history = history + rows
         out.append((step, i, res, rows, res.summary(), list(history)))
     return out
-
-
-def _expected(rows, summary, prefix="ww"):
-    exp = {}
-    for row in rows:
-        for m in PER_LAYER:
-            v = row[m]
-            if v is not None and math.isfinite(float(v)):
-                exp[f"{prefix}/{row['name']}/{m}"] = float(v)
-    for k, v in summary.items():
-        if math.isfinite(float(v)):
-            exp[f"{prefix}/summary/{k}"] = float(v)
-    return exp
 
 
 def _feed(tracker, analyses):

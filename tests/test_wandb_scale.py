@@ -7,6 +7,7 @@ the media files it references) and the decisions table of freeze events.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -33,13 +34,18 @@ def wandb_env(wandb_offline):
 
 def _analyses(n: int = N_ANALYSES):
     """(step, result, rows, history) of n analyses of 102 small, changing matrices (12 evals)."""
+    return _all_analyses()[:n]
+
+
+@functools.lru_cache(maxsize=1)
+def _all_analyses(n: int = N_ANALYSES):
     rng = np.random.default_rng(0)
     base = {name: rng.standard_normal((24, 12)) for name in NAMES}
     spread = np.linspace(0.3, 3.0, 12)
     out, history = [], []
     for i in range(n):
         step = 50 * (i + 1)
-        mix = i / max(n - 1, 1)
+        mix = i / (n - 1)
         weights = {f"{k}.weight": w @ np.diag(spread ** (mix * (j % 3))) for j, (k, w) in
                    enumerate(base.items())}
         res = ww_core.analyze(weights, keep_evals=True)
@@ -214,3 +220,17 @@ def test_wandb_tracker_arguments():
     with pytest.raises(ValueError, match="heatmap_steps"):
         WandbTracker(heatmap_steps=-1)
     assert WandbTracker(log_metrics="stable_rank").log_metrics == ("stable_rank",)
+
+
+def test_wandb_heatmap_keeps_the_last_steps():
+    wandb = pytest.importorskip("wandb")
+    pytest.importorskip("matplotlib")
+    from ww_callbacks.trackers.wandb import WandbTracker
+
+    tracker = WandbTracker(run=object(), heatmap_steps=3)
+    step, res, rows, history = _analyses(4)[-1]
+    tracker.keys.update(NAMES)
+    tracker._alphas = {r["name"]: r["alpha"] for r in rows}
+    image = tracker._heatmap(wandb, step, history)
+    assert image._caption == f"alpha per layer ({N_LAYERS} layers, last 3 analysed steps)"
+    assert image.image.size == (800, 14 * 80)  # bounded: 10 x 14 inches at 80 dpi

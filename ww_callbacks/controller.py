@@ -45,7 +45,8 @@ from ww_callbacks.run_dir import AUTO, run_folder
 from ww_callbacks.schedule import Schedule
 from ww_callbacks.state import ControllerState
 from ww_callbacks.trackers.base import Tracker, summary_scalars
-from ww_callbacks.trackers.resolve import build_trackers, check_tracker_spec, fan_out
+from ww_callbacks.trackers.fanout import DEFAULT_TIMEOUT, TrackerFanout
+from ww_callbacks.trackers.resolve import build_trackers, check_tracker_spec
 
 __all__ = ["WeightWatcherController"]
 
@@ -89,6 +90,8 @@ class WeightWatcherController(ControllerActions, ControllerState):
             flight, one falling due meanwhile is skipped and counted in
             :attr:`skipped_analyses`). ``"auto"`` (default): ``True`` for a single process with
             the default engine, else ``False`` (ranks must decide at the same step).
+        tracker_timeout: seconds a tracker call may take before the tracker is dropped (each
+            tracker runs in its own thread, :mod:`ww_callbacks.trackers.fanout`); ``None`` waits.
         **analyze_options: passed to ``ww_core.analyze`` (``min_evals``, ``fix_fingers``, ...).
 
     Raises:
@@ -106,7 +109,8 @@ class WeightWatcherController(ControllerActions, ControllerState):
                  early_stop: bool = False, early_stop_options: Optional[Dict[str, Any]] = None,
                  actions: Optional[Sequence[Any]] = None,
                  analyze_fn: Optional[Callable[..., Any]] = None,
-                 async_analysis: Union[bool, str] = "auto", **analyze_options: Any) -> None:
+                 async_analysis: Union[bool, str] = "auto",
+                 tracker_timeout: Optional[float] = DEFAULT_TIMEOUT, **analyze_options: Any) -> None:
         from ww_core import check_layer_patterns
 
         if async_analysis not in (True, False, "auto"):
@@ -120,6 +124,7 @@ class WeightWatcherController(ControllerActions, ControllerState):
         self.output_dir = os.fspath(output_dir) if output_dir not in (None, AUTO) else None
         self.tracker_spec = check_tracker_spec(trackers)
         self.reporter = ErrorReporter(log_fn, strict)
+        self._fan_out = TrackerFanout(self.report, tracker_timeout, self.reporter.strict)
         self.action_set = ActionSet(freeze, freeze_options, balance_lr, lr_options, early_stop,
                                     early_stop_options)
         self.extra_actions = list(actions or ())
@@ -375,8 +380,8 @@ class WeightWatcherController(ControllerActions, ControllerState):
         #: ``{summary key: value}`` of the latest analysis, on every rank (adapters publish it).
         self.last_scalars = self.guard("summarising", summary_scalars, rows, summary) or {}
         if self.is_global_zero:
-            fan_out(self.trackers, self.report, f"at step {step}", "log_analysis", step=step,
-                    epoch=epoch, rows=rows, summary=summary, result=result, history=self.history.rows)
+            self._fan_out(self.trackers, f"at step {step}", "log_analysis", step=step, epoch=epoch,
+                          rows=rows, summary=summary, result=result, history=self.history.rows)
             self.log(format_line(result, step, epoch) + f" [training waited {hook:.3f} s]")
         for action in self.actions:
             name = type(action).__name__
@@ -389,8 +394,8 @@ class WeightWatcherController(ControllerActions, ControllerState):
             return
         self.log(f"ww step {step}: {kind} {payload}")
         self.guard("writing the decisions file", self.history.append_decision, step, kind, payload)
-        fan_out(self.trackers, self.report, f"on event {kind!r}", "log_event", step=step,
-                kind=kind, payload=payload)
+        self._fan_out(self.trackers, f"on event {kind!r}", "log_event", step=step, kind=kind,
+                      payload=payload)
 
     # ------------------------------------------------------------------ end of training
     def finish(self, model: Any, step: int, epoch: int) -> Any:
@@ -417,9 +422,7 @@ class WeightWatcherController(ControllerActions, ControllerState):
         self.finished = True
         self.guard("waiting for the background analysis", self.poll, True)
         self.executor.shutdown()
-        for tracker in self.trackers:
-            self.guard(f"closing tracker {getattr(tracker, 'name', type(tracker).__name__)}",
-                       tracker.close)
+        self._fan_out.close(self.trackers)
 
     def __enter__(self) -> "WeightWatcherController":
         return self

@@ -3,7 +3,7 @@
 Each row holds every ``ww_core.result.COLUMNS`` field plus ``step`` (the trainer's global step),
 ``epoch`` (0-based) and ``time`` (Unix time of the analysis). Rows are appended to
 ``history.jsonl`` and ``history.csv`` in the output directory as soon as an analysis finishes
-(flushed, so nothing is lost if training crashes).
+(flushed and fsynced, so nothing is lost if training or the machine crashes).
 
 On disk, non-finite floats are written as ``null`` (JSONL) and ``nan`` (CSV); :meth:`History.state_dict`
 stores them as ``None`` (strict JSON) and :func:`read_jsonl` / :meth:`History.load_state_dict` read
@@ -273,6 +273,7 @@ class History:
             for row in rows:
                 fh.write(self._json_line(row))
             fh.flush()
+            os.fsync(fh.fileno())       # on disk at the end of each analysis, not only in a cache
         new_keys = [k for r in rows for k in r if k not in self._fieldnames]
         if new_keys:  # a column appeared: the CSV header changes, rewrite it
             self.rewrite()
@@ -281,3 +282,4 @@ class History:
             writer = csv.DictWriter(fh, fieldnames=self._fieldnames, extrasaction="ignore")
             writer.writerows(self._csv_row(r) for r in rows)
             fh.flush()
+            os.fsync(fh.fileno())

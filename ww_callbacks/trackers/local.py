@@ -16,11 +16,13 @@ atomically after every analysis (and after each action decision):
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ww_callbacks.atomic import write_bytes
+from ww_callbacks.history import History
 from ww_callbacks.trackers.base import Tracker, decision_rows, finite_float
 from ww_callbacks.trackers.report_html import TABLE_COLUMNS, build_data, by_step, esd_data, render_report
 
@@ -63,11 +65,25 @@ class LocalTracker(Tracker):
         self.wants_evals = bool(report and self.max_esd)
         self._no_matplotlib = False
         self._history: Optional[List[Dict[str, Any]]] = None
-        self._decisions: List[Dict[str, Any]] = []
+        self._decisions: List[Dict[str, Any]] = self._earlier_decisions()
         self._summaries: Dict[int, Dict[str, Any]] = {}
         self._alphas: Dict[str, float] = {}
         self._esd: List[Dict[str, Any]] = []
         self._esd_step: Optional[int] = None
+
+    def _earlier_decisions(self) -> List[Dict[str, Any]]:
+        """The decisions already in the run folder's ``decisions.jsonl`` (a resumed run)."""
+        path = os.path.join(self.output_dir, History.DECISIONS)
+        out: List[Dict[str, Any]] = []
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        event = json.loads(line)
+                        out += decision_rows(event["step"], event["kind"], event.get("payload") or {})
+                    except (ValueError, KeyError, TypeError):
+                        continue              # a line cut short by a crash
+        return out
 
     @property
     def plot_path(self) -> str:

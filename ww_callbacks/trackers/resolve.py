@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 from ww_callbacks.trackers import TRACKERS, make_tracker
 from ww_callbacks.trackers.base import Tracker
 
-__all__ = ["check_tracker_spec", "build_trackers", "fan_out", "active_wandb_tracker",
+__all__ = ["check_tracker_spec", "build_trackers", "active_wandb_tracker",
            "active_mlflow_tracker"]
 
 log = logging.getLogger("ww_callbacks")
@@ -108,24 +108,6 @@ def build_trackers(spec: Union[str, List[Any]], framework: Sequence[Tracker],
             if tracker is not None:
                 out.append(tracker)
     return out
-
-
-def fan_out(trackers: List[Tracker], report: Callable[..., Any], when: str, method: str,
-            **kwargs: Any) -> None:
-    """``tracker.<method>(**kwargs)`` for each tracker; one that raises is removed from
-    ``trackers``, reported once through ``report(key, context, exc)`` and closed, so the others
-    continue."""
-    for tracker in list(trackers):
-        try:
-            getattr(tracker, method)(**kwargs)
-        except Exception as exc:
-            trackers.remove(tracker)
-            name = getattr(tracker, "name", type(tracker).__name__)
-            report(f"tracker {id(tracker)}", f"tracker {name} failed {when}; tracker disabled", exc)
-            try:
-                tracker.close()
-            except Exception:
-                pass
 
 
 def active_wandb_tracker(step_metric: str, required: bool = False) -> Optional[Tracker]:

@@ -81,8 +81,9 @@ class WandbTracker(Tracker):
             ``heatmap_steps`` or an unknown metric in ``log_metrics``.
 
     Example:
-        >>> tracker = WandbTracker(step_metric="trainer/global_step",
-        ...                        log_metrics=["alpha", "stable_rank"])  # doctest: +SKIP
+        >>> tracker = WandbTracker(step_metric="train/global_step", log_metrics=["alpha", "D"])
+        >>> tracker.log_metrics, tracker.wants_evals  # the run is looked up at the first analysis
+        (('alpha', 'D'), True)
     """
 
     name = "wandb"
@@ -192,8 +193,8 @@ class WandbTracker(Tracker):
     def log_event(self, *, step: int, kind: str, payload: Dict[str, Any]) -> None:
         """Append the event's decisions (``base.decision_rows``) to ``ww/decisions``.
 
-        With wandb's ``INCREMENTAL`` tables (0.21+) one table grows and each log uploads only
-        the new rows; with an older wandb each event logs a table of its own rows.
+        With wandb's ``INCREMENTAL`` tables (wandb 0.31 has them) one table grows and each log
+        uploads only the new rows; with an older wandb each event logs a table of its own rows.
         """
         import wandb
 
@@ -215,8 +216,8 @@ class WandbTracker(Tracker):
                     table.add_data(*values)
                 if getattr(table, "_increment_num", 0) and table._increment_num >= 99:
                     self._warn_once("increments", f"{key} has more than 100 increments; the W&B "
-                                    "workspace shows the latest 100 (all rows stay in the run's "
-                                    "files and in the local report)")
+                                    "workspace shows the latest 100 (every increment stays in "
+                                    "the run's files)")
             run.log({self.step_metric: int(step), key: table})
 
     def close(self) -> None:
@@ -243,9 +244,7 @@ class WandbTracker(Tracker):
 
     def _layer_tables(self, wandb: Any, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
         """``ww/layers`` (split into ``ww/layers_part2``... above wandb's row limit)."""
-        columns = ["layer_key", "name"]
-        for row in rows:
-            columns += [c for c in row if c not in columns]
+        columns = list(dict.fromkeys(["layer_key", "name", *(c for r in rows for c in r)]))
         data = [[self.keys[str(r.get("name"))], str(r.get("name"))]
                 + [plain_value(r.get(c)) for c in columns[2:]] for r in rows]
         limit = self._max_rows(wandb)
@@ -297,7 +296,7 @@ class WandbTracker(Tracker):
         """alpha, layers (model order) x the latest ``heatmap_steps`` analysed steps."""
         columns: Dict[int, Dict[str, Optional[float]]] = {step: dict(self._alphas)}
         truncated = False
-        for row in reversed(list(history or ())):
+        for row in reversed(history if isinstance(history, list) else list(history or ())):
             s = row.get("step")
             if s is None or int(s) == step:
                 continue
