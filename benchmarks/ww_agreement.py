@@ -181,6 +181,54 @@ def load_digit_cnn():
     }
 
 
+#: The LoRA adapter of the ``minilm-l6-lora*`` models: written by the first side that needs it
+#: (the reference side, in ``run_agreement.sh``), read by the other, so both see the same weights.
+LORA_ADAPTER = DEFAULT_RESULTS / "minilm-l6-lora-r8.safetensors"
+
+
+def _minilm_lora(peft_mode: Any):
+    """MiniLM-L6 with PEFT LoRA r=8 on query/value; A and B random with a fixed seed.
+
+    PEFT initialises B to zero (B·A = 0), so both factors are drawn here: A as PEFT does
+    (kaiming-uniform, ``torch.manual_seed(0)``), B ~ N(0, 0.02²) (seed 1). They are saved to
+    :data:`LORA_ADAPTER` on first use and loaded from it afterwards.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    base, info = load_minilm()
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=8, target_modules=["query", "value"]))
+    lora = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    if LORA_ADAPTER.exists():
+        saved = load_file(str(LORA_ADAPTER))
+    else:
+        g = torch.Generator().manual_seed(1)
+        saved = {n: (p.detach().clone() if ".lora_A." in n else 0.02 * torch.randn(p.shape, generator=g))
+                 for n, p in lora.items()}
+        LORA_ADAPTER.parent.mkdir(parents=True, exist_ok=True)
+        save_file({n: t.contiguous() for n, t in saved.items()}, str(LORA_ADAPTER))
+    with torch.no_grad():
+        for n, p in lora.items():
+            p.copy_(saved[n])
+    model.eval()
+    what = {True: "only the 12 adapter updates B·A (`lora_BA`)",
+            "with_base": "every layer plus W + B·A (`lora_W_plus_AB`) and B·A (`lora_BA`)"}[peft_mode]
+    return model, dict(info, what=f"all-MiniLM-L6-v2 + PEFT LoRA r=8 on query/value (A, B random, "
+                                  f"fixed seed, `{LORA_ADAPTER.name}`); both tools with "
+                                  f"`peft={peft_mode!r}`: {what}",
+                       kind="LoRA adapters (PEFT model)", analyze={"peft": peft_mode},
+                       package=f"{info['package']} + peft=={_dist_version('peft')}")
+
+
+def load_minilm_lora():
+    return _minilm_lora(True)
+
+
+def load_minilm_lora_with_base():
+    return _minilm_lora("with_base")
+
+
 MODELS: Dict[str, Callable[[], Tuple[Any, Dict[str, str]]]] = {
     "minilm-l6": load_minilm,
     "minilm-l6-safetensors": load_minilm_safetensors,
@@ -188,6 +236,8 @@ MODELS: Dict[str, Callable[[], Tuple[Any, Dict[str, str]]]] = {
     "crepe-tiny": load_crepe_tiny,
     "efficientnet-lite0": load_efficientnet_lite0,
     "digit-cnn": load_digit_cnn,
+    "minilm-l6-lora": load_minilm_lora,
+    "minilm-l6-lora-with_base": load_minilm_lora_with_base,
 }
 
 
@@ -309,7 +359,7 @@ def cmd_reference(args) -> None:
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"models": {}}
     meta["machine"] = _machine()
     meta["versions"] = _versions(["weightwatcher", "numpy", "scipy", "torch", "pandas", "powerlaw",
-                                  "transformers", "safetensors"])
+                                  "transformers", "safetensors", "peft"])
     meta["torch_threads"] = torch.get_num_threads()
     for name in _selected(args.models):
         t0 = time.perf_counter()
@@ -319,14 +369,14 @@ def cmd_reference(args) -> None:
         for _ in range(max(1, args.repeat)):
             t0 = time.perf_counter()
             watcher = ww.WeightWatcher(model=source)
-            details = watcher.analyze()
+            details = watcher.analyze(**info.get("analyze", {}))
             times.append(time.perf_counter() - t0)
         t_ww = min(times)  # best of --repeat: the machine may be shared
         rows = details.to_dict(orient="records")
         _write_csv(out / f"ww_{name}.csv", rows, WW_COLUMNS)
         meta["models"][name] = dict(info, ww_rows=len(rows), load_s=round(t_load, 2),
                                     ww_analyze_s=round(t_ww, 2), repeat=max(1, args.repeat),
-                                    loadavg_1min=round(os.getloadavg()[0], 2),
+                                    loadavg_1min=round(os.getloadavg()[0], 2), cpu=meta["machine"]["cpu"],
                                     date=_dt.datetime.now().isoformat(timespec="seconds"))
         print(f"[reference] {name}: {len(rows)} rows, analyze {t_ww:.1f} s", flush=True)
         meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -434,18 +484,19 @@ def compare_model(name: str, results: Path, repeat: int = 1) -> Dict[str, Any]:
     source, info = MODELS[name]()
     facts = weight_facts(source)
     t0 = time.perf_counter()
-    res = ww_core.analyze(source)
+    options = info.get("analyze", {})
+    res = ww_core.analyze(source, **options)
     t_ours = time.perf_counter() - t0
     for _ in range(max(0, repeat - 1)):
         t0 = time.perf_counter()
-        ww_core.analyze(source)
+        ww_core.analyze(source, **options)
         t_ours = min(t_ours, time.perf_counter() - t0)
     ours = [_ours_record(l) for l in res.layers]
     _write_csv(results / f"ours_{name}.csv", ours, OUR_COLUMNS)
     # the exact mode too: largest |Δα| against WW with precision="float64", same join
     ww_alpha = {r["longname"]: _f(r["alpha"]) for r in ww_rows}
     max_d64 = 0.0
-    for layer in ww_core.analyze(source, precision="float64").layers:
+    for layer in ww_core.analyze(source, precision="float64", **options).layers:
         if layer.name in ww_alpha:
             ok, d = _alpha_eq(ww_alpha[layer.name], layer.alpha)
             if math.isfinite(d):
@@ -468,6 +519,10 @@ def compare_model(name: str, results: Path, repeat: int = 1) -> Dict[str, Any]:
             continue
         seen.add(lname)
         w, o = by_ww.get(lname), by_ours.get(lname)
+        if o is None and w is not None and lname.endswith(".base_layer"):
+            # PEFT's base_layer is the same Parameter as its LoRA wrapper: WW reports it twice,
+            # ww_core once (under the wrapper's name); compare WW's duplicate with that row
+            o = by_ours.get(lname[: -len(".base_layer")])
         fact = facts.get(lname, {})
         row = {"name": lname, "shape": "x".join(map(str, fact.get("shape", ()))),
                "in_ww": w is not None, "in_ours": o is not None,
@@ -529,7 +584,7 @@ def _md_table(header: List[str], body: List[List[Any]]) -> str:
 
 
 def render_doc(summaries: List[Dict[str, Any]], meta: Dict[str, Any], doc: Path) -> None:
-    dev_versions = _versions(["ww_core", "numpy", "scipy", "torch", "transformers", "safetensors"])
+    dev_versions = _versions(["ww_core", "numpy", "scipy", "torch", "transformers", "safetensors", "peft"])
     lines = [
         "# Agreement of `ww_core` with WeightWatcher 0.7.7",
         "",
@@ -583,6 +638,14 @@ def render_doc(summaries: List[Dict[str, Any]], meta: Dict[str, Any], doc: Path)
               "timings is the same comparison with `precision=\"float64\"`, which reproduces WW to "
               "rounding.", ""]
     lines += ["max |Δα| ignores rows where only one side failed the fit (they are listed below).", ""]
+    lines += ["**LoRA models** (`minilm-l6-lora*`): both tools get the same PEFT model and "
+              "`analyze(peft=...)`. `lora_BA` rows hold the r = 8 non-zero eigenvalues of B·A (WW: "
+              "truncated SVD of the 384×384 product; ww_core: an 8×8 matrix from QR of A and B). "
+              "`lora_W_plus_AB` rows hold the top r eigenvalues of W + B·A, as WW (PEFT's scaling "
+              "lora_alpha/r is 1 here, so WW's unscaled sum is the merged weight). With "
+              "`with_base`, WW reports each LoRA-wrapped base weight twice (`…query` and "
+              "`…query.base_layer`, the same Parameter); ww_core reports it once, under the "
+              "wrapper's name, and WW's `base_layer` row is joined with that row.", ""]
     lines += ["### Quirk coverage", "",
               "Rows in the WW output that go through a quirky path, and still agree unless listed below: "
               "*small-N* = fewer than 20 eigenvalues, WW's small-N fitter (spec §7.2; e.g. depthwise "
@@ -625,7 +688,11 @@ def render_doc(summaries: List[Dict[str, Any]], meta: Dict[str, Any], doc: Path)
     lines += [
         "## Environment",
         "",
-        f"* Machine: {mach.get('cpu', '?')}, {mach.get('cpu_count', '?')} cores, "
+        "* Reference runs per CPU: " + "; ".join(
+            f"{cpu}: " + ", ".join(f"`{k}`" for k, v in sorted(meta['models'].items())
+                                   if v.get('cpu', mach.get('cpu')) == cpu)
+            for cpu in sorted({v.get('cpu', mach.get('cpu', '?')) for v in meta['models'].values()})) + ".",
+        f"* Machine (last reference run): {mach.get('cpu', '?')}, {mach.get('cpu_count', '?')} cores, "
         f"{mach.get('platform', '?')}, no GPU (WW's CUDA fp16 path is not exercised).",
         "* Timings: best of the `--repeat` runs of `analyze()` (weights already loaded), wall clock. "
         "The machine was shared with other jobs (1-min load average at the reference runs: "

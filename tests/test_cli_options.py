@@ -1,7 +1,8 @@
 """ww-analyze: every command-line option checked for its effect on the output.
 
 One test (or parametrised group) per option of ``ww_core.cli.build_parser``:
-PATH (.safetensors, .pt, a folder of shards), --layers, --types, --csv, --plots, --randomize,
+PATH (.safetensors, .pt, a folder of shards, a Hugging Face model id in the local cache),
+--peft, --base-model, --layers, --types, --csv, --plots, --randomize,
 --seed, --fix-fingers, --min-evals, --max-evals, --progress/--no-progress, and the torchrun path
 (WORLD_SIZE > 1, a real 2-process subprocess run). ``test_every_option_has_a_test`` fails when an
 option is added to the parser without a test here.
@@ -105,7 +106,7 @@ def analyse_csv(model_path, tmp_path, capsys, *extra, name="out.csv"):
 
 # --------------------------------------------------------------------------- the option inventory
 TESTED_OPTIONS = {"path", "layers", "types", "csv", "plots", "randomize", "seed", "fix_fingers",
-                  "min_evals", "max_evals", "progress"}
+                  "min_evals", "max_evals", "progress", "peft", "base_model"}
 
 
 def test_every_option_has_a_test():
@@ -344,6 +345,66 @@ def test_progress_flags(model_path, capsys):
     assert "ww analyze" not in out_on                                # never in the table output
     rc, _, err = run([model_path, "--progress", "--no-progress"], capsys)
     assert rc == 2 and "not allowed with argument" in err
+
+
+# --------------------------------------------------------------------------- --peft / --base-model
+def _lora_file(tmp_path, adapter=".default"):
+    rng = np.random.default_rng(1)
+    sd = {"enc.fc.base_layer.weight": rng.standard_normal((48, 40)).astype(np.float32),
+          f"enc.fc.lora_A{adapter}.weight": rng.standard_normal((8, 40)).astype(np.float32),
+          f"enc.fc.lora_B{adapter}.weight": rng.standard_normal((48, 8)).astype(np.float32),
+          "head.weight": rng.standard_normal((20, 48)).astype(np.float32)}
+    path = tmp_path / "lora.safetensors"
+    st.save_file(sd, str(path))
+    return path
+
+
+def test_peft_option(tmp_path, capsys):
+    path = _lora_file(tmp_path)
+    rc, out, err = run([path, "--no-progress"], capsys)
+    assert rc == 0 and "enc.fc.lora_A.default" in table_rows(out)      # plain: A and B on their own
+    rc, out, err = run([path, "--no-progress", "--peft"], capsys)
+    assert rc == 0 and table_rows(out) == ["enc.fc.lora_BA.default"]
+    rc, out2, err = run([path, "--no-progress", "--peft", "peft_only"], capsys)
+    assert rc == 0 and table_rows(out2) == table_rows(out)
+    rc, out, err = run([path, "--no-progress", "--peft", "with_base"], capsys)
+    assert rc == 0 and table_rows(out) == ["enc.fc.base_layer", "enc.fc.lora_W_plus_AB.default",
+                                           "enc.fc.lora_BA.default", "head"]
+    rc, out, err = run([path, "--peft", "everything"], capsys)
+    assert rc == 2 and "invalid choice" in err and len(err.splitlines()) == 1
+
+
+def test_base_model_option(model_path, tmp_path, capsys):
+    sd = _state_dict()
+    tuned = {k: v + np.float32(0.01) if k == "enc.fc2.weight" else v for k, v in sd.items()}
+    del tuned["conv.weight"]
+    tuned_path = tmp_path / "tuned.safetensors"
+    st.save_file(tuned, str(tuned_path))
+    rows, out, _ = analyse_csv(tuned_path, tmp_path, capsys, "--base-model", model_path)
+    assert float(rows["enc.fc2"]["spectral_norm"]) == pytest.approx(0.01 ** 2 * 200 * 100, rel=1e-3)
+    assert float(rows["enc.fc1"]["spectral_norm"]) == 0.0               # unchanged: W − W₀ = 0
+    rc, out, err = run([tuned_path, "--no-progress", "--base-model", tmp_path / "missing.pt"], capsys)
+    assert rc == 1 and err.startswith("ww-analyze: error: no such file or directory") and err.count("\n") == 1
+
+
+def test_path_and_base_model_as_hugging_face_ids(model_path, tmp_path, capsys, monkeypatch):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    repo = tmp_path / "hub" / "models--acme--tiny-model"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    shutil.copy(model_path, snap / "model.safetensors")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    rc, out, err = run(["acme/tiny-model", "--no-progress"], capsys)
+    assert rc == 0 and table_rows(out) == ORDER, err
+    rc, out, err = run([model_path, "--no-progress", "--base-model", "acme/tiny-model"], capsys)
+    assert rc == 0 and "enc.fc1" in table_rows(out)
+    for argv in (["acme/not-cached"], [model_path, "--base-model", "acme/not-cached"]):
+        rc, out, err = run(argv + ["--no-progress"], capsys)
+        assert rc == 1 and len(err.splitlines()) == 1
+        assert ("acme/not-cached: no such file or directory, and not a model in the local "
+                "Hugging Face cache") in err
 
 
 # --------------------------------------------------------------------------- torchrun (subprocess)

@@ -4,12 +4,18 @@
   whole analysis.
 * **Asynchronous**: training waits only for the weight copy (:func:`ww_core.snapshot`); the
   spectra are computed in one ``ww-analysis`` worker thread, at most one analysis in flight, and
-  the result is collected later, stamped with the step it belongs to.
+  the result is collected later, stamped with the step it belongs to. The copy is bounded by
+  ``snapshot_budget`` (on the weights' device, then pinned host memory from CUDA); when it would
+  not fit, that step is analysed **synchronously**, layer by layer from the live weights
+  (:attr:`Finished.fallback` says so), and the next steps try the copy again.
 * **Sharded** (``world_size > 1``, an initialised ``torch.distributed``, the default engine):
   each rank analyses its share of the layers and receives the others'
   (:func:`ww_core.analyze_distributed` over a gloo group), so every rank gets the same result.
 
-Sharded models (FSDP) are gathered layer by layer by :func:`ww_core.gather_snapshot` first.
+Sharded models (FSDP1 units, FSDP2 / ZeRO-3 layers) are gathered piece by piece into a CPU
+copy by :func:`ww_core.gather_snapshot` first (that copy is the snapshot: not copied again).
+Lightning's ``FSDPStrategy`` wraps the LightningModule from outside: the root unit
+(``trainer.strategy.model``) is found from the module (:func:`sharding_root`).
 
 Example:
     >>> import numpy as np
@@ -33,7 +39,8 @@ from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
-__all__ = ["AnalysisExecutor", "Finished", "default_analyze", "check_analyze_options"]
+__all__ = ["AnalysisExecutor", "Finished", "default_analyze", "check_analyze_options",
+           "sharding_root"]
 
 
 def default_analyze(*args: Any, **kwargs: Any) -> Any:
@@ -67,6 +74,22 @@ def check_analyze_options(analyze_fn: Optional[Callable[..., Any]], options: Dic
                          f"{sorted(p for p in params if p not in ('source', 'layers'))}")
 
 
+def sharding_root(model: Any) -> Any:
+    """The FSDP1 root unit wrapping ``model`` from outside, else ``model``.
+
+    Lightning's ``FSDPStrategy`` wraps the LightningModule in ``FullyShardedDataParallel`` and
+    its callbacks receive the module itself, whose root-owned parameters are then flat shards
+    that only the root unit can gather. The root is ``model.trainer.strategy.model``.
+    """
+    from ww_core.sharded import fsdp_units, unwrap_model
+
+    strategy = getattr(getattr(model, "_trainer", None), "strategy", None)
+    outer = unwrap_model(getattr(strategy, "model", None))
+    if outer is None or outer is model or getattr(outer, "module", None) is not model:
+        return model
+    return outer if fsdp_units(outer) else model
+
+
 @dataclass
 class Finished:
     """One executed analysis.
@@ -80,6 +103,8 @@ class Finished:
         waited: the part of ``hook_seconds`` spent waiting in ``collect``.
         result: the ``AnalysisResult`` (``None`` when it raised).
         error: the exception it raised, else ``None``.
+        fallback: why an asynchronous analysis ran synchronously (the copy would have exceeded
+            ``snapshot_budget``), else ``None``.
     """
 
     step: int
@@ -89,6 +114,7 @@ class Finished:
     waited: float = 0.0
     result: Any = None
     error: Optional[Exception] = None
+    fallback: Optional[str] = None
 
     def failure(self) -> str:
         """What failed, naming the layer the engine was working on (when it says)."""
@@ -106,13 +132,21 @@ class AnalysisExecutor:
         analyze_fn: the analysis function (default :func:`ww_core.analyze`).
         layers: the checked ``layers=`` patterns.
         options: ``ww_core.analyze`` options.
+        snapshot_budget: bytes the asynchronous weight copy may take (``"auto"``: the smaller of
+            2 GB and 10 % of the weights' device memory; ``None``: no limit); see
+            :mod:`ww_core.snapshot_memory`.
     """
 
     def __init__(self, analyze_fn: Optional[Callable[..., Any]] = None, layers: Any = None,
-                 options: Optional[Dict[str, Any]] = None) -> None:
+                 options: Optional[Dict[str, Any]] = None, snapshot_budget: Any = "auto") -> None:
+        from ww_core.snapshot_memory import check_budget
+
         self.analyze_fn = analyze_fn or default_analyze
         self.layers = layers
         self.options = dict(options or {})
+        self.snapshot_budget = check_budget(snapshot_budget)
+        #: Asynchronous analyses run synchronously because the copy would not fit the budget.
+        self.sync_fallbacks = 0
         self.asynchronous = False
         self._group: Any = None
         self._pool: Optional[ThreadPoolExecutor] = None
@@ -162,12 +196,13 @@ class AnalysisExecutor:
         return box[0]
 
     def snapshot(self, model: Any) -> Any:
-        """What the engine analyses: the unwrapped model, or a CPU copy gathered layer by layer
-        from a sharded one (:func:`ww_core.gather_snapshot`)."""
+        """What the engine analyses: the unwrapped model, or a CPU copy gathered piece by piece
+        from a sharded one (:func:`ww_core.gather_snapshot`; every rank must call this)."""
         import ww_core
 
         opts = self.options
-        return ww_core.gather_snapshot(model, layers=self.layers, layer_types=opts.get("layer_types"),
+        return ww_core.gather_snapshot(sharding_root(model), layers=self.layers,
+                                       layer_types=opts.get("layer_types"),
                                        conv2d_norm=opts.get("conv2d_norm", True),
                                        split_qkv=opts.get("split_qkv", True))
 
@@ -181,13 +216,18 @@ class AnalysisExecutor:
         return ww_core.analyze_distributed(source, group=self._group, layers=self.layers, **options)
 
     def _copy(self, model: Any) -> Any:
+        """A private copy within ``snapshot_budget`` (raises ``SnapshotBudgetError`` before
+        copying anything when it would not fit)."""
         import ww_core
 
+        source = self.snapshot(model)
+        if isinstance(source, ww_core.Snapshot) and source is not model:
+            return source                 # gathered from a sharded model: already a CPU copy
         opts = self.options
-        return ww_core.snapshot(self.snapshot(model), layers=self.layers,
-                                layer_types=opts.get("layer_types"),
+        return ww_core.snapshot(source, layers=self.layers, layer_types=opts.get("layer_types"),
                                 conv2d_norm=opts.get("conv2d_norm", True),
-                                split_qkv=opts.get("split_qkv", True))
+                                split_qkv=opts.get("split_qkv", True),
+                                budget=self.snapshot_budget)
 
     def start(self, model: Any, step: int, epoch: int, keep_evals: bool = False) -> Optional[Finished]:
         """Analyse ``model``: the :class:`Finished` analysis when synchronous (or when the copy
@@ -198,15 +238,27 @@ class AnalysisExecutor:
         """
         if self.asynchronous and self._pending is not None:
             raise RuntimeError("an analysis is already in flight")
+        from ww_core.snapshot_memory import SnapshotBudgetError
+
         options = dict(self.options, **({"keep_evals": True} if keep_evals else {}))
         started, t0 = time.time(), time.perf_counter()
+        fallback = None
         try:
-            if not self.asynchronous:
+            if self.asynchronous:
+                try:
+                    snap = self._copy(model)
+                except SnapshotBudgetError as exc:     # nothing was copied: analyse it now
+                    self.sync_fallbacks += 1
+                    fallback = f"analysed synchronously: {exc}"
+            if fallback and self.default_engine:
+                options.setdefault("batch_elements", 0)        # one layer at a time
+            if not self.asynchronous or fallback:
                 result = self._analyze(model, options)
-                return Finished(step, epoch, started, time.perf_counter() - t0, result=result)
-            snap = self._copy(model)
+                return Finished(step, epoch, started, time.perf_counter() - t0, result=result,
+                                fallback=fallback)
         except Exception as exc:
-            return Finished(step, epoch, started, time.perf_counter() - t0, error=exc)
+            return Finished(step, epoch, started, time.perf_counter() - t0, error=exc,
+                            fallback=fallback)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ww-analysis")
         future: Future = self._pool.submit(self.analyze_fn, snap, layers=self.layers, **options)

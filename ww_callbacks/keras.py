@@ -85,6 +85,7 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
         self._steps_per_epoch: Optional[int] = None
         self._needs_configure = False
         self._is_zero = True
+        self._end_fit: Any = lambda: None
 
     #: Where the per-run folders go when no ``output_dir`` is named.
     BASE_DIR = "ww-output"
@@ -168,7 +169,11 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
     # ------------------------------------------------------------------ hooks
     @override
     def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
-        self._is_zero = rank_info()[0]
+        from ww_callbacks.keras_utils import prepare_fit
+
+        self._is_zero, spec = rank_info()[0], self.controller.tracker_spec
+        # (matplotlib is warmed up too when the local tracker draws its plot)
+        self._end_fit = prepare_fit(plots=spec == "auto" or "local" in (spec or ()))
         steps = (self.params or {}).get("steps")
         self._steps_per_epoch = int(steps) if steps else None
         self._needs_configure = True  # at the first epoch, when initial_epoch is known
@@ -185,7 +190,12 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
             self.global_step = self.epoch * self._steps_per_epoch + int(batch) + 1
         else:
             self.global_step += 1
-        self.controller.maybe_run(self.model, step=self.global_step, epoch=self.epoch)
+        ctl = self.controller
+        # `self.model` syncs the JAX state into the variables: only when an analysis reads them
+        if ctl.schedule.mode == "steps" and ctl.should_run(step=self.global_step, epoch=self.epoch):
+            ctl.maybe_run(self.model, step=self.global_step, epoch=self.epoch)
+        else:
+            ctl.poll()
 
     @override
     def on_epoch_end(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
@@ -197,8 +207,11 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
 
     @override
     def on_train_end(self, logs: Optional[Dict[str, Any]] = None) -> None:
-        if self._needs_configure:  # fit ran no epoch (initial_epoch >= epochs)
-            self.controller.close()
-            return
-        self.controller.finish(self.model, step=self.global_step, epoch=self.epoch)
-        self._save_state()
+        try:
+            if self._needs_configure:  # fit ran no epoch (initial_epoch >= epochs)
+                self.controller.close()
+                return
+            self.controller.finish(self.model, step=self.global_step, epoch=self.epoch)
+            self._save_state()
+        finally:
+            self._end_fit()

@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 
 from . import metrics as _metrics
+from . import peft as _peft
 from . import precision as _precision
 from .errors import in_layer
 from .powerlaw import fit_powerlaw, hill_alpha
@@ -145,7 +146,7 @@ def analyze_layer(
     try:
         if raw_evals is None:
             raw_evals = eigenvalues(batch, used, solver)
-        evals = np.sort(raw_evals.ravel()) * lm.scale
+        evals = _top(np.sort(raw_evals.ravel()) * lm.scale, lm)
         fit = fit_powerlaw(evals, **fit_options)
         failed, redo = False, checked and _precision.float32_disagreement(
             evals, fit, lm.N, lm.M, rank_tol=rank_tol,
@@ -156,7 +157,7 @@ def analyze_layer(
     try:
         if redo:
             used = "float64"
-            evals = np.sort(eigenvalues(batch, used, solver).ravel()) * lm.scale
+            evals = _top(np.sort(eigenvalues(batch, used, solver).ravel()) * lm.scale, lm)
             fit = fit_powerlaw(evals, **fit_options)
         elif failed:
             raise NonFiniteError("the eigensolve failed")
@@ -185,7 +186,7 @@ def analyze_layer(
         mp = _mp_fit(evals, Q, lm.M)
         res.num_spikes, res.sigma_mp = mp["num_spikes"], mp["sigma_mp"]
         res.mp_softrank, res.bulk_max = mp["mp_softrank"], mp["bulk_max"]
-    if randomize:
+    if randomize and lm.num_components is None:      # (no shuffle of a LoRA product's factors)
         from . import rmt
 
         replicas = rmt.num_replicas(lm.num_evals)
@@ -232,6 +233,9 @@ def analyze(
     rank_tol: float = 1e-6,
     rank_collapse_share: float = 0.1,
     hill_xmin_pos: float = 2.0,
+    peft: Union[bool, str] = False,
+    base_model: Any = None,
+    trainable: Optional[bool] = None,
 ) -> AnalysisResult:
     """Spectral diagnostics of every analysable layer of ``source``.
 
@@ -268,6 +272,14 @@ def analyze(
         rank_tol, rank_collapse_share: a layer is flagged ``rank-collapse`` when more than
             ``rank_collapse_share`` of its eigenvalues are at most ``rank_tol × λ_max``.
         hill_xmin_pos: ``alpha_hill`` uses the top ``1/hill_xmin_pos`` of the spectrum.
+        peft: LoRA adapters as WeightWatcher 0.7.7 (:mod:`ww_core.peft`): ``True`` (same as
+            ``"peft_only"``): only each adapter's update ``B·A``, named ``….lora_BA.<adapter>``,
+            its ``r`` non-zero eigenvalues; ``"with_base"``: every layer, plus
+            ``….lora_W_plus_AB.<adapter>`` (``W + s·B·A``, top ``r`` eigenvalues) and ``B·A``.
+        base_model: a module, state dict or path: analyse ``W − W₀`` per layer, matched by name
+            (a missing or differently shaped counterpart makes the layer a skip, with reason).
+        trainable: ``True``: only layers whose weights require grad, or whose state is unknown
+            (state dicts, files); ``False``: only layers known to be frozen; ``None``: all.
 
     Returns:
         An :class:`~ww_core.result.AnalysisResult`.
@@ -301,10 +313,12 @@ def analyze(
         max_fingers=max_fingers, finger_thresh=finger_thresh, mp_fit=mp_fit,
         randomize=randomize, seed=seed, conv2d_norm=conv2d_norm, split_qkv=split_qkv,
         precision=precision, solver=solver, rank_tol=rank_tol,
-        rank_collapse_share=rank_collapse_share, hill_xmin_pos=hill_xmin_pos)
+        rank_collapse_share=rank_collapse_share, hill_xmin_pos=hill_xmin_pos,
+        peft=_peft.check_peft(peft), base_model=_peft.describe_base(base_model),
+        trainable=_peft.check_trainable(trainable))
     result = AnalysisResult(options=options)
     todo: List[LayerMatrices] = []
-    for lm in selector.select(find_layers(source, conv_norm=conv2d_norm, split_qkv=split_qkv)):
+    for lm in selector.select(candidates(source, conv2d_norm, split_qkv, peft, base_model, trainable)):
         reason = _skip_reason(lm, min_evals, max_evals, max_N)
         if reason:
             result.skipped.append(SkippedLayer(lm.name, lm.type, lm.N, lm.M, reason))
@@ -339,6 +353,24 @@ def analyze(
     return result
 
 
+def candidates(source: Any, conv2d_norm: bool = True, split_qkv: bool = True, peft: Any = False,
+               base_model: Any = None, trainable: Optional[bool] = None) -> List[LayerMatrices]:
+    """The layers of ``source`` that ``analyze`` considers (before ``layers``/``layer_types``
+    and the size bounds): LoRA pairs made into layers, deltas to ``base_model``, ``trainable``."""
+    found = find_layers(source, conv_norm=conv2d_norm, split_qkv=split_qkv)
+    if peft or base_model is not None:
+        found = _peft.adapt_layers(found, source, peft, base_model, lambda base: find_layers(
+            base, conv_norm=conv2d_norm, split_qkv=split_qkv))
+    if trainable is not None:         # unknown (None) counts as trainable: it may change
+        found = [lm for lm in found if (lm.trainable is False) != bool(trainable)]
+    return found
+
+
+def _top(evals: np.ndarray, lm: LayerMatrices) -> np.ndarray:
+    """The top ``lm.num_components`` eigenvalues (all when unset), ascending."""
+    return evals if lm.num_components is None else evals[evals.size - min(lm.num_components, evals.size):]
+
+
 def _groups(todo: List[LayerMatrices], max_elements: int) -> List[List[int]]:
     """Indices of ``todo`` solved together: in-memory layers whose Gram matrices have the same
     size (``(rows, cols)`` or ``(cols, rows)``), anywhere in the model, up to ``max_elements``
@@ -350,8 +382,9 @@ def _groups(todo: List[LayerMatrices], max_elements: int) -> List[List[int]]:
         size = lm.rf * lm.rows * lm.cols
         key = (min(lm.rows, lm.cols), max(lm.rows, lm.cols))
         g = open_group.get(key)
-        if lm.streamed or max_elements <= 0 or g is None or sizes[g] + size > max_elements:
-            if not lm.streamed and max_elements > 0:
+        alone = lm.streamed or lm.num_components is not None    # (a LoRA product loads r x r)
+        if alone or max_elements <= 0 or g is None or sizes[g] + size > max_elements:
+            if not alone and max_elements > 0:
                 open_group[key] = len(groups)
             groups.append([i])
             sizes.append(size)

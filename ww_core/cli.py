@@ -5,6 +5,8 @@ Example:
 
         ww-analyze model.safetensors
         ww-analyze checkpoint_dir/ --layers 'attention' --types dense --csv layers.csv --plots plots/
+        ww-analyze lora_adapter_dir/ --peft          # each LoRA update B·A (WeightWatcher's peft=True)
+        ww-analyze finetuned/ --base-model sentence-transformers/all-MiniLM-L6-v2   # W − W₀
         python -m ww_core.cli model.pt --randomize --seed 0
 
         torchrun --nproc-per-node 4 -m ww_core.cli checkpoint_dir/ --csv layers.csv
@@ -25,6 +27,7 @@ import inspect
 import io
 import math
 import os
+import re
 import sys
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, TextIO
@@ -60,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                "under-trained layer, < 2 an over-fit layer or a correlation trap.",
     )
     p.add_argument("path", metavar="PATH",
-                   help="a .safetensors / .pt / .pth / .bin file or a folder of shards")
+                   help="a .safetensors / .pt / .pth / .bin file, a folder of shards, or a Hugging "
+                        "Face model id in the local cache (never downloaded)")
     p.add_argument("--layers", metavar="REGEX", action="append",
                    help="analyse only layers whose name matches REGEX (re.search); repeatable")
     p.add_argument("--types", metavar="TYPE", nargs="+",
@@ -77,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fix-fingers", action="store_true",
                    help="refit with a few separated top eigenvalues clipped (WeightWatcher's "
                         "fix_fingers='clip_xmax')")
+    p.add_argument("--peft", nargs="?", const=True, default=False, choices=("with_base", "peft_only"),
+                   metavar="MODE",
+                   help="analyse LoRA adapters as WeightWatcher 0.7.7: each update B·A "
+                        "(lora_BA); 'with_base': every layer plus W + B·A; 'peft_only': the same "
+                        "as no MODE (put PATH before a bare --peft)")
+    p.add_argument("--base-model", metavar="PATH_OR_ID",
+                   help="analyse W − W0 per layer against this base model (a path or a cached "
+                        "Hugging Face model id)")
     p.add_argument("--min-evals", type=int, metavar="N",
                    help="skip layers with fewer eigenvalues (default 8)")
     p.add_argument("--max-evals", type=int, metavar="N",
@@ -190,6 +202,32 @@ def _error(message: Any, stderr: TextIO) -> int:
     return EXIT_ERROR
 
 
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def resolve_path(spec: str) -> str:
+    """``spec`` itself when it exists, else the local snapshot folder of the Hugging Face model id.
+
+    Raises:
+        FileNotFoundError: neither a path nor a model id in the local cache (one-line message).
+    """
+    if os.path.exists(spec):
+        return spec
+    if not _HF_ID.match(spec) or spec.lower().endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt")):
+        raise FileNotFoundError(f"no such file or directory: {spec}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f"no such file or directory: {spec} (to read it as a Hugging Face "
+                                f"model id: pip install huggingface_hub)") from None
+    try:
+        return snapshot_download(spec, local_files_only=True)
+    except Exception:  # noqa: BLE001 - LocalEntryNotFoundError, a bad id, a broken cache entry
+        raise FileNotFoundError(f"{spec}: no such file or directory, and not a model in the local "
+                                f"Hugging Face cache (nothing is downloaded; fetch it first, e.g. "
+                                f"`huggingface-cli download {spec}`)") from None
+
+
 def _world() -> tuple:
     """``(rank, world_size)`` from torchrun's environment variables (``(0, 1)`` otherwise)."""
     try:
@@ -249,8 +287,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         stderr.write(f"{PROG}: error: max_evals ({hi}) must be >= min_evals ({lo})\n")
         return EXIT_NO_LAYERS
 
-    if not os.path.exists(args.path):
-        return _error(f"no such file or directory: {args.path}", stderr)
+    try:
+        path = resolve_path(args.path)
+        base_model = resolve_path(args.base_model) if args.base_model else None
+    except FileNotFoundError as exc:
+        return _error(exc, stderr)
 
     plots = None
     if args.plots:
@@ -283,13 +324,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         kwargs["seed"] = args.seed
     if args.plots:
         kwargs["keep_evals"] = True
+    if args.peft:
+        kwargs["peft"] = args.peft
+    if base_model:
+        kwargs["base_model"] = base_model
     progress = args.progress if args.progress is not None else stderr.isatty()
 
     try:
         if world > 1:
-            result = _analyze_torchrun(args.path, progress=progress, **kwargs)
+            result = _analyze_torchrun(path, progress=progress, **kwargs)
         else:
-            result = ww_core.analyze(args.path, progress=progress, **kwargs)
+            result = ww_core.analyze(path, progress=progress, **kwargs)
     except FileNotFoundError as exc:
         return _error(exc, stderr)
     except (SourceError, ValueError, ImportError, OSError, RuntimeError) as exc:

@@ -22,11 +22,12 @@ import importlib
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from . import peft as _peft
 from .analyze import layer_seed  # noqa: F401  (re-exported)
 from .errors import SourceError, failing_layer
 from .result import AnalysisResult, LayerResult, SkippedLayer
 from .selection import LayerSelector
-from .sources import LayerMatrices, find_layers
+from .sources import LayerMatrices
 
 # The module, not the function that ``ww_core.analyze`` names in the package namespace.
 _analyze_mod = importlib.import_module("ww_core.analyze")
@@ -88,8 +89,10 @@ def _plan(source: Any, options: Dict[str, Any]) -> Tuple[List[LayerMatrices], Li
     selector = LayerSelector(options.get("layers"), options.get("layer_types"))
     todo: List[LayerMatrices] = []
     skipped: List[SkippedLayer] = []
-    for lm in selector.select(find_layers(source, conv_norm=options.get("conv2d_norm", True),
-                                          split_qkv=options.get("split_qkv", True))):
+    for lm in selector.select(_analyze_mod.candidates(
+            source, options.get("conv2d_norm", True), options.get("split_qkv", True),
+            _peft.check_peft(options.get("peft", False)), options.get("base_model"),
+            _peft.check_trainable(options.get("trainable")))):
         reason = _analyze_mod._skip_reason(
             lm, options.get("min_evals", _analyze_mod.DEFAULT_MIN_EVALS),
             options.get("max_evals", _analyze_mod.DEFAULT_MAX_EVALS),

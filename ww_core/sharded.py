@@ -1,10 +1,15 @@
-"""Wrapped and sharded torch models: unwrap DDP / ``torch.compile``, gather FSDP1 units.
+"""Wrapped and sharded torch models: unwrap DDP / ``torch.compile``, gather sharded weights.
 
 :func:`unwrap_model` is the one place that strips wrappers (``DistributedDataParallel`` /
-``DataParallel``'s ``.module``, ``torch.compile``'s ``._orig_mod``). :func:`gather_snapshot` turns
-a model into what the engine should read: the unwrapped model itself, or, when the model holds
-FSDP1 units (each rank holding only a shard of every weight), a CPU :class:`~ww_core.Snapshot`
-of the full weights gathered one unit at a time, named with the user's module paths.
+``DataParallel`` / ``DeepSpeedEngine``'s ``.module``, ``torch.compile``'s ``._orig_mod``).
+:func:`gather_snapshot` turns a model into what the engine should read: the unwrapped model
+itself, or, when each rank holds only a shard of the weights, a CPU :class:`~ww_core.Snapshot` of
+the full weights, named with the user's module paths and gathered piece by piece:
+
+* FSDP1 (``FullyShardedDataParallel``): one unit at a time (``summon_full_params``);
+* FSDP2 (``fully_shard``, ``DTensor`` parameters) and DeepSpeed ZeRO-3: one layer at a time
+  (:func:`ww_core.partitioned.gather_full`: ``full_tensor()`` /
+  ``deepspeed.zero.GatheredParameters``).
 
 ``torch.distributed.fsdp`` is never imported here unless it already is (FSDP cannot be in use
 otherwise), so plain runs do not pay for it.
@@ -16,13 +21,15 @@ import sys
 from typing import Any, Callable, Iterable, List, Sequence, Tuple, Union
 
 from .errors import in_layer
+from .partitioned import partition_kind
 from .selection import LayerSelector
 from .sources import LayerMatrices, Snapshot, find_layers
 
-__all__ = ["WRAPPER_SEGMENTS", "clean_name", "fsdp_units", "gather_snapshot", "unwrap_model"]
+__all__ = ["WRAPPER_SEGMENTS", "clean_name", "fsdp_units", "gather_snapshot", "has_partitioned",
+           "unwrap_model"]
 
 #: Class names whose ``.module`` is the user's model.
-_DATA_PARALLEL = ("DistributedDataParallel", "DataParallel")
+_DATA_PARALLEL = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine")
 #: Path segments that FSDP1 (and activation checkpointing) insert into module names.
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
@@ -73,6 +80,17 @@ def fsdp_units(model: Any) -> List[Tuple[str, Any]]:
     return [(path, mod) for path, mod in model.named_modules() if isinstance(mod, cls)]
 
 
+def has_partitioned(model: Any) -> bool:
+    """Whether a torch module (or state dict) holds FSDP2 ``DTensor`` / ZeRO-3 parameters."""
+    if hasattr(model, "parameters") and callable(model.parameters):
+        values: Iterable[Any] = model.parameters()
+    elif isinstance(model, dict):
+        values = model.values()
+    else:
+        return False
+    return any(partition_kind(v) is not None for v in values)
+
+
 def _frozen(data: Any) -> Callable[[], Any]:
     """A loader returning a CPU copy of ``data`` (a torch tensor or a numpy array)."""
     data = data.detach().to("cpu", copy=True) if hasattr(data, "detach") else data.copy()
@@ -87,22 +105,29 @@ def gather_snapshot(model: Any, layers: Union[None, str, Sequence[str]] = None,
                     split_qkv: bool = True) -> Any:
     """What the engine should analyse for a (possibly wrapped or sharded) training model.
 
-    Under FSDP1 each rank holds only a shard of every weight, so the units are gathered one at a
-    time (``summon_full_params(unit, recurse=False, writeback=False)``, a collective that every
-    rank must enter in the same order) and the selected layers each unit owns are copied to the
-    CPU. Peak device memory is one unit unsharded.
+    Call it on every rank, at the same point: gathering is a collective.
+
+    * FSDP1: the units are gathered one at a time (``summon_full_params(unit, recurse=False,
+      writeback=False)``) and the selected layers each unit owns are copied to the CPU. Peak
+      extra device memory: one unit unsharded.
+    * FSDP2 ``DTensor`` / DeepSpeed ZeRO-3 parameters: each selected layer is gathered alone
+      (``full_tensor()`` / ``GatheredParameters([p], modifier_rank=None)``), copied to the CPU
+      and freed before the next, in model order. Peak extra device memory: one layer. A sharded
+      weight that cannot be gathered (no process group, an unknown placement, DeepSpeed not
+      imported) stays a skipped layer with the reason; it is never analysed as its local shard.
 
     Args:
-        model: any model source; DDP / DataParallel / ``torch.compile`` wrappers are removed.
+        model: any model source; DDP / DataParallel / DeepSpeedEngine / ``torch.compile``
+            wrappers are removed.
         layers, layer_types: which layers to copy (see :class:`ww_core.LayerSelector`); used only
             when gathering, the unwrapped model is returned whole.
         conv2d_norm, split_qkv: as in :func:`ww_core.analyze`; fixed in the snapshot.
 
     Returns:
-        A CPU :class:`~ww_core.Snapshot` in model order, with FSDP's ``_fsdp_wrapped_module``
-        segments removed from the names, when ``model`` holds FSDP1 units; otherwise the
-        unwrapped model itself. An exception raised while a layer is copied carries its name
-        (:func:`ww_core.errors.failing_layer`).
+        A CPU :class:`~ww_core.Snapshot` in model order (a private copy), with FSDP1's
+        ``_fsdp_wrapped_module`` segments removed from the names, when ``model`` holds FSDP1
+        units or sharded parameters; otherwise the unwrapped model itself. An exception raised
+        while a layer is copied carries its name (:func:`ww_core.errors.failing_layer`).
 
     Raises:
         ValueError: invalid ``layers`` or ``layer_types``.
@@ -117,6 +142,8 @@ def gather_snapshot(model: Any, layers: Union[None, str, Sequence[str]] = None,
     model = unwrap_model(model)
     units = fsdp_units(model)
     if not units:
+        if has_partitioned(model):
+            return _gather_layers(model, selector, conv2d_norm, split_qkv)
         return model
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -146,4 +173,18 @@ def gather_snapshot(model: Any, layers: Union[None, str, Sequence[str]] = None,
                                           cols=lm.cols, load=load, scale=lm.scale,
                                           unusable=lm.unusable, dtype=lm.dtype))
     kept.sort(key=lambda lm: position(lm.name))
+    return Snapshot(kept, conv2d_norm=conv2d_norm, split_qkv=split_qkv)
+
+
+def _gather_layers(model: Any, selector: LayerSelector, conv2d_norm: bool,
+                   split_qkv: bool) -> Snapshot:
+    """FSDP2 / ZeRO-3: every selected layer gathered alone (a collective), copied to the CPU."""
+    kept: List[LayerMatrices] = []
+    for lm in selector.select(find_layers(model, conv_norm=conv2d_norm, split_qkv=split_qkv)):
+        if lm.collective or lm.unusable is None:
+            with in_layer(lm.name):
+                load = _frozen(lm.load())   # a gathered weight lives only inside this call
+            lm = LayerMatrices(name=lm.name, type=lm.type, rf=lm.rf, rows=lm.rows, cols=lm.cols,
+                               load=load, scale=lm.scale, dtype=lm.dtype)
+        kept.append(lm)
     return Snapshot(kept, conv2d_norm=conv2d_norm, split_qkv=split_qkv)

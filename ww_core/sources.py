@@ -27,6 +27,8 @@ import numpy as np
 
 from .errors import SourceError, in_layer
 from .file_io import LazyTensor, load_torch_file, read_safetensors_header
+from .partitioned import full_shape, gather_full, gather_problem, partition_kind, sharded_reason
+from .peft import quantized_reason
 from .selection import LAYER_TYPES, LayerSelector
 from .spectrum import is_torch_tensor
 
@@ -53,6 +55,13 @@ class LayerMatrices:
     dtype: str = ""
     #: Read from a file on demand: never batched with other layers, so one layer is in memory.
     streamed: bool = False
+    #: ``requires_grad`` of the weight (Keras: ``trainable``); None when unknown (state dicts).
+    trainable: Optional[bool] = None
+    #: Keep only the top this many eigenvalues (WeightWatcher's LoRA layers: the rank).
+    num_components: Optional[int] = None
+    #: ``load()`` gathers a sharded weight (FSDP2 / ZeRO-3), a collective: the layer is
+    #: ``unusable`` for ``analyze``; :func:`ww_core.gather_snapshot` calls it on every rank.
+    collective: bool = False
 
     @property
     def N(self) -> int:
@@ -64,7 +73,7 @@ class LayerMatrices:
 
     @property
     def num_evals(self) -> int:
-        return self.M * self.rf
+        return self.M * self.rf if self.num_components is None else self.num_components
 
 
 # --------------------------------------------------------------------------- weight → matrices
@@ -125,8 +134,13 @@ def _split_qkv(name: str, shape: Tuple[int, ...], get: Callable[[], Any], dtype:
 def _torch_unusable(p: Any) -> Optional[str]:
     import torch
 
+    sharded = sharded_reason(p)         # never analyse a local shard as if it were the weight
+    if sharded:
+        return sharded
     if isinstance(p, torch.nn.parameter.UninitializedParameter):
         return "uninitialised (lazy) parameter"
+    if quantized_reason(p):
+        return quantized_reason(p)
     if p.device.type == "meta":
         return "parameter on the meta device"
     if p.layout != torch.strided:     # sparse / mkldnn weights: no dense eigensolve
@@ -134,6 +148,10 @@ def _torch_unusable(p: Any) -> Optional[str]:
     if not (p.is_floating_point()):
         return f"non-float dtype {p.dtype}"
     return None
+
+
+def _gatherable(p: Any) -> bool:
+    return partition_kind(p) is not None and gather_problem(p) is None
 
 
 def torch_module_layers(model: Any, conv_norm: bool = True, split_qkv: bool = True) -> List[LayerMatrices]:
@@ -148,9 +166,14 @@ def torch_module_layers(model: Any, conv_norm: bool = True, split_qkv: bool = Tr
             return
         seen.add(id(p))
         unusable = _torch_unusable(p)
-        shape = tuple(p.shape) if unusable != "uninitialised (lazy) parameter" else (0, 0)
-        layers.append(_make(name, ltype, shape, layout, lambda: p.detach(), conv_norm,
+        shape = full_shape(p) if unusable != "uninitialised (lazy) parameter" else (0, 0)
+        if len(shape) < (2 if layout == "matrix" else 3):     # e.g. a flat FSDP1 shard
+            unusable, shape = (unusable or f"weight of shape {shape} is not a {ltype} weight "
+                               f"(an FSDP1 shard? pass the FSDP-wrapped model)"), (0, 0)
+        layers.append(_make(name, ltype, shape, layout, lambda: gather_full(p), conv_norm,
                             str(p.dtype).replace("torch.", ""), unusable))
+        layers[-1].collective = _gatherable(p)
+        layers[-1].trainable = bool(p.requires_grad)
 
     for path, mod in model.named_modules():
         name = path or type(mod).__name__
@@ -161,8 +184,12 @@ def torch_module_layers(model: Any, conv_norm: bool = True, split_qkv: bool = Tr
                 p = mod.in_proj_weight
                 seen.add(id(p))
                 if split_qkv:
-                    layers.extend(_split_qkv(name, tuple(p.shape), lambda p=p: p.detach(),
-                                             str(p.dtype).replace("torch.", ""), _torch_unusable(p)))
+                    parts = _split_qkv(name, full_shape(p), lambda p=p: gather_full(p),
+                                       str(p.dtype).replace("torch.", ""), _torch_unusable(p))
+                    for part in parts:
+                        part.collective = _gatherable(p)
+                        part.trainable = bool(p.requires_grad)
+                    layers.extend(parts)
             else:
                 for part in "qkv":
                     p = getattr(mod, f"{part}_proj_weight", None)
@@ -242,6 +269,7 @@ def keras_model_layers(model: Any, conv_norm: bool = True) -> List[LayerMatrices
         else:
             layers.append(_make(name, "embedding" if cls == "Embedding" else "dense", shape,
                                 "matrix", get, conv_norm, dtype))
+        layers[-1].trainable = bool(getattr(var, "trainable", True))
     return layers
 
 
@@ -302,7 +330,8 @@ def state_dict_layers(sd: Mapping[str, Any], conv_norm: bool = True,
         if info is None:
             continue
         if is_torch_tensor(value):
-            plain = value.device.type != "meta" and str(value.layout) == "torch.strided"
+            plain = (value.device.type != "meta" and str(value.layout) == "torch.strided"
+                     and partition_kind(value) is None)      # (a DTensor's data_ptr() is 0)
             ident = (value.data_ptr(), shape, value.stride()) if plain else id(value)
             if ident in seen:
                 continue
@@ -397,6 +426,9 @@ class Snapshot:
         True
     """
 
+    #: Bytes copied to the device and to the host (:func:`snapshot`), else ``None``.
+    placement: Optional[dict] = None
+
     def __init__(self, layers: List[LayerMatrices], conv2d_norm: bool = True, split_qkv: bool = True):
         self.layers = layers
         #: Fixed when the snapshot was taken; ``analyze(snapshot)`` reports these.
@@ -409,12 +441,8 @@ class Snapshot:
         return f"Snapshot({len(self.layers)} layers)"
 
 
-def _copy(x: Any) -> Any:
-    return x.detach().clone() if is_torch_tensor(x) else np.array(x, copy=True)
-
-
 def snapshot(source: Any, *, layers: Any = None, layer_types: Any = None, conv2d_norm: bool = True,
-             split_qkv: bool = True) -> Snapshot:
+             split_qkv: bool = True, budget: Any = "auto") -> Snapshot:
     """Copy the weights of the layers of ``source`` that an analysis would look at.
 
     Args:
@@ -422,23 +450,27 @@ def snapshot(source: Any, *, layers: Any = None, layer_types: Any = None, conv2d
         layers: regex or list of regexes; only matching layer names are copied.
         layer_types: only these layer types are copied.
         conv2d_norm, split_qkv: as in :func:`ww_core.analyze`; fixed at snapshot time.
+        budget: bytes the copies may take (:mod:`ww_core.snapshot_memory`): on the weights'
+            device first; from CUDA, the rest in pinned host memory (within the same number, or
+            the host's default when ``"auto"``). ``"auto"``: the smaller of 2 GB and 10 % of the
+            device's memory. ``None``: no limit, everything on the weights' device.
 
     Returns:
-        A :class:`Snapshot` (tensors copied on their own device). An exception raised while a
-        layer is copied carries its name (:func:`ww_core.errors.failing_layer`).
+        A :class:`Snapshot`; ``snapshot.placement`` says how many bytes went where. An exception
+        raised while a layer is copied carries its name (:func:`ww_core.errors.failing_layer`).
 
     Raises:
-        ValueError: invalid ``layers`` or ``layer_types`` (see :class:`ww_core.LayerSelector`).
+        ValueError: invalid ``layers``, ``layer_types`` or ``budget``.
+        ww_core.snapshot_memory.SnapshotBudgetError: the copies would exceed the budget (raised
+            before anything is copied; a ``MemoryError``).
         FileNotFoundError: as :func:`find_layers`.
         SourceError: as :func:`find_layers`.
     """
+    from .snapshot_memory import copy_layers
+
     selector = LayerSelector(layers, layer_types)
-    kept: List[LayerMatrices] = []
-    for lm in selector.select(find_layers(source, conv_norm=conv2d_norm, split_qkv=split_qkv)):
-        if lm.unusable is None:
-            with in_layer(lm.name):
-                data = _copy(lm.load())
-            lm = LayerMatrices(name=lm.name, type=lm.type, rf=lm.rf, rows=lm.rows, cols=lm.cols,
-                               load=(lambda data=data: data), scale=lm.scale, dtype=lm.dtype)
-        kept.append(lm)
-    return Snapshot(kept, conv2d_norm=conv2d_norm, split_qkv=split_qkv)
+    found = selector.select(find_layers(source, conv_norm=conv2d_norm, split_qkv=split_qkv))
+    kept, placement = copy_layers(found, budget, in_layer)
+    snap = Snapshot(kept, conv2d_norm=conv2d_norm, split_qkv=split_qkv)
+    snap.placement = placement
+    return snap

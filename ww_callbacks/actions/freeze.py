@@ -253,7 +253,9 @@ class FreezePolicy:
                 decision.reasons[layer.name] = reason
             frozen -= set(decision.unfreeze)
 
-        cap = math.floor(self.max_share * len(layers) + 1e-9)
+        # over every layer known, analysed now or frozen earlier (frozen layers may not be
+        # re-analysed: the callbacks analyse frozen weights once)
+        cap = math.floor(self.max_share * len(set(names) | frozen) + 1e-9)
         for layer in layers:
             if len(frozen) >= cap:
                 break
