@@ -31,7 +31,8 @@ import glob
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+import warnings
+from typing import Dict, Optional, Sequence
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -64,7 +65,8 @@ class MBConv(nn.Module):
         if expand != 1:
             self._expand_conv = nn.Conv2d(c_in, mid, 1, bias=False)
             self._bn0 = nn.BatchNorm2d(mid, **bn)
-        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, padding=kernel // 2, groups=mid, bias=False)
+        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, padding=kernel // 2, groups=mid,
+                                         bias=False)
         self._bn1 = nn.BatchNorm2d(mid, **bn)
         self._project_conv = nn.Conv2d(mid, c_out, 1, bias=False)
         self._bn2 = nn.BatchNorm2d(c_out, **bn)
@@ -135,7 +137,8 @@ def load_digits_images(size: int, n: Optional[int] = None, seed: int = 0):
     y = torch.tensor(digits.target, dtype=torch.long)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
     x, y = x[perm], y[perm]
-    x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = x.repeat(1, 3, 1, 1)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     x = (x - mean) / std
@@ -250,7 +253,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: epochs)")
     parser.add_argument("--size", type=int, default=64, help="image side after upsampling the 8x8 digits")
-    parser.add_argument("--freeze-blocks", type=int, default=8, help="leading MBConv blocks kept frozen (0-16)")
+    parser.add_argument("--freeze-blocks", type=int, default=8,
+                        help="leading MBConv blocks kept frozen (0-16)")
     parser.add_argument("--every-n-steps", type=int, default=15, help="analysis interval (optimizer steps)")
     parser.add_argument("--images", type=int, default=None, help="use only this many images (default: all)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -292,7 +296,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                          num_sanity_val_steps=0, default_root_dir=args.out)
     acc_before = accuracy(module, val)
     t0 = time.time()
-    trainer.fit(module, train, val)
+    with warnings.catch_warnings():  # the frozen blocks' batch norms are in eval mode on purpose
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+        trainer.fit(module, train, val)
     train_seconds = time.time() - t0
     acc_after = accuracy(module, val)
     if loggers:

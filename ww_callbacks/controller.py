@@ -90,6 +90,13 @@ class WeightWatcherController(ControllerActions, ControllerState):
             flight, one falling due meanwhile is skipped and counted in
             :attr:`skipped_analyses`). ``"auto"`` (default): ``True`` for a single process with
             the default engine, else ``False`` (ranks must decide at the same step).
+        analyze_frozen: ``"once"`` (default): frozen layers (``requires_grad=False``, e.g. the
+            base of a LoRA model or a frozen backbone) are analysed at the first analysis only,
+            as a baseline, then only what trains; ``"always"``; ``"never"``. On a PEFT model the
+            adapters' updates ``B·A`` are what is analysed (``peft=True``, unless given).
+        snapshot_budget: bytes the background copy of the weights may take (``"auto"``: the
+            smaller of 2 GB and 10 % of the device's memory; ``None``: no limit); beyond it the
+            analysis runs synchronously, one layer at a time (:mod:`ww_core.snapshot_memory`).
         tracker_timeout: seconds a tracker call may take before the tracker is dropped (each
             tracker runs in its own thread, :mod:`ww_callbacks.trackers.fanout`); ``None`` waits.
         **analyze_options: passed to ``ww_core.analyze`` (``min_evals``, ``fix_fingers``, ...).
@@ -109,8 +116,9 @@ class WeightWatcherController(ControllerActions, ControllerState):
                  early_stop: bool = False, early_stop_options: Optional[Dict[str, Any]] = None,
                  actions: Optional[Sequence[Any]] = None,
                  analyze_fn: Optional[Callable[..., Any]] = None,
-                 async_analysis: Union[bool, str] = "auto",
-                 tracker_timeout: Optional[float] = DEFAULT_TIMEOUT, **analyze_options: Any) -> None:
+                 async_analysis: Union[bool, str] = "auto", analyze_frozen: str = "once",
+                 snapshot_budget: Any = "auto", tracker_timeout: Optional[float] = DEFAULT_TIMEOUT,
+                 **analyze_options: Any) -> None:
         from ww_core import check_layer_patterns
 
         if async_analysis not in (True, False, "auto"):
@@ -134,7 +142,10 @@ class WeightWatcherController(ControllerActions, ControllerState):
         if analyze_fn is not None and not callable(analyze_fn):
             raise ValueError(f"analyze_fn must be callable, got {analyze_fn!r}")
         check_analyze_options(analyze_fn, analyze_options)
-        self.executor = AnalysisExecutor(analyze_fn, self.layers, analyze_options)
+        if analyze_frozen not in ("once", "always", "never"):
+            raise ValueError(f"analyze_frozen must be 'once', 'always' or 'never', got {analyze_frozen!r}")
+        self.analyze_frozen = analyze_frozen
+        self.executor = AnalysisExecutor(analyze_fn, self.layers, analyze_options, snapshot_budget)
 
         self.history = History(self.output_dir, write=True)
         self.trackers: List[Tracker] = []
@@ -337,11 +348,14 @@ class WeightWatcherController(ControllerActions, ControllerState):
             return None
         self.last_step = step
         t0 = time.perf_counter()
-        done = self.executor.start(model, step, epoch, keep_evals=self.wants_evals)
+        plan = self.executor.plan(model, self.analyze_frozen, first=self.num_analyses == 0)
+        done = self.executor.start(model, step, epoch, keep_evals=self.wants_evals, plan=plan)
         if done is None:                         # submitted: training waited for the copy only
             self.blocking_seconds += time.perf_counter() - t0
             return None
         self.blocking_seconds += done.hook_seconds
+        if done.fallback:
+            self.report("snapshot budget", f"step {step}", MemoryError(done.fallback))
         return self._record(done)
 
     def poll(self, wait: bool = False) -> Any:

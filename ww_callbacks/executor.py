@@ -37,7 +37,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 __all__ = ["AnalysisExecutor", "Finished", "default_analyze", "check_analyze_options",
            "sharding_root"]
@@ -151,6 +151,7 @@ class AnalysisExecutor:
         self._group: Any = None
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pending: Optional[tuple] = None     # (future, step, epoch, started, hook_seconds)
+        self._peft: Optional[bool] = None         # the model has LoRA adapters (found at first use)
 
     @property
     def default_engine(self) -> bool:
@@ -206,16 +207,49 @@ class AnalysisExecutor:
                                        conv2d_norm=opts.get("conv2d_norm", True),
                                        split_qkv=opts.get("split_qkv", True))
 
-    def _analyze(self, model: Any, options: Dict[str, Any]) -> Any:
-        source = self.snapshot(model)
-        if self._group is None:
-            return self.analyze_fn(source, layers=self.layers, **options)
+    def plan(self, model: Any, analyze_frozen: str = "once", first: bool = True) -> List[Dict[str, Any]]:
+        """The extra ``ww_core.analyze`` options of each call of the next analysis.
+
+        ``analyze_frozen="once"``: the first analysis looks at every layer (on a PEFT model the
+        adapters' updates, then the frozen base), later ones only at layers that may train
+        (``trainable=True``); ``"always"``: every layer each time; ``"never"``: what trains.
+        Options the user set (``peft``, ``trainable``) win; custom engines get ``[{}]``.
+        """
+        opts = self.options
+        if not self.default_engine:
+            return [{}]
+        if self._peft is None:
+            from ww_core import unwrap_model
+
+            mods = getattr(unwrap_model(model), "named_modules", None)
+            self._peft = callable(mods) and any(".lora_A" in name for name, _ in mods())
+        extra: Dict[str, Any] = {} if "peft" in opts or not self._peft else {"peft": True}
+        if "trainable" in opts or analyze_frozen == "always":
+            return [extra]
+        if analyze_frozen == "never" or not first:
+            return [{**extra, "trainable": True}]
+        return [extra, {"trainable": False}] if extra.get("peft") else [extra]
+
+    def _analyze(self, model: Any, options: Dict[str, Any], plan: List[Dict[str, Any]]) -> Any:
+        return self._run_plan(self.snapshot(model), options, plan)
+
+    def _run_plan(self, source: Any, options: Dict[str, Any], plan: List[Dict[str, Any]]) -> Any:
+        """One analysis per plan entry (extra options), merged into one result in plan order."""
         import ww_core
 
-        # every rank gets here at the same step (the schedule is a pure function of the step)
-        return ww_core.analyze_distributed(source, group=self._group, layers=self.layers, **options)
+        results = []
+        for extra in plan:
+            if self._group is None:
+                results.append(self.analyze_fn(source, layers=self.layers, **options, **extra))
+            else:   # every rank gets here at the same step (the schedule is a pure function of it)
+                results.append(ww_core.analyze_distributed(source, group=self._group, layers=self.layers,
+                                                           **options, **extra))
+        if len(results) == 1:
+            return results[0]
+        return ww_core.AnalysisResult(layers=[la for r in results for la in r.layers],
+                                      skipped=[s for r in results for s in r.skipped])
 
-    def _copy(self, model: Any) -> Any:
+    def _copy(self, model: Any, trainable: Optional[bool] = None) -> Any:
         """A private copy within ``snapshot_budget`` (raises ``SnapshotBudgetError`` before
         copying anything when it would not fit)."""
         import ww_core
@@ -227,11 +261,20 @@ class AnalysisExecutor:
         return ww_core.snapshot(source, layers=self.layers, layer_types=opts.get("layer_types"),
                                 conv2d_norm=opts.get("conv2d_norm", True),
                                 split_qkv=opts.get("split_qkv", True),
-                                budget=self.snapshot_budget)
+                                budget=self.snapshot_budget, trainable=trainable)
 
-    def start(self, model: Any, step: int, epoch: int, keep_evals: bool = False) -> Optional[Finished]:
+    def start(self, model: Any, step: int, epoch: int, keep_evals: bool = False,
+              plan: Optional[List[Dict[str, Any]]] = None) -> Optional[Finished]:
         """Analyse ``model``: the :class:`Finished` analysis when synchronous (or when the copy
         failed), ``None`` once submitted to the background.
+
+        Args:
+            model: the training model.
+            step, epoch: what the result is stamped with.
+            keep_evals: keep the eigenvalues (a tracker draws ESDs).
+            plan: extra ``ww_core.analyze`` options per analysis call, merged into one result
+                (default one call, ``[{}]``); e.g. the adapters of a PEFT model, then its frozen
+                base once (:meth:`WeightWatcherController.plan`).
 
         Raises:
             RuntimeError: asynchronous and an analysis is still pending (check :attr:`busy`).
@@ -241,19 +284,25 @@ class AnalysisExecutor:
         from ww_core.snapshot_memory import SnapshotBudgetError
 
         options = dict(self.options, **({"keep_evals": True} if keep_evals else {}))
+        plan = plan or [{}]
+        # copy only what the plan analyses: every call on trainable layers -> frozen weights stay
+        # (except W + B·A, which needs the frozen base)
+        only_trainable = all(e.get("trainable") is True and dict(options, **e).get("peft") != "with_base"
+                             for e in plan)
+        copy_trainable = True if only_trainable else None
         started, t0 = time.time(), time.perf_counter()
         fallback = None
         try:
             if self.asynchronous:
                 try:
-                    snap = self._copy(model)
+                    snap = self._copy(model, copy_trainable)
                 except SnapshotBudgetError as exc:     # nothing was copied: analyse it now
                     self.sync_fallbacks += 1
                     fallback = f"analysed synchronously: {exc}"
             if fallback and self.default_engine:
                 options.setdefault("batch_elements", 0)        # one layer at a time
             if not self.asynchronous or fallback:
-                result = self._analyze(model, options)
+                result = self._analyze(model, options, plan)
                 return Finished(step, epoch, started, time.perf_counter() - t0, result=result,
                                 fallback=fallback)
         except Exception as exc:
@@ -261,7 +310,7 @@ class AnalysisExecutor:
                             fallback=fallback)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ww-analysis")
-        future: Future = self._pool.submit(self.analyze_fn, snap, layers=self.layers, **options)
+        future: Future = self._pool.submit(self._run_plan, snap, options, plan)
         self._pending = (future, step, epoch, started, time.perf_counter() - t0)
         return None
 

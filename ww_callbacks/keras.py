@@ -5,7 +5,12 @@ Translates ``keras.callbacks.Callback`` hooks into
 share, so ``trackers="auto"`` uses an active ``wandb.run`` and an active MLflow run when there
 are any (``wandb.integration.keras`` imports TensorFlow and is not used).
 
-Set ``KERAS_BACKEND`` (e.g. ``torch``) before the first ``import keras``.
+Set ``KERAS_BACKEND`` (``torch``, ``jax`` or ``tensorflow``; all three are tested) before the first
+``import keras``. On JAX and TensorFlow the fit starts with
+:func:`~ww_callbacks.keras_utils.prepare_fit` (engine warmed up, the analysis' thread pools
+limited on the CPU), a freeze or an LR-factor change rebuilds the traced train function, and on
+JAX a frozen layer keeps ``trainable = True`` with its updates masked (see
+:mod:`ww_callbacks.keras_utils`).
 """
 
 from __future__ import annotations
@@ -50,8 +55,8 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
             per run in ``ww-output``; also holds the resume state ``ww_state.json``), ``trackers``
             (``"auto"``: an active ``wandb.run`` plotted against ``global_step``, an active
             MLflow run, and the local record), ``log_fn``, ``strict``, ``freeze`` (``"apply"``
-            sets ``layer.trainable = False`` mid-fit), ``freeze_options``, ``balance_lr``
-            (``True`` scales each variable's update through
+            sets ``layer.trainable = False`` mid-fit; on JAX it masks the layer's updates),
+            ``freeze_options``, ``balance_lr`` (``True`` scales each variable's update through
             :class:`~ww_callbacks.keras_utils.LayerLRScaler`), ``lr_options``, ``early_stop``
             (sets ``model.stop_training``), ``early_stop_options``, ``actions``, ``analyze_fn``
             and ``ww_core.analyze`` options.

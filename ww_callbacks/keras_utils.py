@@ -380,10 +380,20 @@ def prepare_fit(plots: bool = True, threads: Optional[int] = 1) -> Callable[[], 
     if not traced_backend():
         return lambda: None
     _warm_up(plots)
-    restore = _limit_threads(threads) if threads and _trains_on_cpu() else []
+    if not _FIT["depth"] and threads and _trains_on_cpu():   # nested fits/callbacks: the outermost
+        _FIT["restore"] = _limit_threads(threads)
+    _FIT["depth"] += 1
+    done = []
 
     def undo() -> None:
-        while restore:
-            restore.pop()()
+        if done:
+            return
+        done.append(True)
+        _FIT["depth"] -= 1
+        while not _FIT["depth"] and _FIT["restore"]:
+            _FIT["restore"].pop()()
 
     return undo
+
+
+_FIT: Dict[str, Any] = {"depth": 0, "restore": []}

@@ -37,6 +37,8 @@ __all__ = ["model_layer_names", "model_param_groups", "layer_param_groups", "res
            "unwrap_model", "unwrap_optimizer"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+#: ``ww_core`` names of a LoRA adapter's update (``peft=True``): ``<module>.lora_BA.<adapter>``.
+_LORA_SUFFIX = re.compile(r"\.lora_(BA|W_plus_AB)\.([^.]+)$")
 _MHA_SUFFIX = re.compile(r"\.(in_proj(_[qkv])?|([qkv])_proj)$")
 
 
@@ -82,6 +84,14 @@ def resolve_layer_params(model: Any, names: Iterable[str]) -> Dict[str, Tuple[st
             path, mod = "", model
         params: List[Tuple[str, Any]] = []
         group = name
+        lora = _LORA_SUFFIX.search(name) if mod is None else None
+        if lora is not None:     # the adapter's own parameters: lora_A.<adapter> and lora_B.<adapter>
+            base, adapter = name[: lora.start()], lora.group(2)
+            pairs = [(f"{base}.lora_{ab}.{adapter}", modules.get(f"{base}.lora_{ab}.{adapter}"))
+                     for ab in ("A", "B")]
+            if all(m is not None for _, m in pairs):
+                path, mod = "", model
+                params = [(f"{p}.{n}", t) for p, m in pairs for n, t in m.named_parameters(recurse=False)]
         if mod is None:
             m = _MHA_SUFFIX.search(name)
             owner = modules.get(name[: m.start()]) if m else None
@@ -116,9 +126,13 @@ def model_layer_names(model: Any, layers: Any = None) -> List[str]:
             ``layers`` argument.
     """
     import ww_core
+    from ww_core.analyze import candidates
 
-    selector = ww_core.LayerSelector(layers)
-    return [l.name for l in selector.select(ww_core.find_layers(unwrap_model(model)))]
+    model = unwrap_model(model)
+    # a PEFT model's layers that train are its adapters, named as the analysis names them
+    peft = any(".lora_A" in name for name, _ in model.named_modules())
+    found = candidates(model, peft=True) if peft else ww_core.find_layers(model)
+    return [lm.name for lm in ww_core.LayerSelector(layers).select(found)]
 
 
 def tied_head_layers(model: Any, names: Optional[Iterable[str]] = None) -> List[str]:

@@ -442,7 +442,7 @@ class Snapshot:
 
 
 def snapshot(source: Any, *, layers: Any = None, layer_types: Any = None, conv2d_norm: bool = True,
-             split_qkv: bool = True, budget: Any = "auto") -> Snapshot:
+             split_qkv: bool = True, budget: Any = "auto", trainable: Optional[bool] = None) -> Snapshot:
     """Copy the weights of the layers of ``source`` that an analysis would look at.
 
     Args:
@@ -450,6 +450,8 @@ def snapshot(source: Any, *, layers: Any = None, layer_types: Any = None, conv2d
         layers: regex or list of regexes; only matching layer names are copied.
         layer_types: only these layer types are copied.
         conv2d_norm, split_qkv: as in :func:`ww_core.analyze`; fixed at snapshot time.
+        trainable: ``True`` copies only weights that may train (``requires_grad``, or unknown),
+            ``False`` only frozen ones; ``None`` all (as :func:`ww_core.analyze`'s ``trainable``).
         budget: bytes the copies may take (:mod:`ww_core.snapshot_memory`): on the weights'
             device first; from CUDA, the rest in pinned host memory (within the same number, or
             the host's default when ``"auto"``). ``"auto"``: the smaller of 2 GB and 10 % of the
@@ -470,6 +472,8 @@ def snapshot(source: Any, *, layers: Any = None, layer_types: Any = None, conv2d
 
     selector = LayerSelector(layers, layer_types)
     found = selector.select(find_layers(source, conv_norm=conv2d_norm, split_qkv=split_qkv))
+    if trainable is not None:            # unknown (None) counts as trainable, as in analyze()
+        found = [lm for lm in found if (lm.trainable is False) != bool(trainable)]
     kept, placement = copy_layers(found, budget, in_layer)
     snap = Snapshot(kept, conv2d_norm=conv2d_norm, split_qkv=split_qkv)
     snap.placement = placement

@@ -1,0 +1,94 @@
+"""TRL's ``SFTTrainer`` (a ``transformers.Trainer`` subclass) with LoRA and the HF callback, unchanged.
+
+No packaged pretrained causal LM exists (the packaged models are an encoder, CNNs and a pitch
+tracker), so the model is a tiny ``GPT2LMHeadModel`` built from a ``GPT2Config``, with a word-level
+tokenizer trained in memory on the handful of training sentences.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+datasets = pytest.importorskip("datasets")
+peft = pytest.importorskip("peft")
+trl = pytest.importorskip("trl")
+
+from ww_callbacks.history import read_jsonl  # noqa: E402
+from ww_callbacks.huggingface import WeightWatcherCallback  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    # raised inside transformers for SFTConfig's own gradient_checkpointing field (TRL 1.16)
+    pytest.mark.filterwarnings("ignore:.*(is_)?gradient_checkpointing` is deprecated.*:FutureWarning"),
+]
+
+TEXTS = [f"the {a} {b} sat on the {c} ." for a in ("big", "small", "red", "old")
+         for b in ("cat", "dog", "fox") for c in ("mat", "log", "hat")]
+TARGETS = ("c_attn", "c_fc")
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(TEXTS, trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "[EOS]"]))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                                eos_token="[EOS]")
+
+
+def _model(tokenizer):
+    import torch
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                  n_inner=64, bos_token_id=tokenizer.eos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def test_sft_trainer_with_lora(tmp_path):
+    tokenizer = _tokenizer()
+    out = tmp_path / "ww"
+    ww = WeightWatcherCallback(start_fraction=0.0, every_n_steps=2, output_dir=str(out),
+                               async_analysis=False)  # exact steps asserted below
+    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=6, per_device_train_batch_size=4,
+                         learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",
+                         use_cpu=True, disable_tqdm=True, seed=0, max_length=32)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(TARGETS),
+                           fan_in_fan_out=True, task_type="CAUSAL_LM")  # GPT-2's Conv1D: (in, out)
+    trainer = trl.SFTTrainer(model=_model(tokenizer), args=args,
+                             train_dataset=datasets.Dataset.from_dict({"text": TEXTS}),
+                             processing_class=tokenizer, peft_config=lora, callbacks=[ww])
+    assert isinstance(trainer, transformers.Trainer)
+    assert isinstance(trainer.model, peft.PeftModel)
+    result = trainer.train()
+    assert result.global_step == 6
+    assert result.training_loss == result.training_loss  # finite: training ran
+
+    assert ww.history.steps == [2, 4, 6]  # every 2 steps; the final analysis is the step-6 one
+    assert [r["step"] for r in read_jsonl(str(out / "history.jsonl"))] == [r["step"] for r in ww.history.rows]
+    names = {r["name"] for r in ww.history.rows}
+    adapted = {f"base_model.model.transformer.h.{i}.{sub}.{t}" for i in range(2)
+               for sub, t in (("attn", "c_attn"), ("mlp", "c_fc"))}
+    assert adapted <= names, sorted(names)  # the LoRA-wrapped layers, under their module path
+    for step in ww.history.steps:
+        at = {r["name"]: r for r in ww.history.rows_at(step)}
+        for name in adapted:
+            assert at[name]["status"] == "success", at[name]
+            assert at[name]["alpha"] == at[name]["alpha"], at[name]
+    assert ww.controller.num_analyses == 3
+    assert os.path.getsize(out / "report.html") > 0
+    assert (out / "history.csv").exists()
