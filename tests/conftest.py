@@ -10,6 +10,10 @@ import tempfile
 
 import pytest
 
+# Scripts that the tests launch under torchrun, not test modules: importing them (e.g. for
+# --doctest-modules) would need their optional packages (DeepSpeed) and a process group.
+collect_ignore_glob = ["ddp_scripts/*"]
+
 # Keras 3 reads its backend once, at its first import: every Keras test runs on torch, and keeps
 # its cache/config out of the real home directory. (Set before any test module imports keras.)
 os.environ.setdefault("KERAS_BACKEND", "torch")

@@ -106,4 +106,8 @@ def format_line(result: Any, step: int, epoch: int) -> str:
     text = ", ".join(flagged[:MAX_FLAGGED_IN_LINE]) or "none"
     if len(flagged) > MAX_FLAGGED_IN_LINE:
         text += f", +{len(flagged) - MAX_FLAGGED_IN_LINE} more"
+    skipped = list(getattr(result, "skipped", None) or ())
+    if not layers and skipped:      # say why nothing was analysed
+        reasons = sorted({str(getattr(s, "reason", "")) for s in skipped})
+        text = f"none; {len(skipped)} skipped ({reasons[0]}{', ...' if len(reasons) > 1 else ''})"
     return f"ww step {step} epoch {epoch}: mean alpha {mean} ({len(layers)} layers), flagged: {text}"
