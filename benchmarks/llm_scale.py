@@ -235,7 +235,13 @@ def main(argv=None) -> int:
     log = open(out.with_suffix(".log"), "a")
     report: Dict[str, Any] = {"started": _dt.datetime.now().isoformat(timespec="seconds"),
                               "machine": machine(), "loadavg_start": os.getloadavg(), "models": {}}
+    if out.exists():                    # keep the other models' results (one file for all runs)
+        old = json.loads(out.read_text())
+        report["models"] = old.get("models", {})
+        report["earlier"] = old.get("earlier", []) + [{k: old.get(k) for k in ("started", "loadavg_start",
+                                                                               "loadavg_end")}]
     for mi, name in enumerate(args.models):
+        key = name if args.blocks < 0 else f"{name} (first {args.blocks} blocks)"
         gen_s = generate(data, name)
         print(f"[llm] {name}: weights ready ({gen_s:.0f} s generating)", flush=True)
         ww_n = args.ww_repeat[mi] if mi < len(args.ww_repeat) else 1
@@ -254,7 +260,7 @@ def main(argv=None) -> int:
                       f"{r['peak_rss'] / 2**30:.2f} GiB (loaded {r['rss_loaded'] / 2**30:.2f}), "
                       f"{r['layers']} layers, load {r['loadavg_start']:.2f}->{r['loadavg_end']:.2f}",
                       flush=True)
-                report["models"][name] = summarize(runs)
+                report["models"][key] = summarize(runs)
                 out.write_text(json.dumps(report, indent=1))
     report["loadavg_end"] = os.getloadavg()
     out.write_text(json.dumps(report, indent=1))

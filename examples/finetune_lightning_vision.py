@@ -13,15 +13,17 @@ with ``strict=True``. The data is scikit-learn's bundled ``load_digits`` (1,797 
 The ImageNet classifier is replaced by a new 10-way one. The stem and the first
 ``--freeze-blocks`` blocks stay frozen (and their batch-norm statistics fixed); the later blocks,
 the head conv and the classifier train. The callback analyses the layer spectra every
-``--every-n-steps`` optimizer steps and writes into ``--out``:
+``--every-n-steps`` optimizer steps: the layers that train at every analysis, the frozen ones at
+the first analysis only, as a baseline (``analyze_frozen="once"``). It writes into ``--out``:
 
 * ``ww/report.html``: alpha per layer over the steps, the latest per-layer table, flags;
 * ``ww/history.csv`` / ``ww/history.jsonl``;
 * ``wandb/offline-run-*``: an offline W&B run (``WandbLogger``) with the ``ww_alpha/<NN_layer>``
   curves and the ``ww/*`` summary keys; upload with ``wandb sync``.
 
-It prints the validation accuracy before (new head: chance) and after, and alpha at the first
-and the last analysis for the frozen layers, the trained blocks and the new classifier.
+It prints the validation accuracy before (new head: chance) and after, alpha at the first and the
+last analysis for the trained blocks and the new classifier, and the frozen layers' baseline alpha
+(first analysis).
 """
 
 from __future__ import annotations
@@ -215,28 +217,42 @@ def layer_group(name: str, freeze_blocks: int) -> str:
     return "trained"  # the head conv
 
 
+#: The groups of :func:`layer_group`, in the order they are printed.
+GROUPS = ("trained", "classifier", "frozen")
+
+
+def _fitted(alpha) -> bool:
+    return alpha is not None and alpha == alpha  # no fit: None (JSON) or NaN
+
+
 def alpha_by_group(rows: Sequence[dict], freeze_blocks: int) -> Dict[str, dict]:
-    """Per group: layers, mean alpha at the first and last analysis, max per-layer |change|."""
-    steps = sorted({r["step"] for r in rows})
-    if not steps:
-        return {}
-    first = {r["name"]: r["alpha"] for r in rows if r["step"] == steps[0]}
-    last = {r["name"]: r["alpha"] for r in rows if r["step"] == steps[-1]}
-    groups: Dict[str, dict] = {}
-    for name, a1 in last.items():
-        a0 = first.get(name)
-        if a0 is None or a0 != a0 or a1 != a1:  # not analysed at both ends, or no fit (NaN)
+    """Per group of :func:`layer_group`, from the history rows.
+
+    Returns:
+        ``{group: {...}}`` with ``analysed`` (layers of the group in any analysis), ``steps`` (the
+        analysis steps that looked at the group: only the first for the frozen layers), and over
+        the ``layers`` fitted at both the group's first and last step: mean alpha ``first`` and
+        ``last`` and the largest per-layer ``max_abs_change``.
+    """
+    by_group: Dict[str, Dict[int, Dict[str, Optional[float]]]] = {}  # group -> step -> name -> alpha
+    for r in rows:
+        by_group.setdefault(layer_group(r["name"], freeze_blocks), {}).setdefault(
+            r["step"], {})[r["name"]] = r["alpha"]
+    out: Dict[str, dict] = {}
+    for g in GROUPS:
+        if g not in by_group:
             continue
-        g = groups.setdefault(layer_group(name, freeze_blocks),
-                              {"layers": 0, "first": 0.0, "last": 0.0, "max_abs_change": 0.0})
-        g["layers"] += 1
-        g["first"] += a0
-        g["last"] += a1
-        g["max_abs_change"] = max(g["max_abs_change"], abs(a1 - a0))
-    for g in groups.values():
-        g["first"] /= g["layers"]
-        g["last"] /= g["layers"]
-    return groups
+        per_step = by_group[g]
+        steps = sorted(per_step)
+        first, last = per_step[steps[0]], per_step[steps[-1]]
+        both = [n for n in last if _fitted(last[n]) and _fitted(first.get(n))]
+        n = len(both)
+        out[g] = {"analysed": len({x for at in per_step.values() for x in at}), "steps": steps,
+                  "layers": n,
+                  "first": sum(first[x] for x in both) / n if n else float("nan"),
+                  "last": sum(last[x] for x in both) / n if n else float("nan"),
+                  "max_abs_change": max((abs(last[x] - first[x]) for x in both), default=0.0)}
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -310,19 +326,27 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(f"\ndone in {train_seconds:.1f} s ({trainer.global_step} steps)")
     print(f"validation accuracy: {acc_before:.3f} before (new head) -> {acc_after:.3f} after")
     print(f"analyses at steps {watcher.history.steps}")
-    print("alpha, first -> last analysis (mean over the group; max |change| of one layer):")
-    for group in ("frozen", "trained", "classifier"):
+    print("alpha, first -> last analysis (mean over the layers with a fit; max |change| of one layer):")
+    for group in ("trained", "classifier"):
         if group in groups:
             g = groups[group]
             print(f"  {group:10s} {g['layers']:3d} layers  {g['first']:.3f} -> {g['last']:.3f}  "
                   f"max |change| {g['max_abs_change']:.4f}")
+    fz = groups.get("frozen")
+    if fz:
+        when = (f"analysed once (step {fz['steps'][0]})" if len(fz["steps"]) == 1
+                else f"analysed at steps {fz['steps']}")
+        print(f"  frozen     {fz['layers']:3d} layers  {when}: baseline alpha {fz['first']:.3f}")
     print("what to look at:")
-    print(f"  report:  {report}  (alpha per layer over the steps: frozen layers are flat lines, the "
-          f"trained blocks ({args.freeze_blocks}-15), _conv_head and _fc move)")
+    print(f"  report:  {report}  (alpha per layer over the steps: the trained blocks "
+          f"({args.freeze_blocks}-15), _conv_head and _fc are curves; the frozen stem and blocks "
+          f"0-{args.freeze_blocks - 1} are one point at the first analysis, their baseline)")
     print("  W&B: the ww_alpha/ section (one chart per layer, in model order: _blocks_<i>_... ), "
-          "ww/alpha_mean, ww/num_flagged, and the ww/alpha_heatmap image (layer x step)")
+          "ww/alpha_mean, ww/num_flagged, and the ww/alpha_heatmap image (layer x step); after the "
+          "first analysis these cover only the layers that train")
     print("  pretrained layers usually sit at alpha 2-6; a trained layer drifting below 2 "
-          "(over-trained) or a new layer staying above 6 (under-trained) is flagged")
+          "(over-trained) or a new layer staying above 6 (under-trained) is flagged; compare the "
+          "trained blocks with the frozen baseline")
     runs = sorted(glob.glob(os.path.join(args.out, "wandb", "offline-run-*")), key=os.path.getmtime)
     if runs and loggers:
         print(f"  W&B offline run: {os.path.abspath(runs[-1])}")

@@ -14,18 +14,21 @@ chatterbot-corpus==1.3.3`` and ``pip install -c constraints.txt -e ".[finetune]"
 
 PEFT wraps ``query`` and ``value`` of every attention block, and the pooler (which feeds the head;
 sentence-transformers never trained it), in LoRA adapters of rank ``--rank``; the base weights stay
-frozen, and only the adapters and the head train. The callback analyses
-the layer spectra every ``--every-n-steps`` optimizer steps and writes into ``--out``:
+frozen, and only the adapters and the head train. The callback analyses the layer spectra every
+``--every-n-steps`` optimizer steps: on a PEFT model each adapter's update ``B·A`` is one layer,
+``<module>.lora_BA.default`` (WeightWatcher's ``peft=True``; only its r non-zero eigenvalues), at
+every analysis; the frozen base layers are analysed at the first analysis only, as a baseline
+(``analyze_frozen="once"``). It writes into ``--out``:
 
 * ``ww/report.html``: alpha per layer over the steps, the latest per-layer table, flags;
 * ``ww/history.csv`` / ``ww/history.jsonl``: one row per layer and analysis;
 * ``wandb/offline-run-*``: the Trainer's own ``report_to="wandb"`` run (offline), with the
   ``ww_alpha/<NN_layer>`` curves and the ``ww/*`` summary keys; upload with ``wandb sync``.
 
-At the end it prints the validation accuracy before and after, and alpha at the first and the
-last analysis for each group of layers: the LoRA-adapted layers, the LoRA factors (when the
-library reports them as layers of their own), the trained head and the frozen rest, with the
-W&B keys of the adapted layers.
+At the end it prints the validation accuracy before and after; for the adapter updates the mean
+alpha at each analysis and the first -> last change; the trained head (``modules_to_save``) when
+it was analysed; the frozen base's baseline alpha from the first analysis; and the W&B keys of
+the adapter updates.
 """
 
 from __future__ import annotations
@@ -138,39 +141,56 @@ def accuracy(model, data: List[dict], collator, batch_size: int = 64) -> float:
     return correct / max(1, len(data))
 
 
-def layer_group(name: str, targets: Sequence[str]) -> str:
-    """``"lora-factor"``, ``"adapted"`` (a LoRA target), ``"head"`` or ``"frozen"`` for a layer name."""
-    if ".lora_" in name:
-        return "lora-factor"
-    if any(name == t or name.endswith("." + t) for t in targets):
-        return "adapted"
-    if "classifier" in name.split(".") and not name.endswith(".original_module"):
-        return "head"  # PEFT's trained copy of the head (modules_to_save)
-    return "frozen"  # includes the head's untouched original (``classifier.original_module``)
+#: The groups of :func:`layer_group`, in the order they are printed.
+GROUPS = ("adapter updates", "head", "frozen base")
 
 
-def alpha_by_group(rows: Sequence[dict], targets: Sequence[str]) -> Dict[str, dict]:
-    """Per group: number of layers, mean alpha at the first and last analysis, max per-layer |change|."""
-    steps = sorted({r["step"] for r in rows})
-    if not steps:
-        return {}
-    first = {r["name"]: r["alpha"] for r in rows if r["step"] == steps[0]}
-    last = {r["name"]: r["alpha"] for r in rows if r["step"] == steps[-1]}
-    groups: Dict[str, dict] = {}
-    for name in last:
-        a0, a1 = first.get(name), last[name]
-        if a0 is None or a0 != a0 or a1 != a1:  # not analysed at both ends, or no fit (NaN)
+def layer_group(name: str) -> str:
+    """``"adapter updates"`` (a LoRA update ``….lora_BA.<adapter>``), ``"head"`` (PEFT's trained
+    copy of the head, ``modules_to_save``) or ``"frozen base"`` for a layer name."""
+    if ".lora_BA." in name:
+        return "adapter updates"
+    if ".modules_to_save." in name:
+        return "head"
+    return "frozen base"  # includes the LoRA modules' base weights and ``classifier.original_module``
+
+
+def _fitted(alpha) -> bool:
+    return alpha is not None and alpha == alpha  # no fit: None (JSON) or NaN
+
+
+def alpha_by_group(rows: Sequence[dict]) -> Dict[str, dict]:
+    """Per group of :func:`layer_group`, from the history rows.
+
+    Returns:
+        ``{group: {...}}`` with ``analysed`` (layers of the group in any analysis), ``steps`` (the
+        analysis steps that looked at the group: only the first for the frozen base),
+        ``alpha_per_step`` (mean alpha of the fitted layers at each of those steps), and over the
+        ``layers`` fitted at both the group's first and last step: mean alpha ``first`` and
+        ``last``, and the largest per-layer ``max_abs_change``.
+    """
+    by_group: Dict[str, Dict[int, Dict[str, Optional[float]]]] = {}  # group -> step -> name -> alpha
+    for r in rows:
+        by_group.setdefault(layer_group(r["name"]), {}).setdefault(r["step"], {})[r["name"]] = r["alpha"]
+    out: Dict[str, dict] = {}
+    for g in GROUPS:
+        if g not in by_group:
             continue
-        g = groups.setdefault(layer_group(name, targets), {"layers": 0, "first": 0.0, "last": 0.0,
-                                                           "max_abs_change": 0.0})
-        g["layers"] += 1
-        g["first"] += a0
-        g["last"] += a1
-        g["max_abs_change"] = max(g["max_abs_change"], abs(a1 - a0))
-    for g in groups.values():
-        g["first"] /= g["layers"]
-        g["last"] /= g["layers"]
-    return groups
+        per_step = by_group[g]
+        steps = sorted(per_step)
+        first, last = per_step[steps[0]], per_step[steps[-1]]
+        both = [n for n in last if _fitted(last[n]) and _fitted(first.get(n))]
+        means = {}
+        for s in steps:
+            fitted = [a for a in per_step[s].values() if _fitted(a)]
+            means[s] = sum(fitted) / len(fitted) if fitted else float("nan")
+        n = len(both)
+        out[g] = {"analysed": len({x for at in per_step.values() for x in at}), "steps": steps,
+                  "alpha_per_step": means, "layers": n,
+                  "first": sum(first[x] for x in both) / n if n else float("nan"),
+                  "last": sum(last[x] for x in both) / n if n else float("nan"),
+                  "max_abs_change": max((abs(last[x] - first[x]) for x in both), default=0.0)}
+    return out
 
 
 def wandb_keys(watcher, names: Sequence[str]) -> Dict[str, str]:
@@ -267,28 +287,51 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         wandb.finish()
 
     rows = watcher.history.rows
-    groups = alpha_by_group(rows, targets)
+    groups = alpha_by_group(rows)
     report = os.path.abspath(os.path.join(out_dir, "report.html"))
     print(f"\ndone in {train_seconds:.1f} s ({out.global_step} steps); final training loss "
           f"{out.training_loss:.3f}")
     print(f"validation accuracy: {acc_before:.3f} before (new head; chance {1 / len(topics):.3f}) -> "
           f"{acc_after:.3f} after")
     print(f"analyses at steps {watcher.history.steps}")
-    print("alpha, first -> last analysis (mean over the group; max |change| of one layer):")
-    for group in ("adapted", "lora-factor", "head", "frozen"):
-        if group in groups:
-            g = groups[group]
-            print(f"  {group:12s} {g['layers']:3d} layers  {g['first']:.3f} -> {g['last']:.3f}  "
-                  f"max |change| {g['max_abs_change']:.4f}")
-    adapted = [n for n in dict.fromkeys(r["name"] for r in rows) if layer_group(n, targets) == "adapted"]
-    keys = wandb_keys(watcher, adapted[:2] + adapted[-2:])
+    print("alpha by group (mean over the layers with a fit):")
+    ad = groups.get("adapter updates")
+    if ad:
+        series = ", ".join(f"{s}: {a:.2f}" if _fitted(a) else f"{s}: no fit"
+                           for s, a in ad["alpha_per_step"].items())
+        print(f"  adapter updates  {ad['analysed']:3d} layers (B·A, r={args.rank} eigenvalues each), "
+              f"at every analysis; per step: {series}")
+        if ad["layers"]:
+            print(f"                   first -> last {ad['first']:.3f} -> {ad['last']:.3f} ({ad['layers']} "
+                  f"layers fitted at both); max |change| of one layer {ad['max_abs_change']:.3f}")
+    head = groups.get("head")
+    if head:
+        print(f"  head             {head['analysed']:3d} layers  {head['first']:.3f} -> {head['last']:.3f}  "
+              f"max |change| {head['max_abs_change']:.3f}")
+    else:
+        print("  head               not analysed (peft=True reports only the adapters' updates and, "
+              "at the first analysis, the frozen layers; the trained head is neither)")
+    fb = groups.get("frozen base")
+    if fb:
+        when = (f"analysed once (step {fb['steps'][0]})" if len(fb["steps"]) == 1
+                else f"analysed at steps {fb['steps']}")
+        print(f"  frozen base      {fb['analysed']:3d} layers, {when}: baseline alpha {fb['first']:.3f} "
+              f"(mean over {fb['layers']} fitted)")
+    adapters = [n for n in dict.fromkeys(r["name"] for r in rows) if layer_group(n) == "adapter updates"]
+    keys = wandb_keys(watcher, adapters[:2] + adapters[-2:])
     print("what to look at:")
-    print(f"  report:  {report}  (alpha per layer over the steps; the {len(adapted)} adapted "
-          f"layers are the *.query / *.value rows)")
-    print("  W&B keys of adapted layers, e.g. " + ", ".join(keys.values()) +
-          "; the section ww_alpha/ holds one chart per layer, ww/alpha_mean etc. the summary")
-    print("  an adapted layer whose alpha stays flat while the loss falls is being read from its "
-          "frozen base weight; compare it with the frozen layers and the head")
+    print(f"  report:  {report}  (alpha per layer over the steps; the {len(adapters)} adapter updates are "
+          f"the *.lora_BA.default rows, the frozen base is one point at step "
+          f"{fb['steps'][0] if fb else '-'})")
+    if keys:
+        print("  W&B keys of adapter updates, e.g. " + ", ".join(keys.values()) +
+              "; the section ww_alpha/ holds one chart per layer, ww/alpha_mean etc. the summary")
+    print(f"  the adapters' alpha over the steps: each B·A has only r={args.rank} eigenvalues, so the fit is "
+          "rough (often flagged too-few-evals): read the trend, not one value")
+    if head:
+        print("  the head: a new head starts high (random init, alpha often > 6) and should come down")
+    print("  the frozen layers' baseline (first analysis): what the pretrained weights look like; "
+          "frozen layers do not change, so they are not analysed again")
     runs = sorted(glob.glob(os.path.join(os.environ["WANDB_DIR"], "wandb", "offline-run-*")),
                   key=os.path.getmtime)
     if runs and report_to == "wandb":

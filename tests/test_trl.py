@@ -2,7 +2,8 @@
 
 No packaged pretrained causal LM exists (the packaged models are an encoder, CNNs and a pitch
 tracker), so the model is a tiny ``GPT2LMHeadModel`` built from a ``GPT2Config``, with a word-level
-tokenizer trained in memory on the handful of training sentences.
+tokenizer trained in memory on the handful of training sentences. LoRA r=8: the callback analyses
+each adapter's update ``….lora_BA.default`` at every analysis and the frozen base at the first.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def test_sft_trainer_with_lora(tmp_path):
     args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=6, per_device_train_batch_size=4,
                          learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",
                          use_cpu=True, disable_tqdm=True, seed=0, max_length=32)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(TARGETS),
+    # r=8 (PEFT's default): a LoRA update of rank r < min_evals (8) is skipped, "too few eigenvalues"
+    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(TARGETS),
                            fan_in_fan_out=True, task_type="CAUSAL_LM")  # GPT-2's Conv1D: (in, out)
     trainer = trl.SFTTrainer(model=_model(tokenizer), args=args,
                              train_dataset=datasets.Dataset.from_dict({"text": TEXTS}),
@@ -80,15 +82,22 @@ def test_sft_trainer_with_lora(tmp_path):
 
     assert ww.history.steps == [2, 4, 6]  # every 2 steps; the final analysis is the step-6 one
     assert [r["step"] for r in read_jsonl(str(out / "history.jsonl"))] == [r["step"] for r in ww.history.rows]
-    names = {r["name"] for r in ww.history.rows}
-    adapted = {f"base_model.model.transformer.h.{i}.{sub}.{t}" for i in range(2)
-               for sub, t in (("attn", "c_attn"), ("mlp", "c_fc"))}
-    assert adapted <= names, sorted(names)  # the LoRA-wrapped layers, under their module path
-    for step in ww.history.steps:
-        at = {r["name"]: r for r in ww.history.rows_at(step)}
-        for name in adapted:
-            assert at[name]["status"] == "success", at[name]
-            assert at[name]["alpha"] == at[name]["alpha"], at[name]
+    modules = [f"base_model.model.transformer.h.{i}.{sub}.{t}" for i in range(2)
+               for sub, t in (("attn", "c_attn"), ("mlp", "c_fc"))]
+    updates = {f"{m}.lora_BA.default" for m in modules}  # each adapter's B·A (WeightWatcher's peft=True)
+    by_step = {step: {r["name"]: r for r in ww.history.rows_at(step)} for step in ww.history.steps}
+    first = by_step[2]
+    frozen = set(first) - updates
+    assert set(modules) <= frozen, sorted(first)  # the LoRA base weights, under their module path
+    for step, at in by_step.items():
+        assert updates <= set(at), (step, sorted(at))  # the updates: at every analysis
+        for name in updates:
+            assert at[name]["num_evals"] == 8, at[name]  # only the r non-zero eigenvalues
+        assert not any(".lora_A." in n or ".lora_B." in n for n in at)
+        if step != 2:
+            assert set(at) == updates, (step, sorted(at))  # the frozen base: the first analysis only
+    assert all(by_step[6][n]["status"] == "success" and by_step[6][n]["alpha"] == by_step[6][n]["alpha"]
+               for n in updates), [by_step[6][n] for n in updates]
     assert ww.controller.num_analyses == 3
     assert os.path.getsize(out / "report.html") > 0
     assert (out / "history.csv").exists()

@@ -33,11 +33,15 @@ Example:
 from __future__ import annotations
 
 import inspect
+import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
+
+#: The factors of a LoRA adapter, analysed as their product ``lora_BA`` instead.
+_LORA_FACTOR = r"\.lora_(A|B|embedding_A|embedding_B)\."
 
 __all__ = ["AnalysisExecutor", "Finished", "default_analyze", "check_analyze_options",
            "sharding_root"]
@@ -223,27 +227,36 @@ class AnalysisExecutor:
 
             mods = getattr(unwrap_model(model), "named_modules", None)
             self._peft = callable(mods) and any(".lora_A" in name for name, _ in mods())
-        extra: Dict[str, Any] = {} if "peft" in opts or not self._peft else {"peft": True}
-        if "trainable" in opts or analyze_frozen == "always":
-            return [extra]
-        if analyze_frozen == "never" or not first:
-            return [{**extra, "trainable": True}]
-        return [extra, {"trainable": False}] if extra.get("peft") else [extra]
+        if "peft" in opts or not self._peft:
+            plan: List[Dict[str, Any]] = [{}]
+        else:   # the adapters' updates, and every other layer (head, base) without the factors
+            plan = [{"peft": True}, {"drop_layers": _LORA_FACTOR}]
+        if "trainable" in opts or analyze_frozen == "always" or (first and analyze_frozen == "once"):
+            return plan
+        return [{**extra, "trainable": True} for extra in plan]
 
     def _analyze(self, model: Any, options: Dict[str, Any], plan: List[Dict[str, Any]]) -> Any:
         return self._run_plan(self.snapshot(model), options, plan)
 
     def _run_plan(self, source: Any, options: Dict[str, Any], plan: List[Dict[str, Any]]) -> Any:
-        """One analysis per plan entry (extra options), merged into one result in plan order."""
+        """One analysis per plan entry (extra options; ``drop_layers``: a regex of names to
+        leave out of that entry's result), merged into one result in plan order."""
         import ww_core
 
         results = []
         for extra in plan:
+            extra = dict(extra)
+            drop = re.compile(extra.pop("drop_layers")) if "drop_layers" in extra else None
             if self._group is None:
                 results.append(self.analyze_fn(source, layers=self.layers, **options, **extra))
             else:   # every rank gets here at the same step (the schedule is a pure function of it)
                 results.append(ww_core.analyze_distributed(source, group=self._group, layers=self.layers,
                                                            **options, **extra))
+            if drop is not None:
+                res = results[-1]
+                results[-1] = ww_core.AnalysisResult(
+                    layers=[la for la in res.layers if not drop.search(la.name)],
+                    skipped=[s for s in res.skipped if not drop.search(s.name)])
         if len(results) == 1:
             return results[0]
         return ww_core.AnalysisResult(layers=[la for r in results for la in r.layers],
