@@ -30,13 +30,15 @@ import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ww_callbacks.distributed import broadcast_object  # re-exported: one broadcast for all
-from ww_core.sharded import unwrap_model  # (in __all__: the one unwrapper, re-exported)
+from ww_core.sharded import (
+    strip_prefixes,
+    unwrap_model,  # (in __all__: the one unwrapper, re-exported)
+)
 
 __all__ = ["model_layer_names", "model_param_groups", "layer_param_groups", "resolve_layer_params",
            "freeze_layers", "unfreeze_layers", "apply_lr_factors", "group_factor", "broadcast_object",
            "unwrap_model", "unwrap_optimizer"]
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 #: ``ww_core`` names of a LoRA adapter's update (``peft=True``): ``<module>.lora_BA.<adapter>``.
 _LORA_SUFFIX = re.compile(r"\.lora_(BA|W_plus_AB)\.([^.]+)$")
 _MHA_SUFFIX = re.compile(r"\.(in_proj(_[qkv])?|([qkv])_proj)$")
@@ -54,13 +56,7 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 
 
 def _strip(name: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
-    return name
+    return strip_prefixes(name)
 
 
 def resolve_layer_params(model: Any, names: Iterable[str]) -> Dict[str, Tuple[str, List[Tuple[str, Any]]]]:

@@ -289,13 +289,9 @@ def peft_layers(layers: List[Any], peft: Any, info: Optional[Dict[str, Dict[str,
 
 def _norm(name: str) -> str:
     """The name used to match a layer with its base-model counterpart."""
-    changed = True
-    while changed:
-        changed = False
-        for p in _PREFIXES:
-            if name.startswith(p):
-                name, changed = name[len(p):], True
-    return name.replace(".base_layer", "")
+    from .sharded import strip_prefixes
+
+    return strip_prefixes(name, _PREFIXES).replace(".base_layer", "")
 
 
 def _match(name: str, base: Dict[str, Any], base_keys: List[str]) -> Optional[Any]:

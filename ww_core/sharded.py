@@ -58,6 +58,26 @@ def unwrap_model(model: Any) -> Any:
     return model
 
 
+#: Name prefixes that wrappers add to parameter names: DDP/DataParallel, ``torch.compile``.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_prefixes(name: str, prefixes: Sequence[str] = WRAPPER_PREFIXES) -> str:
+    """``name`` without any leading ``prefixes``, repeatedly (``module._orig_mod.fc`` -> ``fc``).
+
+    Example:
+        >>> strip_prefixes("module._orig_mod.encoder.fc")
+        'encoder.fc'
+    """
+    changed = True
+    while changed:
+        changed = False
+        for prefix in prefixes:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix):], True
+    return name
+
+
 def clean_name(name: str) -> str:
     """The user's module path under FSDP1 / activation-checkpointing wrappers.
 
