@@ -247,6 +247,7 @@ def main(argv=None) -> int:
         ww_n = args.ww_repeat[mi] if mi < len(args.ww_repeat) else 1
         n = args.repeat[mi] if mi < len(args.repeat) else 1
         runs: List[Dict[str, Any]] = []
+        prev = report["models"].get(key, {})           # an earlier invocation's runs of this model
         for k in range(max(n, ww_n)):
             plan = []
             if k < n:
@@ -260,13 +261,24 @@ def main(argv=None) -> int:
                       f"{r['peak_rss'] / 2**30:.2f} GiB (loaded {r['rss_loaded'] / 2**30:.2f}), "
                       f"{r['layers']} layers, load {r['loadavg_start']:.2f}->{r['loadavg_end']:.2f}",
                       flush=True)
-                report["models"][key] = summarize(runs)
+                report["models"][key] = merge(prev, summarize(runs))
                 out.write_text(json.dumps(report, indent=1))
     report["loadavg_end"] = os.getloadavg()
     out.write_text(json.dumps(report, indent=1))
     print(json.dumps({m: {k: v for k, v in s.items() if k != "runs"} for m, s in report["models"].items()},
                      indent=1))
     return 0
+
+
+def merge(prev: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Any]:
+    """``new`` over an earlier summary of the same model (precisions it lacks are kept)."""
+    out = {**{k: v for k, v in prev.items() if k != "runs"}, **new}
+    out["runs"] = prev.get("runs", []) + new["runs"]
+    if "ww" in out:
+        for key in ("auto", "float64"):
+            if key in out:
+                out[key]["ww_over_ours"] = out["ww"]["median_s"] / out[key]["median_s"]
+    return out
 
 
 def summarize(runs: List[Dict[str, Any]]) -> Dict[str, Any]:

@@ -47,3 +47,13 @@ def dump(out_dir, rank, controller, shares, log_lines, world_size):
                    "history_rows": len(controller.history.rows),
                    "num_analyses": controller.num_analyses, "shares": shares,
                    "sharded": controller.sharded, "log_lines": log_lines}, fh)
+
+
+def leave():
+    """Leave the process group together: a rank whose gloo peers have exited can abort
+    (SIGABRT) in the group's destructor at interpreter exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
-from common import dump, make_body, make_data, record_shares  # noqa: E402
+from common import dump, leave, make_body, make_data, record_shares  # noqa: E402
 from ww_callbacks.huggingface import WeightWatcherCallback  # noqa: E402
 
 
@@ -56,6 +56,7 @@ def main(out_dir):
     trainer.train()
     assert trainer.args.world_size == 2 and trainer.args.process_index == rank
     dump(out_dir, rank, ww.controller, shares, lines, trainer.args.world_size)
+    leave()
 
 
 if __name__ == "__main__":

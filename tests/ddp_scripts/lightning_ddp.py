@@ -48,4 +48,7 @@ def main(out_dir):
 
 
 if __name__ == "__main__":
+    from common import leave
+
     main(sys.argv[1])
+    leave()

@@ -104,5 +104,8 @@ def fit(out_dir, mode):
 
 
 if __name__ == "__main__":
+    from common import leave
+
     for mode in ("plain", "unused"):
         fit(sys.argv[1], mode)
+    leave()

@@ -104,4 +104,7 @@ def main(kind, out_dir):
 
 
 if __name__ == "__main__":
+    from common import leave
+
     main(sys.argv[1], sys.argv[2])
+    leave()
