@@ -17,6 +17,17 @@ def make_body():
     return torch.nn.Sequential(*layers[:-1])
 
 
+class Net(torch.nn.Module):
+    """``make_body()`` as a module with the scripts' ``body.<i>`` layer names."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = make_body()
+
+    def forward(self, x):
+        return self.body(x)
+
+
 def make_data(n=64):
     g = torch.Generator().manual_seed(1)
     return torch.randn(n, WIDTHS[0], generator=g), torch.randn(n, WIDTHS[-1], generator=g)

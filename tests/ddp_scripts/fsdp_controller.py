@@ -19,17 +19,8 @@ import torch.distributed as dist  # noqa: E402
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # noqa: E402
 
 import ww_core  # noqa: E402
-from common import dump, make_body, make_data, record_shares  # noqa: E402
+from common import Net, dump, make_data, record_shares  # noqa: E402
 from ww_callbacks.controller import WeightWatcherController  # noqa: E402
-
-
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = make_body()
-
-    def forward(self, x):
-        return self.body(x)
 
 
 def main(out_dir):

@@ -28,17 +28,8 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # noqa: E40
 from torch.distributed.fsdp._flat_param import FlatParamHandle  # noqa: E402
 
 import ww_core  # noqa: E402
-from common import make_body, make_data  # noqa: E402
+from common import Net, make_data  # noqa: E402
 from ww_callbacks.controller import WeightWatcherController  # noqa: E402
-
-
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = make_body()
-
-    def forward(self, x):
-        return self.body(x)
 
 
 def unit_label(unit, units):
