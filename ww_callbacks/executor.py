@@ -223,10 +223,9 @@ class AnalysisExecutor:
         if not self.default_engine:
             return [{}]
         if self._peft is None:
-            from ww_core import unwrap_model
+            from ww_core.peft import has_lora_adapters
 
-            mods = getattr(unwrap_model(model), "named_modules", None)
-            self._peft = callable(mods) and any(".lora_A" in name for name, _ in mods())
+            self._peft = has_lora_adapters(model)
         if "peft" in opts or not self._peft:
             plan: List[Dict[str, Any]] = [{}]
         else:   # the adapters' updates, and every other layer (head, base) without the factors
@@ -248,15 +247,14 @@ class AnalysisExecutor:
             extra = dict(extra)
             drop = re.compile(extra.pop("drop_layers")) if "drop_layers" in extra else None
             if self._group is None:
-                results.append(self.analyze_fn(source, layers=self.layers, **options, **extra))
+                res = self.analyze_fn(source, layers=self.layers, **options, **extra)
             else:   # every rank gets here at the same step (the schedule is a pure function of it)
-                results.append(ww_core.analyze_distributed(source, group=self._group, layers=self.layers,
-                                                           **options, **extra))
+                res = ww_core.analyze_distributed(source, group=self._group, layers=self.layers,
+                                                  **options, **extra)
             if drop is not None:
-                res = results[-1]
-                results[-1] = ww_core.AnalysisResult(
-                    layers=[la for la in res.layers if not drop.search(la.name)],
-                    skipped=[s for s in res.skipped if not drop.search(s.name)])
+                res = ww_core.AnalysisResult(layers=[la for la in res.layers if not drop.search(la.name)],
+                                             skipped=[s for s in res.skipped if not drop.search(s.name)])
+            results.append(res)
         if len(results) == 1:
             return results[0]
         return ww_core.AnalysisResult(layers=[la for r in results for la in r.layers],

@@ -123,11 +123,11 @@ def model_layer_names(model: Any, layers: Any = None) -> List[str]:
     """
     import ww_core
     from ww_core.analyze import candidates
+    from ww_core.peft import has_lora_adapters
 
     model = unwrap_model(model)
     # a PEFT model's layers that train are its adapters, named as the analysis names them
-    peft = any(".lora_A" in name for name, _ in model.named_modules())
-    found = candidates(model, peft=True) if peft else ww_core.find_layers(model)
+    found = candidates(model, peft=True) if has_lora_adapters(model) else ww_core.find_layers(model)
     return [lm.name for lm in ww_core.LayerSelector(layers).select(found)]
 
 

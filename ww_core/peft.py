@@ -102,6 +102,14 @@ def quantized_reason(p: Any) -> Optional[str]:
     return f"quantized weight ({cls}{', ' + kind if kind else ''}, {str(p.dtype).replace('torch.', '')})"
 
 
+def has_lora_adapters(model: Any) -> bool:
+    """Whether ``model`` (a torch module, wrappers unwrapped) holds PEFT LoRA adapters."""
+    from .sharded import unwrap_model
+
+    mods = getattr(unwrap_model(model), "named_modules", None)
+    return callable(mods) and any(".lora_A" in name for name, _ in mods())
+
+
 def lora_module_info(model: Any) -> Dict[str, Dict[str, Any]]:
     """Per LoRA-wrapped module path: ``scaling`` (adapter → s), ``merged`` adapters, ``fan_in_fan_out``."""
     info: Dict[str, Dict[str, Any]] = {}
