@@ -143,3 +143,19 @@ def test_a_resumed_report_keeps_the_earlier_decisions(tmp_path):
     resumed.configure(total_steps=20, current_step=5)
     (local,) = resumed.trackers
     assert sorted({d["step"] for d in local._decisions}) == sorted(set(first))
+
+
+@pytest.mark.usefixtures("wandb_offline")
+def test_the_run_folder_is_named_by_the_wandb_run(tmp_path):
+    wandb = pytest.importorskip("wandb")
+    from ww_callbacks.trackers.wandb import WandbTracker
+
+    run = wandb.init(project="ww-run-dir", mode="offline", dir=str(tmp_path))
+    try:
+        ctl = WeightWatcherController(analyze_fn=scripted, trackers="auto", log_fn=lambda line: None)
+        ctl.configure(total_steps=10, current_step=0, trackers=[WandbTracker(step_metric="step")],
+                      base_dir=str(tmp_path / "ww"))
+        assert os.path.basename(ctl.output_dir) == run.id
+        ctl.close()
+    finally:
+        run.finish()

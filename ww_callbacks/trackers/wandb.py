@@ -144,6 +144,17 @@ class WandbTracker(Tracker):
                     "or use WandbTracker(open_run=True)")
         return self._run
 
+    @property
+    def run_id(self) -> Optional[str]:
+        """The id of the run logged into, without opening one (``None`` while there is none);
+        the controller names the run's folder after it."""
+        run = self._run
+        if run is None:
+            import sys
+
+            run = getattr(sys.modules.get("wandb"), "run", None)
+        return getattr(run, "id", None)
+
     def _define_metrics(self, run: Any) -> None:
         if self._defined or not hasattr(run, "define_metric"):
             self._defined = True
