@@ -119,9 +119,34 @@ def test_off_mode_decides_nothing_and_state_round_trip():
     assert q.decide(hist, layers).freeze == []            # nothing frozen twice
 
 
+def test_prefix_order_freezes_front_to_back_only():
+    layers = [L("a"), L("b", 7.0), L("c"), L("head")]       # b is out of the band
+    hist = {l.name: SETTLED for l in layers}
+    hist["b"] = [7.0] * 3
+    assert FreezePolicy("apply", max_share=1.0).decide(hist, layers).freeze == ["a", "c"]
+    p = FreezePolicy("apply", max_share=1.0, order="prefix")
+    assert p.decide(hist, layers).freeze == ["a"]            # b stops the prefix
+    # frozen layers are no longer analysed: the next analysis starts at b
+    assert p.decide(hist, layers[1:]).freeze == []
+    # band=None: the settle test alone decides, so b (7.0) freezes and c follows
+    q = FreezePolicy("apply", max_share=1.0, order="prefix", band=None)
+    assert q.decide(hist, layers).freeze == ["a", "b", "c"]
+
+
+def test_prefix_order_passes_over_layers_too_small_to_judge():
+    layers = [L("stem"), L("dw", 1.7, flags=["too-few-evals"]), L("pw"),
+              L("trap", flags=["correlation-trap"]), L("late"), L("head")]
+    hist = {l.name: SETTLED for l in layers}
+    p = FreezePolicy("apply", max_share=1.0, order="prefix")
+    d = p.decide(hist, layers)
+    assert d.freeze == ["stem", "pw"]                        # dw rides along, the trap stops it
+    assert "dw" not in d.reasons
+
+
 @pytest.mark.parametrize("kwargs", [dict(mode="maybe"), dict(tol=-1), dict(window=1),
                                     dict(band=(6, 2)), dict(band="audio"), dict(max_share=1.5),
-                                    dict(metric="beta"), dict(protect="(")])
+                                    dict(metric="beta"), dict(protect="("), dict(order="random"),
+                                    dict(order="prefix", unfreeze=True)])
 def test_freeze_policy_validates(kwargs):
     with pytest.raises(ValueError):
         FreezePolicy(**kwargs)

@@ -87,6 +87,35 @@ def test_freeze_apply_keeps_frozen_weights_bit_identical(tmp_path, opt):
     json.dumps(cb.state_dict())
 
 
+class NormModel(Model):
+    """Linear layers with a LayerNorm after each: norms the analysis does not cover."""
+
+    def __init__(self):
+        super().__init__("adamw", named=False)
+        torch.manual_seed(0)
+        dims = [32, 64, 64, 64, 64, 64]
+        mods = []
+        for a, b in zip(dims, dims[1:]):
+            mods += [torch.nn.Linear(a, b), torch.nn.LayerNorm(b), torch.nn.ReLU()]
+        self.layer = torch.nn.Sequential(*mods, torch.nn.Linear(64, 2))
+
+
+def test_prefix_order_freezes_the_whole_prefix_in_a_trainer_run(tmp_path):
+    model = NormModel()
+    snap = Snapshot(model)
+    cb = ww(tmp_path, freeze="apply", freeze_options={**LOOSE, "order": "prefix"}, actions=[snap])
+    trainer = make_trainer(tmp_path, [cb])
+    trainer.fit(model)
+    assert trainer.global_step == 18
+    assert cb.frozen_layers == ["layer.0", "layer.3"]          # floor(0.5 * 5) layers, front first
+    # the LayerNorm between them stopped too (and stayed bit-identical); the one after trains
+    assert set(snap.at) == {f"layer.{i}.{p}" for i in (0, 1, 3) for p in ("weight", "bias")}
+    for name, (_, w) in snap.at.items():
+        assert torch.equal(dict(model.named_parameters())[name], w), name
+    assert model.layer[4].weight.requires_grad and model.layer[6].weight.requires_grad
+    assert model.layer[:4](torch.randn(2, 32)).grad_fn is None   # no graph through the prefix
+
+
 def test_freeze_resume_keeps_layers_frozen_and_decisions(tmp_path):
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True, every_n_epochs=1)
     cb = ww(tmp_path, freeze="apply", freeze_options=LOOSE)

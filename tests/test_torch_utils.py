@@ -16,6 +16,7 @@ from ww_callbacks.torch_utils import (  # noqa: E402
     broadcast_object,
     freeze_layers,
     layer_param_groups,
+    prefix_parameters,
     resolve_layer_params,
     unfreeze_layers,
 )
@@ -63,6 +64,24 @@ def test_frozen_layer_stays_bit_identical(make_opt, drop_state):
     unfreeze_layers(model, ["2"])
     train_steps(model, opt, 1, seed=3)
     assert not torch.equal(model[2].weight, before["2.weight"])
+
+
+def test_whole_prefix_freeze_leaves_no_autograd_graph_through_the_prefix():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.Linear(16, 16), nn.LayerNorm(16),
+                          nn.Linear(16, 2))
+    x = torch.randn(4, 6)
+    # by name only: the LayerNorm before layer 2 still trains, so autograd records the prefix
+    freeze_layers(model, ["0", "2"])
+    assert model[1].weight.requires_grad and model[:3](x).grad_fn is not None
+    frozen = freeze_layers(model, ["0", "2"], whole_prefix=True)
+    assert frozen == ["0.weight", "0.bias", "1.weight", "1.bias", "2.weight", "2.bias"]
+    h = model[:3](x)
+    assert h.grad_fn is None and not h.requires_grad          # no graph, no saved activations
+    assert model[3].weight.requires_grad and model[4].weight.requires_grad
+    model(x).sum().backward()
+    assert model[4].weight.grad is not None and model[1].weight.grad is None
+    assert [n for n, _ in prefix_parameters(model, [model[0].bias])] == ["0.weight", "0.bias"]
 
 
 def test_param_groups_cover_every_parameter_once_and_mha_shares_a_group():

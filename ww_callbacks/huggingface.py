@@ -136,7 +136,8 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
     def _freeze(self, freeze: List[str], unfreeze: List[str]) -> None:
         from ww_callbacks.torch_utils import freeze_layers, unfreeze_layers
 
-        freeze_layers(self._model, freeze, [self._optimizer] if self._optimizer is not None else [])
+        freeze_layers(self._model, freeze, [self._optimizer] if self._optimizer is not None else [],
+                      whole_prefix=self.action_set.freeze_policy.order == "prefix")
         unfreeze_layers(self._model, unfreeze)
 
     def _set_lr_factors(self, factors: Dict[str, float]) -> None:

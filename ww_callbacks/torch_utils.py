@@ -36,8 +36,8 @@ from ww_core.sharded import (
 )
 
 __all__ = ["model_layer_names", "model_param_groups", "layer_param_groups", "resolve_layer_params",
-           "freeze_layers", "unfreeze_layers", "apply_lr_factors", "group_factor", "broadcast_object",
-           "unwrap_model", "unwrap_optimizer"]
+           "prefix_parameters", "freeze_layers", "unfreeze_layers", "apply_lr_factors", "group_factor",
+           "broadcast_object", "unwrap_model", "unwrap_optimizer"]
 
 #: ``ww_core`` names of a LoRA adapter's update (``peft=True``): ``<module>.lora_BA.<adapter>``.
 _LORA_SUFFIX = re.compile(r"\.lora_(BA|W_plus_AB)\.([^.]+)$")
@@ -239,7 +239,7 @@ def _layer_params(model: Any, names: Iterable[str]) -> List[Any]:
 
 
 def freeze_layers(model: Any, names: Iterable[str], optimizers: Iterable[Any] = (),
-                  drop_state: bool = False) -> List[str]:
+                  drop_state: bool = False, whole_prefix: bool = False) -> List[str]:
     """Freeze layers mid-training so that nothing can move their weights any more.
 
     ``requires_grad_(False)`` stops new gradients and ``p.grad = None`` makes every optimizer skip
@@ -253,6 +253,12 @@ def freeze_layers(model: Any, names: Iterable[str], optimizers: Iterable[Any] = 
             is dropped when ``drop_state`` (frees e.g. Adam's two moment buffers).
         drop_state: pop the parameters' optimizer state. Off by default: keeping it lets an
             unfrozen layer resume with its momentum.
+        whole_prefix: also freeze every parameter registered before the last parameter of the
+            last of ``names`` (norms, biases, embeddings the analysis does not cover). Use it
+            when ``names`` end a frozen prefix (``FreezePolicy(order="prefix")``): only when
+            nothing before a layer trains does autograd skip the input gradients and record no
+            graph through the prefix. Registration order is taken as execution order (true of
+            Hugging Face, timm and torchvision models).
 
     Returns:
         The parameter names frozen (``module.path.weight``...).
@@ -268,16 +274,37 @@ def freeze_layers(model: Any, names: Iterable[str], optimizers: Iterable[Any] = 
     resolved = resolve_layer_params(model, names)
     opts = [unwrap_optimizer(o) for o in optimizers]
     frozen: List[str] = []
-    for _, plist in resolved.values():
-        for pname, p in plist:
-            p.requires_grad_(False)
-            p.grad = None
-            if drop_state:
-                for opt in opts:
-                    opt.state.pop(p, None)
-            if pname not in frozen:
-                frozen.append(pname)
+    pairs = [pair for _, plist in resolved.values() for pair in plist]
+    if whole_prefix and pairs:
+        pairs = prefix_parameters(unwrap_model(model), [p for _, p in list(resolved.values())[-1][1]])
+    for pname, p in pairs:
+        p.requires_grad_(False)
+        p.grad = None
+        if drop_state:
+            for opt in opts:
+                opt.state.pop(p, None)
+        if pname not in frozen:
+            frozen.append(pname)
     return frozen
+
+
+def prefix_parameters(model: Any, last: Sequence[Any]) -> List[Tuple[str, Any]]:
+    """``(name, parameter)`` of ``model`` in registration order, up to the last of ``last``.
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2), torch.nn.Linear(2, 1))
+        >>> [n for n, _ in prefix_parameters(m, [m[2].weight])]
+        ['0.weight', '0.bias', '1.weight', '1.bias', '2.weight']
+    """
+    wanted = {id(p) for p in last}
+    out: List[Tuple[str, Any]] = []
+    for name, p in model.named_parameters():
+        out.append((name, p))
+        wanted.discard(id(p))
+        if not wanted:
+            return out
+    return out
 
 
 def unfreeze_layers(model: Any, names: Iterable[str]) -> List[str]:

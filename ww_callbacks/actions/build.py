@@ -24,7 +24,7 @@ __all__ = ["ActionSet", "FREEZE_OPTIONS", "LR_OPTIONS", "EARLY_STOP_OPTIONS"]
 
 #: Keys accepted in ``freeze_options`` (``preset`` is an alias of ``band``).
 FREEZE_OPTIONS = ("band", "preset", "tol", "window", "max_share", "protect", "protect_head",
-                  "unfreeze", "unfreeze_margin", "metric", "exclude_flags")
+                  "unfreeze", "unfreeze_margin", "metric", "exclude_flags", "order")
 #: Keys accepted in ``lr_options``.
 LR_OPTIONS = ("s1", "s2", "metric", "min_evals", "exclude_first", "exclude_last", "exclude")
 #: Keys accepted in ``early_stop_options``.

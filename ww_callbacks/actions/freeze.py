@@ -12,7 +12,11 @@ A layer is a freeze **candidate** at an analysis when all of these hold:
    analysed layer, in model order);
 5. the **share** cap allows it: at most ``floor(max_share * number of analysed layers)`` layers are
    frozen at once. Candidates are taken in model order (front first), because only a frozen
-   prefix also saves backward compute.
+   prefix also saves backward compute;
+6. with ``order="prefix"``, every layer before it (among those still analysed) is frozen or
+   freezes now: the frozen layers always form a prefix of the model, and the torch adapters then
+   freeze the whole prefix (its norms and biases too), so that neither the weight nor the input
+   gradients nor an autograd graph are computed through it.
 
 With ``unfreeze=True`` a frozen layer whose alpha leaves the band by more than
 ``unfreeze_margin``, or that picks up an excluded flag, is released. Note that a layer whose weights
@@ -64,6 +68,8 @@ DEFAULT_EXCLUDE_FLAGS: Tuple[str, ...] = (
 
 _MODES = {"off": "off", False: "off", None: "off", "suggest": "suggest", "apply": "apply",
           True: "apply"}
+#: ``order`` values: any candidate, or front to back only.
+ORDERS = ("any", "prefix")
 _STATE_VERSION = 1
 #: Decisions kept in :meth:`FreezePolicy.state_dict` (the most recent ones).
 STATE_DECISIONS = 32
@@ -119,7 +125,8 @@ class FreezePolicy:
         tol: largest relative range ``(max - min)/|mean|`` of the last ``window`` alphas for a
             layer to count as settled.
         window: number of analyses (this one included) the settle test looks at; ``>= 2``.
-        band: ``(lo, hi)`` well-trained band, or a preset name from :data:`PRESETS`.
+        band: ``(lo, hi)`` well-trained band, a preset name from :data:`PRESETS`, or ``None``
+            (no band test: a settled layer is a candidate whatever its alpha).
         metric: ``"alpha"`` (CSN, default; the band's scale) or ``"alpha_hill"``.
         max_share: most layers frozen at once, as a share of the analysed layers, in ``[0, 1]``.
         protect: regex or list of regexes (``re.search`` on the layer name) never frozen.
@@ -128,6 +135,8 @@ class FreezePolicy:
         unfreeze_margin: hysteresis; a frozen layer is released only beyond
             ``[lo - margin, hi + margin]``.
         exclude_flags: ``LayerResult.flags`` that disqualify a layer.
+        order: ``"any"`` (default: any candidate, front first) or ``"prefix"`` (front to back
+            only, see rule 6; cannot be combined with ``unfreeze``).
 
     Example:
         >>> from types import SimpleNamespace as L
@@ -142,10 +151,10 @@ class FreezePolicy:
     PRESETS = PRESETS
 
     def __init__(self, mode: Union[str, bool, None] = "off", tol: float = 0.05, window: int = 3,
-                 band: Union[str, Tuple[float, float]] = "default", metric: str = "alpha",
+                 band: Union[str, Tuple[float, float], None] = "default", metric: str = "alpha",
                  max_share: float = 0.5, protect: Patterns = None, protect_head: bool = True,
                  unfreeze: bool = False, unfreeze_margin: float = 0.0,
-                 exclude_flags: Sequence[str] = DEFAULT_EXCLUDE_FLAGS) -> None:
+                 exclude_flags: Sequence[str] = DEFAULT_EXCLUDE_FLAGS, order: str = "any") -> None:
         self.mode = normalise_mode("freeze mode", mode, _MODES)
         if not finite(tol) or tol < 0:
             raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
@@ -155,18 +164,27 @@ class FreezePolicy:
             if band not in PRESETS:
                 raise ValueError(f"unknown band preset {band!r}; presets: {sorted(PRESETS)}")
             band = PRESETS[band]
-        try:
-            lo, hi = (float(b) for b in band)
-        except (TypeError, ValueError):
-            raise ValueError(f"band must be (lo, hi) or a preset name, got {band!r}") from None
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise ValueError(f"band must satisfy lo < hi (finite), got {band!r}")
+        if band is None:  # no band test: the settle test alone decides
+            lo, hi = -math.inf, math.inf
+        else:
+            try:
+                lo, hi = (float(b) for b in band)
+            except (TypeError, ValueError):
+                raise ValueError(f"band must be (lo, hi), a preset name or None, got {band!r}") from None
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(f"band must satisfy lo < hi (finite), got {band!r}")
         if not finite(max_share) or not 0.0 <= max_share <= 1.0:
             raise ValueError(f"max_share must be in [0, 1], got {max_share!r}")
         if not finite(unfreeze_margin) or unfreeze_margin < 0:
             raise ValueError(f"unfreeze_margin must be >= 0, got {unfreeze_margin!r}")
         if isinstance(exclude_flags, str):
             raise ValueError("exclude_flags must be a sequence of flag names, not one string")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if order == "prefix" and unfreeze:
+            raise ValueError("order='prefix' freezes whole prefixes and cannot be combined with "
+                             "unfreeze=True")
+        self.order = order
         self.tol = float(tol)
         self.window = window
         self.band = (lo, hi)
@@ -260,21 +278,16 @@ class FreezePolicy:
             if len(frozen) >= cap:
                 break
             name = layer.name
-            if name in frozen or name in decision.unfreeze or self.is_protected(name):
+            if name in frozen:
                 continue
-            if getattr(layer, "status", "success") != "success" or self._excluded_flag(layer):
-                continue
-            value = getattr(layer, self.metric, math.nan)
-            if not finite(value) or not lo <= value <= hi:
-                continue
-            series = list(history_by_layer.get(name, ()))[-self.window:]
-            if len(series) < self.window:
-                continue
-            spread = relative_range(series)
-            if spread > self.tol:
+            spread = self._candidate_spread(layer, history_by_layer, decision.unfreeze)
+            if spread is None:
+                if self.order == "prefix" and not self._passenger(layer):
+                    break  # the first layer that stays keeps everything after it training
                 continue
             frozen.add(name)
             decision.freeze.append(name)
+            value = getattr(layer, self.metric)
             decision.reasons[name] = (f"{self.metric} {value:.3f} in [{lo:g}, {hi:g}], settled: "
                                       f"relative range {spread:.4f} <= {self.tol:g} over "
                                       f"{self.window} analyses")
@@ -284,6 +297,30 @@ class FreezePolicy:
         if decision:
             self.decisions.append(decision.to_dict())
         return decision
+
+    def _passenger(self, layer: Any) -> bool:
+        """A layer too small to judge (only flag: too-few-evals, e.g. a depthwise conv): it does
+        not end a prefix, and freezes with the prefix around it (``whole_prefix``)."""
+        bad = [f for f in getattr(layer, "flags", ()) if f in self.exclude_flags]
+        return bad == ["too-few-evals"] and not self.is_protected(layer.name)
+
+    def _candidate_spread(self, layer: Any, history_by_layer: Mapping[str, Sequence[float]],
+                          released: Sequence[str]) -> Optional[float]:
+        """The settle spread of a layer that may freeze now (rules 1-4), else ``None``."""
+        name = layer.name
+        if name in released or self.is_protected(name):
+            return None
+        if getattr(layer, "status", "success") != "success" or self._excluded_flag(layer):
+            return None
+        value = getattr(layer, self.metric, math.nan)
+        lo, hi = self.band
+        if not finite(value) or not lo <= value <= hi:
+            return None
+        series = list(history_by_layer.get(name, ()))[-self.window:]
+        if len(series) < self.window:
+            return None
+        spread = relative_range(series)
+        return None if spread > self.tol else spread
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
@@ -308,4 +345,4 @@ class FreezePolicy:
     def __repr__(self) -> str:
         return (f"FreezePolicy(mode={self.mode!r}, tol={self.tol}, window={self.window}, "
                 f"band={self.band}, metric={self.metric!r}, max_share={self.max_share}, "
-                f"unfreeze={self.unfreeze}, frozen={len(self.frozen)})")
+                f"order={self.order!r}, unfreeze={self.unfreeze}, frozen={len(self.frozen)})")
