@@ -133,6 +133,16 @@ def test_prefix_order_freezes_front_to_back_only():
     assert q.decide(hist, layers).freeze == ["a", "b", "c"]
 
 
+def test_frozen_stays_in_model_order_when_frozen_layers_are_no_longer_analysed():
+    layers = [L("a"), L("b"), L("c"), L("d"), L("head")]
+    hist = {l.name: SETTLED for l in layers}
+    p = FreezePolicy("apply", max_share=0.2)             # one layer at a time
+    assert p.decide(hist, layers).freeze == ["a"]
+    p.max_share = 0.4
+    assert p.decide(hist, layers[1:]).freeze == ["b"]     # a is frozen: not analysed any more
+    assert p.frozen == ["a", "b"]
+
+
 def test_prefix_order_passes_over_layers_too_small_to_judge():
     layers = [L("stem"), L("dw", 1.7, flags=["too-few-evals"]), L("pw"),
               L("trap", flags=["correlation-trap"]), L("late"), L("head")]

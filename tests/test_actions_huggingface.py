@@ -93,6 +93,27 @@ def test_freeze_apply_keeps_frozen_weights_bit_identical(tmp_path, opt):
     assert [(s, k) for s, k, _ in events.events] == [(4, "freeze")]
 
 
+def test_prefix_order_freezes_the_whole_prefix_and_never_a_tied_head(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=64, n_layer=2, n_head=2,
+                                  n_inner=128, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    model = transformers.GPT2LMHeadModel(cfg)
+    cb = _ww(tmp_path, freeze="apply", freeze_options={**LOOSE, "order": "prefix"})
+    _trainer(tmp_path, [cb], model=model, num_train_epochs=3).train()
+    # untied: wte is an ordinary first layer; wpe (too few eigenvalues) rides along
+    assert cb.frozen_layers == ["transformer.wte"] + NAMES[2:6]
+    params = dict(model.named_parameters())
+    for name in ("transformer.wpe.weight", "transformer.h.0.ln_1.weight", "transformer.h.0.ln_2.bias",
+                 "transformer.h.0.mlp.c_proj.bias"):
+        assert not params[name].requires_grad, name
+    assert params["transformer.h.1.ln_1.weight"].requires_grad
+    assert params["lm_head.weight"].requires_grad
+    # tied (the default): wte is the output head, protected, so no prefix can start
+    cb = _ww(tmp_path / "tied", freeze="apply", freeze_options={**LOOSE, "order": "prefix"})
+    _trainer(tmp_path / "tied", [cb], num_train_epochs=3).train()
+    assert cb.frozen_layers == []
+
+
 @pytest.mark.parametrize("restore", [False, True])
 def test_freeze_resume_keeps_layers_frozen_and_decisions(tmp_path, restore):
     cb = _ww(tmp_path, freeze="apply", freeze_options=LOOSE)

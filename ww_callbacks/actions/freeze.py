@@ -202,6 +202,8 @@ class FreezePolicy:
         self.decisions: List[Dict[str, Any]] = []
         #: The output head seen at the last decision (protected when ``protect_head``).
         self.head: Optional[str] = None
+        #: Model position of every layer seen (first analysis first), for :attr:`frozen`'s order.
+        self._order: Dict[str, int] = {}
 
     # ------------------------------------------------------------------ decisions
     @property
@@ -292,8 +294,9 @@ class FreezePolicy:
                                       f"relative range {spread:.4f} <= {self.tol:g} over "
                                       f"{self.window} analyses")
 
-        order = {n: i for i, n in enumerate(names)}
-        self.frozen = sorted(frozen, key=lambda n: (order.get(n, len(order)), n))
+        for n in names:  # frozen layers drop out of later analyses: remember where they were
+            self._order.setdefault(n, len(self._order))
+        self.frozen = sorted(frozen, key=lambda n: (self._order.get(n, len(self._order)), n))
         if decision:
             self.decisions.append(decision.to_dict())
         return decision
@@ -339,6 +342,7 @@ class FreezePolicy:
             raise ValueError(f"freeze state version {state.get('version')} is newer than "
                              f"supported ({_STATE_VERSION})")
         self.frozen = [str(n) for n in state.get("frozen", [])]
+        self._order = {n: i for i, n in enumerate(self.frozen)}
         self.head = state.get("head")
         self.decisions = [dict(d) for d in state.get("decisions", [])]
 
