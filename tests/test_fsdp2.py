@@ -1,8 +1,9 @@
 """Sharded training beyond FSDP1, real 2-process runs on CPU (gloo): FSDP2 (``fully_shard``) under
 a plain loop and under Lightning's ``ModelParallelStrategy``, Lightning's ``FSDPStrategy`` (FSDP1
 wrapping the LightningModule from outside) and DeepSpeed ZeRO-3 (CPU accelerator; skipped without
-deepspeed). Scripts in tests/ddp_scripts/; every run is also checked by ``test_ddp.check_run``
-(sharded analysis, identical results on both ranks, rank-0-only files).
+deepspeed) in a plain loop, under the HF Trainer (``TrainingArguments(deepspeed=...)``) and under
+Lightning's ``DeepSpeedStrategy``. Scripts in tests/ddp_scripts/; every run is also checked by
+``test_ddp.check_run`` (sharded analysis, identical results on both ranks, rank-0-only files).
 """
 
 import json
@@ -20,6 +21,7 @@ pytest.importorskip("torch.distributed.fsdp")
 
 from helpers import REPO, assert_alpha_float32_close, assert_records_close, torchrun_command  # noqa: E402
 from test_ddp import LAYERS, SCRIPTS, check_run  # noqa: E402
+from ww_callbacks.history import read_jsonl  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -100,3 +102,72 @@ def test_deepspeed_zero3_gathers_one_parameter_at_a_time(tmp_path):
         assert p["plain_names"] == []
         assert all("DeepSpeed ZeRO-3" in why and "gather_snapshot" in why
                    for _, why in p["plain_skipped"])
+
+
+#: ``ds_shape`` of the weights of ``LAYERS`` (tests/ddp_scripts/common.py), in model order.
+WEIGHT_SHAPES = [[64, 32], [64, 64], [48, 64], [16, 48]]
+
+
+def check_float64_records(got, refs, label):
+    """The callback's float64 records equal the float64 analysis of the full weights gathered at
+    once (tests/ddp_scripts/zero3_probe.py), to rounding."""
+    assert [g["name"] for g in got] == [x["name"] for x in refs] == LAYERS, label
+    for g, x in zip(got, refs):
+        assert g["alpha"] == pytest.approx(x["alpha"], abs=1e-6, nan_ok=True), (label, g["name"])
+        assert_records_close(g, x, rel=1e-9, label=(label, g["name"]))     # every field
+
+
+def check_zero3_framework_run(ranks, tmp_path, steps):
+    """A framework's ZeRO-3 run (zero3_hf_trainer.py / zero3_lightning.py) with the callback."""
+    out = check_run(ranks, tmp_path, steps=steps)
+    probes = [json.loads((tmp_path / f"zero3_{r}.json").read_text()) for r in range(2)]
+    assert json.dumps(probes[0]["refs"]) == json.dumps(probes[1]["refs"])
+    for r, (rank, p) in enumerate(zip(ranks, probes)):
+        assert p["engine"] == "DeepSpeedEngine" and p["stage"] == 3
+        assert p["global_step"] == steps[-1]                        # training ran to its end
+        # each analysis gathered every layer alone, from an empty local partition, while no other
+        # parameter was gathered
+        assert [g["shape"] for g in p["gathers"]] == WEIGHT_SHAPES * len(steps)
+        assert all(g["num"] == 1 and g["local_numel"] == 0 and g["available_before"] == 0
+                   for g in p["gathers"])
+        # right after each analysis (the next callback) and at the end: all partitioned again
+        assert p["status_before_ref"] == {str(s): ["NOT_AVAILABLE"] for s in steps}
+        assert p["local_numel"] == {str(s): 0 for s in steps}
+        assert p["final_status"] == ["NOT_AVAILABLE"] and p["final_local_numel"] == 0
+        check_float64_records(rank["last_result"], p["refs"][str(steps[-1])], (r, "last"))
+    # what rank 0 recorded at each analysed step: that step's full weights
+    disk = read_jsonl(str(out / "history.jsonl"))
+    for s in steps:
+        rows = [{k: v for k, v in row.items() if k not in ("step", "epoch", "time")}
+                for row in disk if row["step"] == s]
+        check_float64_records(rows, probes[0]["refs"][str(s)], s)
+    # the weights moved between the analyses: each step was compared with its own weights
+    first, last = probes[0]["refs"][str(steps[0])], probes[0]["refs"][str(steps[-1])]
+    assert all(a["spectral_norm"] != b["spectral_norm"] for a, b in zip(first, last))
+    return probes
+
+
+def test_deepspeed_zero3_under_hf_trainer(tmp_path):
+    """``TrainingArguments(deepspeed=<ZeRO-3 dict>, use_cpu=True, ddp_backend="gloo")`` under
+    torchrun: the Trainer's own ``DeepSpeedEngine``; 64 samples, 8 per device, 6 steps."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    ranks = launch(torchrun_command(2) + [str(SCRIPTS / "zero3_hf_trainer.py")], tmp_path,
+                   DS_ACCELERATOR="cpu")
+    probes = check_zero3_framework_run(ranks, tmp_path, steps=[2, 4, 6])
+    for p in probes:
+        assert p["distributed_type"] == "DEEPSPEED" and p["deepspeed_enabled"] and p["loss_finite"]
+
+
+def test_deepspeed_zero3_under_lightning_strategy(tmp_path):
+    """Lightning ``DeepSpeedStrategy`` (stage 3) on CPU: refused by Lightning as it is, run with
+    the script's ``CPUDeepSpeedStrategy`` (skips the CUDA check) and ``parallel_devices=[cpu:0,
+    cpu:1]``; the engine around the LightningModule is Lightning's. 4 steps per epoch, 6 steps."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("lightning")
+    ranks = launch([sys.executable, str(SCRIPTS / "zero3_lightning.py")], tmp_path,
+                   DS_ACCELERATOR="cpu")
+    probes = check_zero3_framework_run(ranks, tmp_path, steps=[2, 4, 6])
+    assert [p["rank_env"] for p in probes] == [0, 1]
+    assert all(p["status"] == "finished" for p in probes)
