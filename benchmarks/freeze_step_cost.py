@@ -59,11 +59,11 @@ def measure(task, share: float, steps: int):
         model.train()
         names = model_layer_names(model)
         k = int(share * len(names))
+        cost = BackwardCost(model, lambda m=model: task.loss(m, task.example_batch))  # nothing frozen
         if kind != "none":
             freeze_layers(model, names[:k], whole_prefix=(kind == "whole_prefix"))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        cost = BackwardCost(model, lambda m=model: task.loss(m, task.example_batch))
-        models[kind] = (model, opt, 1.0 - cost._cost() / cost.full if kind != "none" else 0.0)
+        models[kind] = (model, opt, 1.0 - cost._cost() / cost.full)
     batches = task.batches(0, 0)
     times = {kind: ([], []) for kind in models}
     for i in range(steps + 2):

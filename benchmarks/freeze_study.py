@@ -6,10 +6,11 @@ of MiniLM-L6 on ChatterBot topics and of EfficientNet-Lite0 on scikit-learn's di
 configuration trains the same model from the same seed in a plain PyTorch loop, one torch thread:
 
 * ``none``: nothing frozen;
-* ``alpha``: ``WeightWatcherController(freeze="apply")`` with the default ``FreezePolicy``
-  options, one synchronous analysis every 10% of the steps from the start (the analysis time is
-  counted in the run's time);
-* ``alpha_prefix``: the same with ``freeze_options={"order": "prefix", "band": None}``: layers
+* ``alpha``: ``WeightWatcherController(freeze="apply")`` with the options that were the defaults
+  before this study (``order="any"``, band (2, 6)), one synchronous analysis every 10% of the
+  steps from the start (the analysis time is counted in the run's time);
+* ``alpha_prefix``: the same with ``freeze_options={"order": "prefix", "band": None}`` (the
+  defaults since this study): layers
   are frozen front to back only, when their alpha has settled whatever its value (pretrained
   embeddings and stems sit outside the 2-6 band), and the whole frozen prefix (its norms and
   biases too) stops training;
@@ -31,7 +32,8 @@ checkpoint, final validation accuracy, accuracy at 8 points, wall/CPU seconds (e
 excluded; analyses included), time to reach the ``none`` run's final accuracy, backward compute
 saved (analytic, :class:`freeze_tasks.BackwardCost`), the layers frozen and at which steps.
 
-Run (about 45 minutes on 2 cores; resumable: runs already in the file are skipped)::
+Run (about 45 minutes of training on 2 cores with two runs at a time; resumable: runs already in
+the file are skipped)::
 
     python benchmarks/freeze_study.py                      # all tasks, configs, 3 seeds
     python benchmarks/freeze_study.py --tasks effnet-digits --seeds 1
@@ -67,8 +69,11 @@ from ww_callbacks.torch_utils import freeze_layers, model_layer_names, resolve_l
 
 CONFIGS = ("none", "alpha", "alpha_prefix", "alpha_early", "random", "front", "static", "autofreeze")
 #: The controller configurations: (freeze_options, analyses per run).
-ALPHA = {"alpha": (None, 10), "alpha_prefix": ({"order": "prefix", "band": None}, 10),
-         "alpha_early": ({"window": 2}, 20)}
+#: Before this study the defaults were order "any" and band (2, 6); pinned here so that the
+#: records keep their meaning whatever the defaults are now.
+ALPHA = {"alpha": ({"order": "any", "band": "default"}, 10),
+         "alpha_prefix": ({"order": "prefix", "band": None}, 10),
+         "alpha_early": ({"order": "any", "band": "default", "window": 2}, 20)}
 RESULTS = os.path.join(HERE, "results", "freeze_study.jsonl")
 CHECKS = 10  # analyses / AutoFreeze checks per run
 EVALS = 8  # accuracy measurements per run

@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: Freeze-policy options under which any settled-enough alpha counts, decided at the 2nd analysis
 #: (the framework action tests: Lightning, HF, Keras).
-LOOSE_FREEZE = {"band": (0.0, 100.0), "tol": 10.0, "window": 2, "max_share": 0.5}
+#: Freeze whatever is analysed twice, any layer (``order="any"``): tests of the freezing mechanics.
+LOOSE_FREEZE = {"band": (0.0, 100.0), "tol": 10.0, "window": 2, "max_share": 0.5, "order": "any"}
 
 
 # ----------------------------------------------------------------------- weights

@@ -53,26 +53,35 @@ def test_band_and_presets():
     assert PRESETS["default"] == (2.0, 6.0) and set(PRESETS) >= {"vision", "nlp"}
     layers = [L("low", 1.8), L("mid", 3.5), L("high", 6.5), L("head")]
     hist = {n: [l.alpha] * 3 for n, l in zip(["low", "mid", "high", "head"], layers)}
-    assert FreezePolicy("apply", max_share=1.0).decide(hist, layers).freeze == ["mid"]
+    assert FreezePolicy("apply", band="default", max_share=1.0, order="any").decide(
+        hist, layers).freeze == ["mid"]
+    assert FreezePolicy().band == (-math.inf, math.inf)        # no band test by default
+    assert FreezePolicy("apply", max_share=1.0, order="any").decide(hist, layers).freeze == [
+        "low", "mid", "high"]
     # the vision preset (2, 3) excludes 3.5
-    assert FreezePolicy("apply", band="vision", max_share=1.0).decide(hist, layers).freeze == []
-    assert FreezePolicy("apply", band="nlp", max_share=1.0).decide(hist, layers).freeze == ["mid"]
-    assert FreezePolicy("apply", band=(1.5, 2.0), max_share=1.0).decide(hist, layers).freeze == ["low"]
+    def frozen(band):
+        return FreezePolicy("apply", band=band, max_share=1.0, order="any").decide(hist, layers).freeze
+
+    assert frozen("vision") == []
+    assert frozen("nlp") == ["mid"]
+    assert frozen((1.5, 2.0)) == ["low"]
 
 
 def test_trap_rank_collapse_and_failed_fits_are_excluded():
     layers = [L("trap", flags=["correlation-trap"]), L("rc", flags=["rank-collapse"]),
               L("fail", status="failed"), L("nan", alpha=math.nan), L("ok"), L("head")]
     hist = {l.name: SETTLED for l in layers}
-    d = FreezePolicy("apply", max_share=1.0).decide(hist, layers)
+    d = FreezePolicy("apply", max_share=1.0, order="any").decide(hist, layers)
     assert d.freeze == ["ok"]
+    # front to back (the default), the first excluded layer ends the prefix
+    assert FreezePolicy("apply", max_share=1.0).decide(hist, layers).freeze == []
 
 
 def test_head_and_protect_regexes():
     layers = [L("enc.0"), L("enc.1"), L("classifier")]
     hist = {l.name: SETTLED for l in layers}
     assert FreezePolicy("apply", max_share=1.0).decide(hist, layers).freeze == ["enc.0", "enc.1"]
-    p = FreezePolicy("apply", max_share=1.0, protect=r"enc\.1$", protect_head=False)
+    p = FreezePolicy("apply", max_share=1.0, protect=r"enc\.1$", protect_head=False, order="any")
     assert p.decide(hist, layers).freeze == ["enc.0", "classifier"]
     assert p.is_protected("enc.1") and not p.is_protected("classifier")
 
@@ -87,7 +96,7 @@ def test_max_share_caps_frozen_layers_in_model_order():
 
 
 def test_unfreeze_on_drift_with_margin_and_flags():
-    p = FreezePolicy("suggest", max_share=1.0, unfreeze=True, unfreeze_margin=0.5)
+    p = FreezePolicy("suggest", max_share=1.0, unfreeze=True, unfreeze_margin=0.5, band="default")
     layers = [L("a"), L("b"), L("head")]
     hist = {l.name: SETTLED for l in layers}
     assert p.decide(hist, layers).freeze == ["a", "b"]
@@ -123,8 +132,9 @@ def test_prefix_order_freezes_front_to_back_only():
     layers = [L("a"), L("b", 7.0), L("c"), L("head")]       # b is out of the band
     hist = {l.name: SETTLED for l in layers}
     hist["b"] = [7.0] * 3
-    assert FreezePolicy("apply", max_share=1.0).decide(hist, layers).freeze == ["a", "c"]
-    p = FreezePolicy("apply", max_share=1.0, order="prefix")
+    assert FreezePolicy("apply", max_share=1.0, band="default", order="any").decide(
+        hist, layers).freeze == ["a", "c"]
+    p = FreezePolicy("apply", max_share=1.0, band="default")   # order="prefix" by default
     assert p.decide(hist, layers).freeze == ["a"]            # b stops the prefix
     # frozen layers are no longer analysed: the next analysis starts at b
     assert p.decide(hist, layers[1:]).freeze == []
