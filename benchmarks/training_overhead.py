@@ -23,6 +23,8 @@ callback still uses its default engine. Per run: wall time, the controller's
 
     python benchmarks/training_overhead.py            # 3 repeats of all but async_tpl, 10 epochs
     python benchmarks/training_overhead.py --configs none async --repeat 5
+    python benchmarks/training_overhead.py --configs none async sync --data-repeat 4 \
+        --out benchmarks/results/training_overhead_x4.json     # 4x longer epochs
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ CONFIGS = ["none", "async", "sync", "async_t1", "async_t1_nice", "async_tpl"]
 DEFAULT_CONFIGS = CONFIGS[:5]
 
 
-def child(config: str, epochs: int, seed: int) -> Dict[str, Any]:
+def child(config: str, epochs: int, seed: int, data_repeat: int = 1) -> Dict[str, Any]:
     """One training run in this process."""
     os.environ.setdefault("WANDB_SILENT", "true")
     sys.path.insert(0, str(REPO))
@@ -63,6 +65,7 @@ def child(config: str, epochs: int, seed: int) -> Dict[str, Any]:
     x = torch.tensor(d.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
     x = nn.functional.interpolate(x, size=32, mode="bilinear", align_corners=False)
     y = torch.tensor(d.target, dtype=torch.long)
+    x, y = x.repeat(data_repeat, 1, 1, 1), y.repeat(data_repeat)  # a longer epoch, the same model
     train = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
 
     class CNN(pl.LightningModule):
@@ -138,7 +141,7 @@ def child(config: str, epochs: int, seed: int) -> Dict[str, Any]:
     trainer.fit(model, train)
     wall = time.perf_counter() - t0
     cpu1 = os.times()
-    r: Dict[str, Any] = {"config": config, "wall_s": wall, "epochs": epochs,
+    r: Dict[str, Any] = {"config": config, "wall_s": wall, "epochs": epochs, "data_repeat": data_repeat,
                          "cpu_s": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
                          "loadavg_start": la0[0], "loadavg_end": os.getloadavg()[0],
                          "torch_threads_start": main_threads[0] if main_threads else None,
@@ -157,11 +160,13 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS, choices=CONFIGS)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--data-repeat", type=int, default=1,
+                    help="each epoch passes over the 1,797 images this many times (longer epochs)")
     ap.add_argument("--out", default=str(HERE / "results" / "training_overhead.json"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.epochs, 0)), flush=True)
+        print(json.dumps(child(args.child, args.epochs, 0, args.data_repeat)), flush=True)
         return 0
     import torch
     report: Dict[str, Any] = {
@@ -174,7 +179,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     for k in range(args.repeat):
         for cfg in args.configs:
-            p = subprocess.run([sys.executable, __file__, "--child", cfg, "--epochs", str(args.epochs)],
+            p = subprocess.run([sys.executable, __file__, "--child", cfg, "--epochs", str(args.epochs),
+                                "--data-repeat", str(args.data_repeat)],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=str(REPO))
             lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
             if p.returncode != 0 or not lines:

@@ -253,8 +253,9 @@ def freeze_layers(model: Any, names: Iterable[str], optimizers: Iterable[Any] = 
             is dropped when ``drop_state`` (frees e.g. Adam's two moment buffers).
         drop_state: pop the parameters' optimizer state. Off by default: keeping it lets an
             unfrozen layer resume with its momentum.
-        whole_prefix: also freeze every parameter registered before the last parameter of the
-            last of ``names`` (norms, biases, embeddings the analysis does not cover). Use it
+        whole_prefix: also freeze every parameter registered before the last parameter of
+            ``names`` (norms, biases, embeddings the analysis does not cover; also an input
+            embedding tied to the head, which ``FreezePolicy`` never lets a prefix pass). Use it
             when ``names`` end a frozen prefix (``FreezePolicy(order="prefix")``): only when
             nothing before a layer trains does autograd skip the input gradients and record no
             graph through the prefix. Registration order is taken as execution order (true of
@@ -276,7 +277,7 @@ def freeze_layers(model: Any, names: Iterable[str], optimizers: Iterable[Any] = 
     frozen: List[str] = []
     pairs = [pair for _, plist in resolved.values() for pair in plist]
     if whole_prefix and pairs:
-        pairs = prefix_parameters(unwrap_model(model), [p for _, p in list(resolved.values())[-1][1]])
+        pairs = prefix_parameters(unwrap_model(model), [p for _, p in pairs])  # up to the furthest
     for pname, p in pairs:
         p.requires_grad_(False)
         p.grad = None
