@@ -63,7 +63,7 @@ def measure(task, share: float, steps: int):
         if kind != "none":
             freeze_layers(model, names[:k], whole_prefix=(kind == "whole_prefix"))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        models[kind] = (model, opt, 1.0 - cost._cost() / cost.full)
+        models[kind] = (model, opt, cost.saved_now)
     batches = task.batches(0, 0)
     times = {kind: ([], []) for kind in models}
     for i in range(steps + 2):

@@ -156,8 +156,8 @@ def run_one(task, config: str, seed: int, reference: Dict[str, Any], workdir: st
                                      freeze_options=opts)
 
         def on_freeze(freeze, unfreeze):
-            prefix = ww.action_set.freeze_policy.order == "prefix"
-            frozen = freeze_layers(model, freeze, [opt], whole_prefix=prefix)
+            policy = ww.action_set.freeze_policy
+            frozen = freeze_layers(model, freeze, [opt], whole_prefix=policy.whole_prefix)
             events.append({"step": state["step"], "layers": list(freeze), "params": len(frozen)})
         ww.bind_actions(freeze_fn=on_freeze)
         ww.configure(total_steps=total, total_epochs=task.epochs)
@@ -236,26 +236,16 @@ def static_k(task, seed: int, target_saved: float) -> int:
     """The prefix length whose backward compute saved (frozen from step 0) is closest to the target."""
     model = task.build(seed)
     names = analysed_layers(model)
+    cost = BackwardCost(model, lambda: task.loss(model, task.example_batch))  # nothing frozen yet
     best, best_gap = 0, abs(target_saved)
     for k in range(1, len(names) // 2 + 1):
         for p in model.parameters():
             p.requires_grad_(True)
         freeze_prefix(model, names, k)
-        cost = BackwardCost(model, lambda: task.loss(model, task.example_batch))
-        saved = 1.0 - cost._cost() / _full_cost(task, seed)
-        if abs(saved - target_saved) < best_gap:
-            best, best_gap = k, abs(saved - target_saved)
+        gap = abs(cost.saved_now - target_saved)
+        if gap < best_gap:
+            best, best_gap = k, gap
     return best
-
-
-_FULL: Dict[Any, float] = {}
-
-
-def _full_cost(task, seed: int) -> float:
-    if task.name not in _FULL:
-        model = task.build(seed)
-        _FULL[task.name] = BackwardCost(model, lambda: task.loss(model, task.example_batch)).full
-    return _FULL[task.name]
 
 
 def load(path: str) -> List[Dict[str, Any]]:

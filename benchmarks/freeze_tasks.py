@@ -187,11 +187,12 @@ class BackwardCost:
             h.remove()
         self.model = model
         self.macs = macs
-        self.full = self._cost()
+        self.full = self.current()
         self.total = 0.0
         self.steps = 0
 
-    def _cost(self) -> float:
+    def current(self) -> float:
+        """Backward multiply-adds of one step in the current ``requires_grad`` state."""
         upstream = False  # any parameter before this point trains
         cost = 0.0
         modules = dict(self.model.named_modules())
@@ -204,8 +205,13 @@ class BackwardCost:
         return cost
 
     def step(self) -> None:
-        self.total += self._cost()
+        self.total += self.current()
         self.steps += 1
+
+    @property
+    def saved_now(self) -> float:
+        """Share of the full backward cost a step saves in the current state."""
+        return 1.0 - self.current() / self.full
 
     @property
     def saved(self) -> float:

@@ -35,10 +35,10 @@ def test_backward_cost_counts_weight_and_input_gradients():
     # nothing frozen: weight gradients everywhere, input gradients after the first layer
     assert cost.full == 1280 + 2 * 5120 + 2 * 640
     freeze_layers(model, ["0", "2"])                   # by name: the LayerNorms still train
-    assert cost._cost() == 5120 + 2 * 640
+    assert cost.current() == 5120 + 2 * 640
     freeze_layers(model, ["0", "2"], whole_prefix=True)
     # layer 4 only (the LayerNorm before it trains, so its input gradient is still needed)
-    assert cost._cost() == 2 * 640
+    assert cost.current() == 2 * 640
     cost.step()
     cost.step()
     assert cost.saved == pytest.approx(1 - 1280 / cost.full)

@@ -137,7 +137,7 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
         from ww_callbacks.torch_utils import freeze_layers, unfreeze_layers
 
         freeze_layers(self._model, freeze, [self._optimizer] if self._optimizer is not None else [],
-                      whole_prefix=self.action_set.freeze_policy.order == "prefix")
+                      whole_prefix=self.action_set.freeze_policy.whole_prefix)
         unfreeze_layers(self._model, unfreeze)
 
     def _set_lr_factors(self, factors: Dict[str, float]) -> None:

@@ -90,7 +90,7 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
         from ww_callbacks.torch_utils import freeze_layers, unfreeze_layers
 
         freeze_layers(self._module, freeze, self._trainer.optimizers if self._trainer else (),
-                      whole_prefix=self.action_set.freeze_policy.order == "prefix")
+                      whole_prefix=self.action_set.freeze_policy.whole_prefix)
         unfreeze_layers(self._module, unfreeze)
 
     def _set_lr_factors(self, factors: Dict[str, float]) -> None:

@@ -26,7 +26,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 from common import dump, leave, record_shares  # noqa: E402
 from hf_torchrun import Rows, Tiny  # noqa: E402
 from ww_callbacks.huggingface import WeightWatcherCallback  # noqa: E402
-from zero3_probe import Zero3Probe, ds_config  # noqa: E402
+from zero3_probe import ds_config, watched  # noqa: E402
 
 
 class Reference(TrainerCallback):
@@ -43,11 +43,7 @@ class Reference(TrainerCallback):
 def main(out_dir):
     rank = int(os.environ["RANK"])
     shares = record_shares()
-    lines = []
-    ww = WeightWatcherCallback(start_fraction=0.0, every_n_steps=2, trackers=[], precision="float64",
-                               output_dir=os.path.join(out_dir, f"ww-rank{rank}"),
-                               log_fn=lines.append)
-    probe = Zero3Probe(ww.controller)
+    ww, probe, lines = watched(WeightWatcherCallback, out_dir, rank)
     config = ds_config(train_micro_batch_size_per_gpu="auto", train_batch_size="auto",
                        gradient_accumulation_steps="auto")
     args = TrainingArguments(os.path.join(out_dir, "hf"), deepspeed=config, use_cpu=True,

@@ -30,7 +30,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy  # noqa:
 
 from common import dump, leave, make_body, make_data, record_shares  # noqa: E402
 from ww_callbacks.lightning import WeightWatcherCallback  # noqa: E402
-from zero3_probe import Zero3Probe, ds_config  # noqa: E402
+from zero3_probe import ds_config, watched  # noqa: E402
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
@@ -70,11 +70,7 @@ class Reference(pl.Callback):
 def main(out_dir):
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     shares = record_shares()
-    lines = []
-    ww = WeightWatcherCallback(start_fraction=0.0, every_n_steps=2, trackers=[], precision="float64",
-                               output_dir=os.path.join(out_dir, f"ww-rank{rank}"),
-                               log_fn=lines.append)
-    probe = Zero3Probe(ww.controller)
+    ww, probe, lines = watched(WeightWatcherCallback, out_dir, rank)
     x, y = make_data()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     strategy = CPUDeepSpeedStrategy(stage=3, config=ds_config(train_micro_batch_size_per_gpu=8),

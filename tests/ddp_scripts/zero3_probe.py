@@ -29,6 +29,15 @@ def ds_config(**extra):
             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, **extra}
 
 
+def watched(callback_cls, out_dir, rank):
+    """``(callback, probe, log lines)``: the framework's ``WeightWatcherCallback`` as both scripts
+    configure it (an analysis every 2 steps, float64, no trackers) and the probe on its controller."""
+    lines = []
+    ww = callback_cls(start_fraction=0.0, every_n_steps=2, trackers=[], precision="float64",
+                      output_dir=os.path.join(out_dir, f"ww-rank{rank}"), log_fn=lines.append)
+    return ww, Zero3Probe(ww.controller), lines
+
+
 class Zero3Probe:
     def __init__(self, controller):
         self.gathers, self.refs, self.status_before_ref, self.local_numel = [], {}, {}, {}

@@ -220,6 +220,12 @@ class FreezePolicy:
     def enabled(self) -> bool:
         return self.mode != "off"
 
+    @property
+    def whole_prefix(self) -> bool:
+        """Whether applying a decision freezes the whole prefix (``order="prefix"``): the value
+        for :func:`ww_callbacks.torch_utils.freeze_layers`'s ``whole_prefix``."""
+        return self.order == "prefix"
+
     def is_protected(self, name: str) -> bool:
         """True when ``name`` matches ``protect`` or is the output head (with ``protect_head``)."""
         return matches(self._protect, name) or (self.protect_head and name == self.head)
@@ -234,8 +240,11 @@ class FreezePolicy:
             if all(p.pattern != pat.pattern for p in self._protect):
                 self._protect.append(pat)
 
+    def _excluded_flags(self, layer: Any) -> List[str]:
+        return [f for f in getattr(layer, "flags", ()) if f in self.exclude_flags]
+
     def _excluded_flag(self, layer: Any) -> Optional[str]:
-        bad = [f for f in getattr(layer, "flags", ()) if f in self.exclude_flags]
+        bad = self._excluded_flags(layer)
         return bad[0] if bad else None
 
     def decide(self, history_by_layer: Mapping[str, Sequence[float]], latest_result: Any,
@@ -315,8 +324,7 @@ class FreezePolicy:
     def _passenger(self, layer: Any) -> bool:
         """A layer too small to judge (only flag: too-few-evals, e.g. a depthwise conv): it does
         not end a prefix, and freezes with the prefix around it (``whole_prefix``)."""
-        bad = [f for f in getattr(layer, "flags", ()) if f in self.exclude_flags]
-        return bad == ["too-few-evals"] and not self.is_protected(layer.name)
+        return self._excluded_flags(layer) == ["too-few-evals"] and not self.is_protected(layer.name)
 
     def _candidate_spread(self, layer: Any, history_by_layer: Mapping[str, Sequence[float]],
                           released: Sequence[str]) -> Optional[float]:
