@@ -1,5 +1,6 @@
 """Failure isolation: a full disk at a tracker, a plotting failure, an exception inside one layer's
-analysis, a history line cut short by a crash. Each is reported once and training goes on;
+analysis, a history line cut short by a crash (history files that cannot be written:
+``test_history_write_failure.py``). Each is reported once and training goes on;
 ``strict=True`` re-raises.
 
 The controller-level tests analyse numpy weights and run without torch (marked ``core``); the
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from ww_callbacks.controller import WeightWatcherController
-from ww_callbacks.history import read_jsonl
+from ww_callbacks.history import HistoryWarning, read_jsonl
 from ww_callbacks.trackers.base import Tracker
 
 LAYERS = ["fc1", "fc2"]
@@ -178,8 +179,11 @@ def test_history_line_cut_short_by_a_crash_is_skipped_on_resume(tmp_path):
     path = tmp_path / "ww" / "history.jsonl"
     with open(path, "a") as fh:                      # a hard kill in the middle of a write
         fh.write('{"step": 3, "epoch": 0, "name": "fc1", "alp')
+    with pytest.warns(HistoryWarning, match="cut short"):       # readers skip it, and say so
+        assert [r["step"] for r in read_jsonl(str(path))] == [1, 1, 2, 2]
     # resume from a checkpoint at step 2 that did not hold the history (fresh controller)
-    resumed, lines = controller(tmp_path, trackers=[], current_step=2)
+    with pytest.warns(HistoryWarning, match="cut short"):
+        resumed, lines = controller(tmp_path, trackers=[], current_step=2)
     assert resumed.history.steps == [1, 2]
     assert_history(tmp_path, [1, 2])                 # rewritten: the partial line is gone
     resumed.run(model, step=3, epoch=0)

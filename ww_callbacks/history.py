@@ -2,38 +2,70 @@
 
 Each row holds every ``ww_core.result.COLUMNS`` field plus ``step`` (the trainer's global step),
 ``epoch`` (0-based) and ``time`` (Unix time of the analysis). Rows are appended to
-``history.jsonl`` and ``history.csv`` in the output directory as soon as an analysis finishes
-(flushed and fsynced, so nothing is lost if training or the machine crashes).
+``history.jsonl`` and ``history.csv`` in the output directory as soon as an analysis finishes.
 
 On disk, non-finite floats are written as ``null`` (JSONL) and ``nan`` (CSV); :meth:`History.state_dict`
 stores them as ``None`` (strict JSON) and :func:`read_jsonl` / :meth:`History.load_state_dict` read
 them back as ``nan``.
 
-Resume: :meth:`History.state_dict` carries the rows (checkpoints store it);
-:meth:`History.load_state_dict` restores them, :meth:`History.truncate` drops rows after the
-resumed step (written after the last checkpoint by a run that then crashed),
-:meth:`History.recover` takes back from disk the rows analysed after the checkpoint was saved but
-at or before its step (same weights), and the files are
-rewritten from the in-memory rows the first time this process writes, so the curves continue with
-no gap and no duplicate step. An output directory therefore belongs to one run: a fresh run (no
-state loaded) starts new files.
+Writes that fail (full disk, read-only or vanished folder, file-size limit):
+
+* **Whole rows or nothing.** Appends go through :func:`ww_callbacks.atomic.append_bytes` (written,
+  fsynced, and on any error truncated back to the size before), rewrites through an fsynced temp
+  file renamed over the target: the files only ever hold whole lines.
+* **Kept and retried.** Unwritten rows are the tail of :attr:`History.rows`, which holds every row
+  anyway (no copy, no memory beyond the history itself). Every later write (the next analysis,
+  :meth:`History.sync` at ``configure``) writes them first, oldest first, one append per
+  analysis, as many as the disk takes, then the new ones.
+* **Reported once.** The first failure warns once per :class:`History` (:class:`HistoryWarning`)
+  and raises; the controller logs it once (``writing the history files``), training continues.
+* **In checkpoints.** :meth:`History.state_dict` carries the unwritten rows (at most
+  :data:`MAX_PENDING_STATE_ROWS`, oldest first): a run resumed once the disk takes writes again
+  writes them, and continues with every row once.
+
+Resume: :meth:`History.state_dict` carries a pointer into ``history.jsonl`` (plus the unwritten
+rows); :meth:`History.load_state_dict` restores them, :meth:`History.truncate` drops rows after
+the resumed step (written by a run that then crashed), :meth:`History.recover` takes back from
+disk the rows analysed after the checkpoint was saved but at or before its step (same weights),
+and the files are rewritten from memory the first time this process writes, so the curves
+continue with no gap and no duplicate step. An output directory therefore belongs to one run: a
+fresh run (no state loaded) starts new files.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import itertools
 import json
+import logging
 import math
 import os
+import warnings
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
-from ww_callbacks.atomic import atomic_open
+from ww_callbacks.atomic import append_bytes, atomic_open
 from ww_callbacks.values import plain_value
 
-__all__ = ["History", "HISTORY_KEYS", "read_jsonl"]
+__all__ = ["History", "HistoryWarning", "HISTORY_KEYS", "MAX_PENDING_STATE_ROWS", "read_jsonl"]
+
+logger = logging.getLogger("ww_callbacks")
 
 #: Keys the history adds in front of the engine's columns.
 HISTORY_KEYS = ("step", "epoch", "time")
+
+#: At most this many rows not yet on disk go into :meth:`History.state_dict` (about 1 KB each as
+#: JSON); the oldest are kept, a resume reports any beyond as missing.
+MAX_PENDING_STATE_ROWS = 10_000
+
+#: Decision lines kept for a retry when ``decisions.jsonl`` cannot be written (oldest dropped).
+MAX_PENDING_DECISIONS = 1_000
+
+
+class HistoryWarning(RuntimeWarning):
+    """The history files could not be written (rows kept in memory), or a history file holds a
+    line cut short that was skipped when reading it. Filter with
+    ``warnings.filterwarnings("ignore", category=HistoryWarning)``."""
 
 
 def _engine_columns() -> Sequence[str]:
@@ -51,21 +83,38 @@ def _from_json_value(value: Any) -> Any:
 def read_jsonl(path: str, skip_bad_lines: bool = False) -> List[Dict[str, Any]]:
     """Rows of a ``history.jsonl`` file (``null`` read back as ``nan``).
 
-    ``skip_bad_lines`` ignores unparseable lines (a line cut short by a crash).
+    A last line that is not a whole JSON object (cut short by a crash, or by a full disk with
+    versions before whole-line appends) is skipped with a :class:`HistoryWarning`.
+
+    Args:
+        skip_bad_lines: skip unparseable lines anywhere in the file too (with one warning);
+            without it such a line before the last raises.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: a bad line before the last one (unless ``skip_bad_lines``).
     """
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
+    rows, skipped, bad = [], [], None
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
             line = line.strip()
             if not line:
                 continue
+            if bad is not None and not skip_bad_lines:    # a bad line with more after it
+                raise bad
             try:
                 row = json.loads(line)
-            except ValueError:
-                if skip_bad_lines:
-                    continue
-                raise
+                if not isinstance(row, dict):
+                    raise ValueError(f"not a JSON object: {line[:40]!r}")
+            except ValueError as exc:
+                skipped.append(number)
+                bad = ValueError(f"{path}, line {number}: {exc}")
+                continue
             rows.append({k: _from_json_value(v) for k, v in row.items()})
+    if skipped:
+        warnings.warn(f"{path}: skipped {len(skipped)} line(s) cut short (line {skipped[0]}"
+                      f"{', ...' if len(skipped) > 1 else ''}); the rows before are read",
+                      HistoryWarning, stacklevel=2)
     return rows
 
 
@@ -87,8 +136,15 @@ class History:
         self.output_dir = os.fspath(output_dir) if output_dir is not None else None
         self.write = write
         self.rows: List[Dict[str, Any]] = []
-        self._fieldnames: Optional[List[str]] = None
-        self._synced = False  # files on disk match self.rows (rewritten once per process)
+        self._fieldnames: Optional[List[str]] = None   # the header of history.csv on disk
+        # per file: rewrite it from memory before appending (once per process, after a resume)
+        self._stale = {self.JSONL: True, self.CSV: True}
+        # per file: how many leading rows of self.rows it holds, and its size after our last write
+        self._on_disk = {self.JSONL: 0, self.CSV: 0}
+        self._size: Dict[str, int] = {}
+        self._pending_decisions: List[bytes] = []
+        self._warned = False
+        self._failing = False
 
     # ------------------------------------------------------------------ paths and queries
     @property
@@ -122,24 +178,31 @@ class History:
 
     # ------------------------------------------------------------------ mutation
     def append(self, rows: Iterable[Dict[str, Any]]) -> None:
-        """Add the rows of one analysis and append them to the files (when writing)."""
-        rows = [dict(r) for r in rows]
-        self.rows.extend(rows)
-        if not self._can_write():
-            return
-        if not self._synced:
-            self.rewrite()
-            return
-        self._append_files(rows)
+        """Add the rows of one analysis and write them, after any earlier unwritten ones.
+
+        Raises:
+            OSError: a file could not be written; the rows stay in memory for the next write.
+        """
+        self.rows.extend(dict(r) for r in rows)
+        if self._can_write():
+            self._flush()
 
     def append_decision(self, step: int, kind: str, payload: Dict[str, Any]) -> None:
-        """Append an action's decision to ``decisions.jsonl`` (when this process writes)."""
+        """Append an action's decision to ``decisions.jsonl`` (when this process writes), whole or
+        not at all; lines that could not be written are retried with the next decision (at most
+        :data:`MAX_PENDING_DECISIONS`).
+
+        Raises:
+            OSError: the file could not be written.
+        """
         if not self._can_write():
             return
+        line = json.dumps({"step": int(step), "kind": kind, "payload": payload}, default=str) + "\n"
+        self._pending_decisions = self._pending_decisions[-(MAX_PENDING_DECISIONS - 1):]
+        self._pending_decisions.append(line.encode("utf-8"))
         os.makedirs(self.output_dir, exist_ok=True)
-        line = json.dumps({"step": int(step), "kind": kind, "payload": payload}, default=str)
-        with open(os.path.join(self.output_dir, self.DECISIONS), "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
+        append_bytes(os.path.join(self.output_dir, self.DECISIONS), b"".join(self._pending_decisions))
+        self._pending_decisions = []
 
     def _truncate_decisions(self, after_step: int) -> None:
         path = os.path.join(self.output_dir, self.DECISIONS) if self._can_write() else None
@@ -151,21 +214,28 @@ class History:
         for ln in lines:
             try:
                 if int(json.loads(ln)["step"]) <= after_step:
-                    kept.append(ln)
+                    kept.append(ln if ln.endswith("\n") else ln + "\n")
             except (ValueError, KeyError, TypeError):
                 continue                      # a line cut short by a crash
         if len(kept) != len(lines):
-            with atomic_open(path) as fh:
-                fh.writelines(kept)
+            try:
+                with atomic_open(path, fsync=True) as fh:
+                    fh.writelines(kept)
+            except OSError as exc:            # a resume must not fail on a full or read-only disk
+                warnings.warn(f"{path}: decisions after step {after_step} could not be removed "
+                              f"({type(exc).__name__}: {exc})", HistoryWarning, stacklevel=3)
 
     def truncate(self, after_step: int) -> int:
         """Drop rows (and decisions) with ``step > after_step``; returns how many rows were dropped."""
         self._truncate_decisions(after_step)
+        self._pending_decisions = [d for d in self._pending_decisions if json.loads(d)["step"] <= after_step]
         before = len(self.rows)
+        on_disk = {id(r) for r in self.rows[:self._on_disk[self.JSONL]]}
         self.rows = [r for r in self.rows if r["step"] <= after_step]
         dropped = before - len(self.rows)
         if dropped:
-            self._synced = False
+            self._mark_stale(known=next((i for i, r in enumerate(self.rows) if id(r) not in on_disk),
+                                        len(self.rows)))
         return dropped
 
     def recover(self, up_to_step: int) -> int:
@@ -187,68 +257,87 @@ class History:
             return 0
         if found:
             self.rows.extend(sorted(found, key=lambda r: r["step"]))
-            self._synced = False
+            self._mark_stale(known=self._on_disk[self.JSONL])
         return len(found)
 
     def sync(self) -> None:
-        """Make the files match the in-memory rows (rewrites them once per process)."""
-        if self._can_write() and not self._synced:
-            self.rewrite()
+        """Make the files hold every in-memory row: rewrite them the first time this process
+        writes (or after a resume), else append the rows not written yet.
+
+        Raises:
+            OSError: a file could not be written (the rows stay in memory).
+        """
+        if self._can_write():
+            self._flush()
 
     def rewrite(self) -> None:
-        """Rewrite both files from the in-memory rows (atomically: temp file then rename)."""
-        if not self._can_write():
-            return
-        self._fieldnames = self._columns(self.rows)
-        with atomic_open(self.jsonl_path) as fh:
-            for row in self.rows:
-                fh.write(self._json_line(row))
-        with atomic_open(self.csv_path, newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=self._fieldnames, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(self._csv_row(r) for r in self.rows)
-        self._synced = True
+        """Rewrite both files from the in-memory rows (atomically: fsynced temp file, then rename).
+
+        Raises:
+            OSError: a file could not be written (the old file is left as it was).
+        """
+        if self._can_write():
+            self._mark_stale(known=self._on_disk[self.JSONL])
+            self._flush()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
-        """JSON-serialisable state of a few hundred bytes: a pointer into ``history.jsonl``.
+        """JSON-serialisable state: a pointer into ``history.jsonl`` (a few hundred bytes), plus
+        under ``pending`` the rows not in that file yet (a write failed; at most
+        :data:`MAX_PENDING_STATE_ROWS`, the oldest first).
 
         With no output folder (memory only) the rows themselves: column names plus one value
         list per row (non-finite -> None).
         """
-        if self.output_dir is not None:
-            return {"version": 2, "output_dir": os.path.abspath(self.output_dir), "file": self.JSONL,
-                    "last_step": self.last_step, "num_rows": len(self.rows)}
-        columns = self._columns(self.rows)
-        return {"version": 1, "columns": columns,
-                "rows": [[plain_value(r.get(c, None)) for c in columns] for r in self.rows]}
+        if self.output_dir is None:
+            return self._encode_rows(self.rows)
+        state = {"version": 2, "output_dir": os.path.abspath(self.output_dir), "file": self.JSONL,
+                 "last_step": self.last_step, "num_rows": len(self.rows)}
+        if self._can_write() and len(self.rows) > self._on_disk[self.JSONL]:
+            state["pending"] = self._encode_rows(
+                self.rows[self._on_disk[self.JSONL]:][:MAX_PENDING_STATE_ROWS])
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> int:
         """Restore :meth:`state_dict`: the rows themselves, or those up to the pointer's step read
-        back from its file (``output_dir`` is set to the pointer's folder when that exists).
+        back from its file plus the state's ``pending`` rows of steps the file lacks
+        (``output_dir`` is set to the pointer's folder when that exists).
 
         Returns:
             How many rows the state named that could not be found (0 when all were).
         """
-        self._synced = False
         if "rows" in state or "output_dir" not in state:
-            columns = list(state.get("columns", ()))
-            self.rows = [{c: _from_json_value(v) for c, v in zip(columns, values)}
-                         for values in state.get("rows", ())]
+            self.rows = self._decode_rows(state)
+            self._mark_stale(known=0)
             return 0
         folder = state["output_dir"]
         if os.path.isdir(folder) or self.output_dir is None:
             self.output_dir = folder
         last = state.get("last_step")
+
+        def wanted(row: Dict[str, Any]) -> bool:
+            return isinstance(row.get("step"), int) and (last is None or row["step"] <= last)
+
         path = self.jsonl_path
-        rows = read_jsonl(path, skip_bad_lines=True) if path and os.path.exists(path) else []
-        self.rows = sorted((r for r in rows if isinstance(r.get("step"), int)
-                            and (last is None or r["step"] <= last)), key=lambda r: r["step"])
+        on_file = [r for r in (read_jsonl(path, skip_bad_lines=True)
+                               if path and os.path.exists(path) else []) if wanted(r)]
+        file_steps = {r["step"] for r in on_file}
+        kept = [r for r in self._decode_rows(state.get("pending") or {})
+                if wanted(r) and r["step"] not in file_steps]
+        merged = sorted([(r["step"], 0, i, r) for i, r in enumerate(on_file)]
+                        + [(r["step"], 1, i, r) for i, r in enumerate(kept)], key=lambda t: t[:3])
+        self.rows = [t[3] for t in merged]
+        self._mark_stale(known=next((i for i, t in enumerate(merged) if t[1]), len(merged)))
         return max(int(state.get("num_rows", 0)) - len(self.rows), 0)
 
     # ------------------------------------------------------------------ internals
     def _can_write(self) -> bool:
         return self.write and self.output_dir is not None
+
+    def _mark_stale(self, known: int) -> None:
+        """The files must be rewritten from memory; the first ``known`` rows are in the JSONL."""
+        self._stale = {self.JSONL: True, self.CSV: True}
+        self._on_disk = {self.JSONL: known, self.CSV: 0}
 
     def _columns(self, rows: Sequence[Dict[str, Any]]) -> List[str]:
         cols = list(HISTORY_KEYS) + [c for c in _engine_columns() if c not in HISTORY_KEYS]
@@ -260,26 +349,97 @@ class History:
                     cols.append(key)
         return cols
 
+    def _encode_rows(self, rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+        columns = self._columns(rows)
+        return {"version": 1, "columns": columns,
+                "rows": [[plain_value(r.get(c, None)) for c in columns] for r in rows]}
+
+    @staticmethod
+    def _decode_rows(state: Dict[str, Any]) -> List[Dict[str, Any]]:
+        columns = list(state.get("columns", ()))
+        return [{c: _from_json_value(v) for c, v in zip(columns, values)}
+                for values in state.get("rows", ())]
+
     @staticmethod
     def _json_line(row: Dict[str, Any]) -> str:
-        return json.dumps({k: plain_value(v) for k, v in row.items()}, allow_nan=False) + "\n"
+        return json.dumps({k: plain_value(v) for k, v in row.items()}, allow_nan=False,
+                          default=str) + "\n"
 
     @staticmethod
     def _csv_row(row: Dict[str, Any]) -> Dict[str, Any]:
         return {k: (",".join(map(str, v)) if isinstance(v, tuple) else v) for k, v in row.items()}
 
-    def _append_files(self, rows: List[Dict[str, Any]]) -> None:
-        with open(self.jsonl_path, "a", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(self._json_line(row))
-            fh.flush()
-            os.fsync(fh.fileno())       # on disk at the end of each analysis, not only in a cache
-        new_keys = [k for r in rows for k in r if k not in self._fieldnames]
-        if new_keys:  # a column appeared: the CSV header changes, rewrite it
-            self.rewrite()
+    def _csv_text(self, rows: Sequence[Dict[str, Any]], fieldnames: List[str], header: bool) -> str:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fieldnames, extrasaction="ignore")
+        if header:
+            writer.writeheader()
+        writer.writerows(self._csv_row(r) for r in rows)
+        return buf.getvalue()
+
+    def _flush(self) -> None:
+        """Bring both files up to :attr:`rows`; warn once and raise the first error on failure."""
+        errors = []
+        for name in (self.JSONL, self.CSV):
+            try:
+                self._flush_file(name)
+            except OSError as exc:
+                errors.append((name, exc))
+        if not errors:
+            if self._failing:
+                self._failing = False
+                logger.info("ww: the history files in %s are written again; no row is missing",
+                            self.output_dir)
             return
-        with open(self.csv_path, "a", encoding="utf-8", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=self._fieldnames, extrasaction="ignore")
-            writer.writerows(self._csv_row(r) for r in rows)
-            fh.flush()
-            os.fsync(fh.fileno())
+        self._failing = True
+        name, exc = errors[0]
+        kept = (f"{len(self.rows) - self._on_disk[name]} rows not in {name} yet, kept in memory and "
+                f"checkpoints until the folder takes them")
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"ww_callbacks: the history files in {self.output_dir} could not be written "
+                          f"({type(exc).__name__}: {exc}); {kept} (not warned again)",
+                          HistoryWarning, stacklevel=3)
+        if exc.errno is None:
+            raise exc
+        path = exc.filename or os.path.join(self.output_dir, name)
+        raise OSError(exc.errno, f"{exc.strerror} ({kept})", path) from exc
+
+    def _flush_file(self, name: str) -> None:
+        path = os.path.join(self.output_dir, name)
+        if not self._stale[name]:
+            if self._on_disk[name] == len(self.rows):
+                return
+            try:
+                size = os.path.getsize(path)
+            except OSError:
+                size = -1
+            if size != self._size.get(name):    # a tail left by a failed rollback, or not ours
+                self._stale[name] = True
+        if self._stale[name]:
+            self._rewrite_file(name)
+            return
+        rows = self.rows[self._on_disk[name]:]
+        if name == self.CSV and any(k not in self._fieldnames for r in rows for k in r):
+            self._rewrite_file(name)             # a new column: a new header
+            return
+        # one append per analysis, oldest first: as many whole analyses as the disk takes
+        for _, group in itertools.groupby(rows, key=lambda r: r["step"]):
+            group = list(group)
+            data = ("".join(self._json_line(r) for r in group) if name == self.JSONL
+                    else self._csv_text(group, self._fieldnames, header=False))
+            self._size[name] = append_bytes(path, data.encode("utf-8"))
+            self._on_disk[name] += len(group)
+
+    def _rewrite_file(self, name: str) -> None:
+        path = os.path.join(self.output_dir, name)
+        fieldnames = self._columns(self.rows)
+        data = ("".join(self._json_line(r) for r in self.rows) if name == self.JSONL
+                else self._csv_text(self.rows, fieldnames, header=True)).encode("utf-8")
+        with atomic_open(path, "wb", fsync=True) as fh:
+            fh.write(data)
+        if name == self.CSV:
+            self._fieldnames = fieldnames
+        self._size[name] = len(data)
+        self._stale[name] = False
+        self._on_disk[name] = len(self.rows)

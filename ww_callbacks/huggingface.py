@@ -92,12 +92,29 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
     (written when actions are on) and the rows from ``output_dir/history.jsonl``. Rows recorded
     after the checkpoint's step (a crashed run) are dropped either way.
 
-    Example::
+    Example (run by ``tests/test_docstring_examples.py``; transformers prints a line at import
+    under ``WANDB_MODE=offline``, so it is not a doctest)::
 
-        >>> from transformers import Trainer, TrainingArguments          # doctest: +SKIP
-        >>> ww = WeightWatcherCallback(every_n_steps=50)                   # doctest: +SKIP
-        >>> Trainer(model, TrainingArguments("out", report_to="wandb"),
-        ...         train_dataset=ds, callbacks=[ww]).train()              # doctest: +SKIP
+        import torch
+        from transformers import Trainer, TrainingArguments
+        from ww_callbacks.huggingface import WeightWatcherCallback
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(64, 32)
+
+            def forward(self, x, labels=None):
+                return {"loss": self.fc(x).pow(2).mean()}
+
+        ww = WeightWatcherCallback(every_n_steps=2, output_dir="out/ww")
+        args = TrainingArguments("out", max_steps=4, per_device_train_batch_size=8, report_to="none",
+                                 save_strategy="no")
+        ds = [{"x": torch.randn(64)} for _ in range(32)]
+        Trainer(Net(), args, train_dataset=ds, callbacks=[ww]).train()
+        sorted({(row["step"], row["name"]) for row in ww.history.rows})   # [(2, 'fc'), (4, 'fc')]
+
+    With W&B, pass ``report_to="wandb"``: the callback logs to the Trainer's run.
     """
 
     def __init__(self, controller: Optional[WeightWatcherController] = None, **kwargs: Any) -> None:
@@ -257,12 +274,12 @@ def create_layer_optimizer(trainer: Any, layers: Any = None) -> Any:
     Returns:
         The optimizer (also set as ``trainer.optimizer``).
 
-    Example::
+    Example (run by ``tests/test_docstring_examples.py``)::
 
-        >>> trainer = Trainer(model, args, train_dataset=ds,
-        ...                   callbacks=[WeightWatcherCallback(balance_lr=True)])  # doctest: +SKIP
-        >>> create_layer_optimizer(trainer)                                          # doctest: +SKIP
-        >>> trainer.train()                                                          # doctest: +SKIP
+        trainer = Trainer(model, args, train_dataset=ds,
+                          callbacks=[WeightWatcherCallback(balance_lr=True)])
+        create_layer_optimizer(trainer)
+        trainer.train()
     """
     from ww_callbacks.torch_utils import model_param_groups
 

@@ -74,9 +74,19 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
 
     Example::
 
-        >>> import os; os.environ.setdefault("KERAS_BACKEND", "torch")   # doctest: +SKIP
-        >>> from ww_callbacks.keras import WeightWatcherCallback          # doctest: +SKIP
-        >>> model.fit(x, y, epochs=10, callbacks=[WeightWatcherCallback()])  # doctest: +SKIP
+        >>> import tempfile
+        >>> import keras, numpy as np
+        >>> from ww_callbacks.keras import WeightWatcherCallback
+        >>> model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(32, name="hidden"),
+        ...                           keras.layers.Dense(1, name="out")])
+        >>> model.compile(optimizer="sgd", loss="mse")
+        >>> x, y = np.random.default_rng(0).normal(size=(2, 128, 64)).astype("float32")[0], np.zeros(128)
+        >>> ww = WeightWatcherCallback(every_n_epochs=1, output_dir=tempfile.mkdtemp())
+        >>> _ = model.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=[ww])  # doctest: +ELLIPSIS
+        ww step 4 epoch 0: mean alpha ...
+        ww step 8 epoch 1: mean alpha ...
+        >>> sorted({row["step"] for row in ww.history.rows})
+        [4, 8]
     """
 
     STATE_FILE = "ww_state.json"

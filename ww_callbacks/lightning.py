@@ -61,10 +61,25 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
 
     Example::
 
-        >>> from lightning.pytorch import Trainer
+        >>> import tempfile, torch
+        >>> from lightning.pytorch import LightningModule, Trainer
         >>> from ww_callbacks.lightning import WeightWatcherCallback
-        >>> ww = WeightWatcherCallback(start_fraction=0.5, every_n_epochs=1)
-        >>> trainer = Trainer(callbacks=[ww])  # doctest: +SKIP
+        >>> class Net(LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = torch.nn.Linear(64, 32)
+        ...     def training_step(self, batch, _):
+        ...         return self.fc(batch[0]).pow(2).mean()
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.01)
+        >>> data = torch.utils.data.TensorDataset(torch.randn(64, 64))
+        >>> ww = WeightWatcherCallback(start_fraction=0.5, every_n_epochs=1,
+        ...                            output_dir=tempfile.mkdtemp())
+        >>> trainer = Trainer(max_epochs=2, callbacks=[ww], logger=False, enable_progress_bar=False,
+        ...                   enable_checkpointing=False, enable_model_summary=False)
+        >>> trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=16))
+        >>> sorted({(row["step"], row["name"]) for row in ww.history.rows})
+        [(4, 'fc'), (8, 'fc')]
 
     After ``fit``, ``ww.history.rows`` holds one dict per layer per analysis.
     """

@@ -6,9 +6,12 @@ installed; import from here when your code uses ``import pytorch_lightning as pl
 
 Example::
 
-    >>> import pytorch_lightning as pl                                      # doctest: +SKIP
-    >>> from ww_callbacks.pytorch_lightning import WeightWatcherCallback    # doctest: +SKIP
-    >>> pl.Trainer(callbacks=[WeightWatcherCallback()])                     # doctest: +SKIP
+    >>> import pytorch_lightning as pl
+    >>> from ww_callbacks.pytorch_lightning import WeightWatcherCallback
+    >>> ww = WeightWatcherCallback(every_n_epochs=1)
+    >>> trainer = pl.Trainer(callbacks=[ww], logger=False, enable_progress_bar=False)
+    >>> ww in trainer.callbacks
+    True
 """
 
 from __future__ import annotations
@@ -28,4 +31,5 @@ if issubclass(_lightning.WeightWatcherCallback, pl.Callback):   # only pytorch_l
     WeightWatcherCallback = _lightning.WeightWatcherCallback
 else:
     class WeightWatcherCallback(_lightning.WeightWatcherCallback, pl.Callback):  # type: ignore[no-redef]
-        __doc__ = _lightning.WeightWatcherCallback.__doc__
+        """:class:`ww_callbacks.lightning.WeightWatcherCallback` (same keywords and behaviour) as a
+        ``pytorch_lightning.Callback``."""

@@ -1,7 +1,9 @@
 """The controller's checkpoint state: what a resumed run needs to continue the same record.
 
 The history is not in it: ``history.jsonl`` in the run folder is the record, and the state
-points into it (folder, last step, row count); a resume reads the rows back from there.
+points into it (folder, last step, row count); a resume reads the rows back from there. Only rows
+that could not be written to it (a full or read-only disk) travel in the state, until a write
+succeeds (:meth:`ww_callbacks.history.History.state_dict`).
 
 Kept in a mixin of :class:`~ww_callbacks.controller.WeightWatcherController` so that the
 controller module holds the run logic and this one the persistence.
@@ -26,7 +28,8 @@ class ControllerState:
     def state_dict(self) -> Dict[str, Any]:
         """JSON-serialisable state for checkpoints: a pointer into the history files, the last
         analysed step and the action state; a few KB whatever the number of analyses (the rows
-        themselves only when the history is kept in memory, ``output_dir=None``).
+        themselves only when the history is kept in memory, ``output_dir=None``, or for those a
+        full or read-only disk kept out of ``history.jsonl``).
 
         Never waits for a background analysis: one in flight is not part of this state (its
         step counts as not analysed); its rows reach ``history.jsonl`` when it finishes, and a
