@@ -8,6 +8,7 @@ torch installed. Framework objects are touched only inside the functions that ne
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -97,7 +98,50 @@ def assert_records_close(got, expected, rel=1e-12, label=None):
             assert got[key] == value, (label, key, got[key], value)
 
 
+# ----------------------------------------------------------------------- trackers and timeouts
+
+#: ``tracker_timeout`` for tests whose trackers are real backends (MLflow, TensorBoard, W&B) and
+#: that are not about the timeout. A backend's first call is cold: an MLflow tracker creating its
+#: sqlite store (imports, schema migrations) took 11 s on 2 busy cores, against the default 30 s.
+#: Generous, so that only a real hang drops a tracker.
+TRACKER_TIMEOUT = 300.0
+
+
+# ----------------------------------------------------------------------- background analyses
+
+_SKIPPED = re.compile(r"ww step (\d+): previous analysis still running, skipped")
+
+
+def assert_due_steps_accounted_for(steps, log_lines, controller, due):
+    """The record of a run with background analyses (``async_analysis``), whatever the CPU's speed.
+
+    A step falling due while the previous analysis still runs is skipped by design (logged and
+    counted in ``skipped_analyses``); which ones depends on the machine. Whatever they are: each
+    due step was analysed or skipped, none twice, in order, and the last one is always analysed
+    (``finish()`` analyses the final weights). Only that one can be both: skipped at its hook,
+    then analysed synchronously by ``finish()``.
+
+    Args:
+        steps: the analysed steps (``history.steps``).
+        log_lines: what the controller's ``log_fn`` received.
+        controller: the ``WeightWatcherController``.
+        due: every step the schedule made due, ascending.
+    """
+    skipped = [int(m.group(1)) for m in map(_SKIPPED.match, log_lines) if m]
+    due = list(due)
+    assert len(skipped) == controller.skipped_analyses, (skipped, controller.skipped_analyses)
+    assert steps == sorted(set(steps)) and skipped == sorted(set(skipped)), (steps, skipped)
+    assert steps and steps[-1] == due[-1], steps
+    assert sorted(set(steps) | set(skipped)) == due, (steps, skipped)
+    assert set(steps) & set(skipped) <= {due[-1]}, (steps, skipped)
+
+
 # ----------------------------------------------------------------------- processes
+
+#: Timeout of a subprocess test run (torchrun, the CLI), against a hang only: 10x and more the
+#: longest such run's cold time on 2 busy cores (~40 s), so a slow machine never trips it.
+SUBPROCESS_TIMEOUT = 600
+
 
 def torchrun_command(nproc=2):
     """``torchrun --standalone --nproc-per-node N`` next to this interpreter, or skip the test."""

@@ -232,15 +232,34 @@ def test_bad_options_fail_at_construction():
             WeightWatcherCallback(**kw)
 
 
+class WaitForAnalysis(Callback):
+    """After the WeightWatcher callback: waits for its background analysis at every batch end, so
+    each analysis is recorded (and acted on) at its own step however slow the machine. Without
+    it a step falling due while the previous analysis still runs is skipped by design, and when
+    the freeze lands would depend on the CPU's speed. The analysis itself stays asynchronous
+    (snapshot copy, background thread, collection)."""
+
+    def __init__(self, cb):
+        self.cb = cb
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.cb.controller.poll(wait=True)
+
+
 def test_freeze_apply_with_async_analysis(tmp_path):
-    # the default for one process: decisions land at the batch after the background analysis
+    # the default for one process: the weights are copied at the hook, analysed in the background
+    # and the freeze lands when the result is collected
     model = Model()
     snap = Snapshot(model)
     cb = ww(tmp_path, freeze="apply", freeze_options=LOOSE, actions=[snap], async_analysis=True)
-    trainer = make_trainer(tmp_path, [cb], max_epochs=4)
+    trainer = make_trainer(tmp_path, [cb, WaitForAnalysis(cb)], max_epochs=4)
     trainer.fit(model)
     assert trainer.global_step == 24
-    assert cb.controller.asynchronous and cb.frozen_layers == ["layer.0", "layer.2"]
+    assert cb.controller.asynchronous and cb.controller.skipped_analyses == 0
+    assert cb.history.steps == [3, 6, 9, 12, 15, 18, 21, 24]
+    assert cb.frozen_layers == ["layer.0", "layer.2"]
+    # frozen at the 2nd analysis (step 6), then bit-identical through the 18 steps after it
+    assert {n: s for n, (s, _) in snap.at.items()} == {
+        "layer.0.weight": 6, "layer.0.bias": 6, "layer.2.weight": 6, "layer.2.bias": 6}
     for name, (_, w) in snap.at.items():
         assert torch.equal(dict(model.named_parameters())[name], w), name
-    assert len(snap.at) == 4

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import ww_core
+from helpers import SUBPROCESS_TIMEOUT
 from ww_core.cli import build_parser, main
 from ww_core.result import COLUMNS
 
@@ -426,7 +427,7 @@ def test_torchrun_two_processes_match_single_process(model_path, tmp_path, capsy
     proc = subprocess.run(
         [exe, "--standalone", "--nproc-per-node", "2", "-m", "ww_core.cli", str(model_path),
          "--randomize", "--seed", "3", "--fix-fingers", "--csv", str(out_csv), "--no-progress"],
-        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     assert proc.stdout.count("summary: 4 layers analysed") == 1      # only rank 0 prints
     assert proc.stdout.count(f"wrote {out_csv}") == 1

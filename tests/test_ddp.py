@@ -19,7 +19,12 @@ dist = pytest.importorskip("torch.distributed")
 if not (dist.is_available() and dist.is_gloo_available()):  # pragma: no cover
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-from helpers import REPO, assert_alpha_float32_close, torchrun_command  # noqa: E402
+from helpers import (  # noqa: E402
+    REPO,
+    SUBPROCESS_TIMEOUT,
+    assert_alpha_float32_close,
+    torchrun_command,
+)
 from ww_callbacks.history import read_jsonl  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -36,7 +41,7 @@ def launch(cmd, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
     env.pop("MASTER_PORT", None)
     proc = subprocess.run(cmd + [str(tmp_path)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=240)
+                          text=True, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 

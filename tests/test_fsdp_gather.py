@@ -21,6 +21,8 @@ if not (dist.is_available() and dist.is_gloo_available()):  # pragma: no cover
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 pytest.importorskip("torch.distributed.fsdp")
 
+from helpers import SUBPROCESS_TIMEOUT  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +41,7 @@ def probes(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env.pop("MASTER_PORT", None)
     proc = subprocess.run([exe, "--standalone", "--nproc-per-node", "2", str(SCRIPT), str(out)],
-                          cwd=out, env=env, capture_output=True, text=True, timeout=240)
+                          cwd=out, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     return [json.loads((out / f"probe{r}.json").read_text()) for r in range(2)]
 

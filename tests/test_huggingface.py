@@ -14,6 +14,7 @@ pytest.importorskip("accelerate")
 torch = pytest.importorskip("torch")
 
 import ww_core  # noqa: E402
+from helpers import TRACKER_TIMEOUT  # noqa: E402
 from ww_callbacks.history import read_jsonl  # noqa: E402
 from ww_callbacks.huggingface import WeightWatcherCallback  # noqa: E402
 
@@ -76,7 +77,8 @@ def test_epoch_schedule_wandb_and_tensorboard(tmp_path):
     from wandb_offline import read_offline_run
 
     ww = WeightWatcherCallback(start_fraction=0.5, every_n_epochs=1, output_dir=str(tmp_path / "ww"),
-                               async_analysis=False)  # exact steps asserted below
+                               async_analysis=False,  # exact steps asserted below
+                               tracker_timeout=TRACKER_TIMEOUT)  # cold backends: slow, not hung
     trainer = _trainer(tmp_path / "out", ww, report_to=["wandb", "tensorboard"])
     trainer.train()  # 16 samples / 4 = 4 steps per epoch, 16 steps
     run = wandb.run
@@ -92,7 +94,7 @@ def test_epoch_schedule_wandb_and_tensorboard(tmp_path):
     final = ww_core.analyze(trainer.model)
     wandb.finish()
     wandb.teardown()
-    data = read_offline_run(run_dir, timeout=15)
+    data = read_offline_run(run_dir, timeout=120)
     assert data["exited"]
     hist = data["history"]
     assert [r["_step"] for r in hist] == sorted(r["_step"] for r in hist)

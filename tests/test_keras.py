@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 keras = pytest.importorskip("keras")
 
 import ww_core  # noqa: E402
+from helpers import TRACKER_TIMEOUT  # noqa: E402
 from ww_callbacks.history import read_jsonl  # noqa: E402
 from ww_callbacks.keras import WeightWatcherCallback  # noqa: E402
 from ww_callbacks.trackers.base import LayerKeys  # noqa: E402
@@ -59,7 +60,8 @@ def test_epoch_schedule_with_wandb(tmp_path):
     run = wandb.init(project="ww-keras-test", mode="offline", dir=str(tmp_path))
     run_dir = os.path.dirname(run.dir)
     ww = WeightWatcherCallback(start_fraction=0.5, every_n_epochs=1, output_dir=str(tmp_path / "ww"),
-                               async_analysis=False)  # exact steps asserted below
+                               async_analysis=False,  # exact steps asserted below
+                               tracker_timeout=TRACKER_TIMEOUT)  # cold backends: slow, not hung
     model.fit(x, y, epochs=4, batch_size=BS, verbose=0, callbacks=[ww])
     assert [type(t).__name__ for t in ww.controller.trackers] == ["WandbTracker", "LocalTracker"]
     assert _steps(ww.history.rows) == [16, 24, 32]  # epochs 2..4; the final one is the last
@@ -68,7 +70,7 @@ def test_epoch_schedule_with_wandb(tmp_path):
     assert len(final.layers) == 3
     run.finish()
     wandb.teardown()
-    data = read_offline_run(run_dir, timeout=15)
+    data = read_offline_run(run_dir, timeout=120)
     assert data["exited"]
     rows = [r for r in data["history"] if "ww/alpha_mean" in r]
     assert [r["global_step"] for r in rows] == [16, 24, 32]
@@ -126,7 +128,8 @@ def test_named_trackers_without_a_run_write_under_output_dir(tmp_path):
     x, y = _data()
     out = tmp_path / "ww"
     ww = WeightWatcherCallback(start_fraction=0.0, every_n_epochs=1, output_dir=str(out),
-                               trackers=["mlflow", "tensorboard"], async_analysis=False)
+                               trackers=["mlflow", "tensorboard"], async_analysis=False,
+                               tracker_timeout=TRACKER_TIMEOUT)  # the store is created cold
     _model().fit(x, y, epochs=2, batch_size=BS, verbose=0, callbacks=[ww])
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     client = MlflowClient(tracking_uri="sqlite:///" + str(out / "mlflow.db"))

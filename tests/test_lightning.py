@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import re
 
 import pytest
 
@@ -15,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.demos.boring_classes import BoringModel  # noqa: E402
 
 import ww_core  # noqa: E402
-from helpers import assert_alpha_float32_close  # noqa: E402
+from helpers import TRACKER_TIMEOUT, assert_alpha_float32_close, assert_due_steps_accounted_for  # noqa: E402
 from ww_callbacks.history import read_jsonl  # noqa: E402
 from ww_callbacks.lightning import WeightWatcherCallback as _Callback  # noqa: E402
 from ww_callbacks.trackers.base import Tracker  # noqa: E402
@@ -24,8 +25,10 @@ from ww_callbacks.trackers.base import Tracker  # noqa: E402
 def WeightWatcherCallback(**kwargs):
     """The callback, synchronous unless asked: these tests assert exact analysis steps, and a
     background analysis still running when the next one falls due is skipped by design (the
-    asynchronous mode has its own test below)."""
+    asynchronous mode has its own test below). Trackers get a generous timeout
+    (helpers.TRACKER_TIMEOUT): none of these tests is about it."""
     kwargs.setdefault("async_analysis", False)
+    kwargs.setdefault("tracker_timeout", TRACKER_TIMEOUT)
     return _Callback(**kwargs)
 
 
@@ -160,14 +163,18 @@ def test_resume_continues_history_without_gap_or_duplicate(tmp_path):
     assert os.path.exists(path)
     saved = torch.load(path, weights_only=False)["callbacks"]
     assert any(k.startswith("WeightWatcherCallback") for k in saved)
-    second = WeightWatcherCallback(**kw)
+    lines = []
+    second = WeightWatcherCallback(log_fn=lines.append, **kw)
     ckpt2 = ModelCheckpoint(dirpath=str(tmp_path / "ckpt2"), save_top_k=-1, every_n_epochs=1)
     make_trainer(tmp_path, [second, ckpt2], max_epochs=5).fit(make_model(), ckpt_path=path)
     assert steps_of(second) == [4, 8, 12, 16, 20]
     assert_consistent(second, out)
     kept = {(r["step"], r["name"]): r["time"] for r in second.history.rows if r["step"] <= 8}
     assert kept == {k: v for k, v in first_rows.items() if k[0] <= 8}  # same rows, not redone
-    assert second.history.rows_at(12)[0]["time"] > first_rows[(12, "layer.0")]  # redone after resume
+    # what the resumed run analysed itself (its per-analysis lines; not the wall clock, which
+    # may step back): 12 was redone after resume
+    redone = [int(ln.split()[2]) for ln in lines if re.match(r"ww step \d+ epoch ", ln)]
+    assert redone == [12, 16, 20], lines
 
 
 class Broken(Tracker):
@@ -211,7 +218,8 @@ def test_wandb_logger_is_mapped_to_a_tracker(tmp_path, monkeypatch):
     from wandb_offline import read_offline_run
 
     wandb.teardown()
-    data = read_offline_run(run_dir, timeout=15)
+    data = read_offline_run(run_dir, timeout=120)  # waits only while the exit record is missing
+    assert data["exited"]
     rows = [r for r in data["history"] if "ww/alpha_mean" in r]
     assert [r["trainer/global_step"] for r in rows] == [4, 8]  # Lightning's x-axis
     alpha_keys = [k for k in rows[-1] if k.startswith("ww_alpha/")]
@@ -261,10 +269,9 @@ def test_async_analysis_records_every_result_with_its_step(tmp_path):
     ctl = cb.controller
     assert ctl.asynchronous and not ctl.pending
     steps = steps_of(cb)
-    # every due step (2, 4, ..., 16) was either analysed or counted as skipped; none twice
-    assert len(steps) == len(set(steps)) and steps[-1] == 16
-    assert len(steps) + ctl.skipped_analyses == 8
-    assert all(s % 2 == 0 for s in steps)
+    # which due steps (2, 4, ..., 16) were skipped depends on the CPU's speed; each was analysed
+    # or skipped, none twice, and the final weights (16) always analysed
+    assert_due_steps_accounted_for(steps, lines, ctl, due=range(2, 17, 2))
     assert_consistent(cb, str(tmp_path / "ww"))
     # the final analysis is of the final weights: analysed in the background thread (other BLAS
     # threads than this one), so the default float32 result is compared with a float64 analysis

@@ -52,6 +52,20 @@ def test_lightning_frozen_backbone_is_analysed_once(tmp_path):
     assert _steps_by_layer(every.history)["backbone.0"] == [2, 4]
 
 
+def _wait_for_analysis(transformers, cb):
+    """A callback after ``cb`` that waits for its background analysis at every step end, so each
+    analysis is recorded at the step it was taken, as in the synchronous run, however slow the
+    machine: without it a step falling due while the previous analysis still runs is skipped
+    by design, and which steps (and freeze decisions) those are depends on the CPU's speed.
+    What is asynchronous is unchanged: the snapshot copy, the background thread, the collection."""
+
+    class WaitForAnalysis(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            cb.controller.poll(wait=True)
+
+    return WaitForAnalysis()
+
+
 @pytest.mark.parametrize("asynchronous", [False, True])
 def test_hf_trainer_on_a_lora_model_analyses_the_adapters(tmp_path, asynchronous):
     transformers = pytest.importorskip("transformers")
@@ -84,7 +98,11 @@ def test_hf_trainer_on_a_lora_model_analyses_the_adapters(tmp_path, asynchronous
                                           max_steps=12, learning_rate=5e-3, report_to="none",
                                           use_cpu=True, disable_tqdm=True, save_strategy="no",
                                           logging_steps=50)
-    transformers.Trainer(model=model, args=args, train_dataset=Data(), callbacks=[cb]).train()
+    callbacks = [cb]
+    if asynchronous:
+        callbacks.append(_wait_for_analysis(transformers, cb))
+    transformers.Trainer(model=model, args=args, train_dataset=Data(), callbacks=callbacks).train()
+    assert cb.controller.asynchronous is asynchronous and cb.controller.skipped_analyses == 0
     steps = _steps_by_layer(cb.history)
     adapters = sorted(n for n in steps if ".lora_BA." in n)
     assert len(adapters) == 4

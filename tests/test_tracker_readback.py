@@ -19,6 +19,8 @@ import warnings
 
 import pytest
 
+from helpers import TRACKER_TIMEOUT
+
 torch = pytest.importorskip("torch")
 
 pytestmark = [pytest.mark.slow,
@@ -108,6 +110,7 @@ def _callback(tmp_path, **kw):
     kw.setdefault("every_n_epochs", 1)
     kw.setdefault("output_dir", str(tmp_path / "ww"))
     kw.setdefault("async_analysis", False)  # exact steps asserted
+    kw.setdefault("tracker_timeout", TRACKER_TIMEOUT)  # a cold backend is slow, not hung
     return WeightWatcherCallback(**kw)
 
 
@@ -220,7 +223,7 @@ def test_huggingface_report_to_mlflow_read_back(tmp_path, monkeypatch):
     cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=seq, n_embd=32, n_layer=2, n_head=2,
                                   n_inner=64, bos_token_id=0, eos_token_id=0)
     ww = WeightWatcherCallback(start_fraction=0.0, every_n_epochs=1, output_dir=str(tmp_path / "ww"),
-                               async_analysis=False)
+                               async_analysis=False, tracker_timeout=TRACKER_TIMEOUT)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_train_epochs=2,
         learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="mlflow", use_cpu=True,

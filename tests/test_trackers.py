@@ -78,7 +78,7 @@ def _finish_and_read(wandb, run):
     run_dir = os.path.dirname(run.dir)  # .../offline-run-*/files -> .../offline-run-*
     run.finish()
     wandb.teardown()
-    data = read_offline_run(run_dir, timeout=15)
+    data = read_offline_run(run_dir, timeout=120)
     assert data["exited"], "no exit record in the .wandb file"
     return data, run_dir
 
@@ -158,7 +158,7 @@ def test_wandb_no_run_and_open_run(wandb_env, tmp_path):
     wandb.teardown()
     from wandb_offline import read_offline_run
 
-    data = read_offline_run(run_dir, timeout=15)
+    data = read_offline_run(run_dir, timeout=120)
     assert data["exited"]
     rows = [r for r in data["history"] if "ww/alpha_mean" in r]
     assert [r["step"] for r in rows] == [10, 20]
