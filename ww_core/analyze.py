@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
+import sys
 import zlib
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -71,16 +71,35 @@ def _all_finite(batch: Any) -> bool:
     return bool(np.isfinite(batch).all())
 
 
+class _Counter:
+    """The progress shown without tqdm: ``ww analyze  k/n layers`` on stderr, rewritten in place
+    (``\r``) after each layer and ended with a newline by :meth:`close`."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self.n = total, desc, 0
+        self._draw()
+
+    def _draw(self, end: str = "") -> None:
+        sys.stderr.write(f"\r{self.desc}  {self.n}/{self.total} layers{end}")
+        sys.stderr.flush()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self._draw()
+
+    def close(self) -> None:
+        self._draw("\n")
+
+
 def _progress(total: int, enabled: bool, desc: str = "ww analyze") -> Any:
-    """A tqdm bar over ``total`` layers, or ``None`` when disabled or tqdm is not installed."""
+    """A tqdm bar over ``total`` layers (a plain counter when tqdm is not installed), or ``None``
+    when disabled."""
     if not enabled:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        warnings.warn(f"{desc}: a progress bar needs tqdm (pip install tqdm); continuing without one",
-                      stacklevel=3)
-        return None
+        return _Counter(total, desc)
     return tqdm(total=total, desc=desc, unit="layer", leave=False)
 
 
@@ -268,7 +287,7 @@ def analyze(
         batch_elements: consecutive in-memory layers whose matrices have the same shape share one
             eigensolver call, up to this many weight entries (0 disables). Layers read from files
             are never batched, so one layer at a time is in memory.
-        progress: show a tqdm progress bar (without tqdm: a warning, and no bar).
+        progress: show a tqdm progress bar on stderr (without tqdm: a ``k/n layers`` counter).
         rank_tol, rank_collapse_share: a layer is flagged ``rank-collapse`` when more than
             ``rank_collapse_share`` of its eigenvalues are at most ``rank_tol × λ_max``.
         hill_xmin_pos: ``alpha_hill`` uses the top ``1/hill_xmin_pos`` of the spectrum.

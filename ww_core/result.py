@@ -152,16 +152,21 @@ class AnalysisResult:
     def summary(self, how: str = "mean") -> Dict[str, float]:
         """Layer averages of the WeightWatcher summary metrics plus counts.
 
+        Every metric is reduced over the successful fits only (:attr:`LayerResult.ok`): a failed
+        fit's finite ``log_norm`` or ``stable_rank`` is left out too, so all metrics describe the
+        same layers (WeightWatcher averages its -1 placeholders along with everything else).
+        ``nan`` when no fit succeeded.
+
         Args:
-            how: ``"mean"`` (over successful fits, unlike WeightWatcher which averages its -1
-                placeholders too) or ``"median"``.
+            how: ``"mean"`` or ``"median"``.
         """
         if how not in ("mean", "median"):
             raise ValueError(f"how must be 'mean' or 'median', got {how!r}")
         reduce = np.mean if how == "mean" else np.median
+        fitted = [l for l in self.layers if l.ok]
         out: Dict[str, float] = {}
         for metric in SUMMARY_METRICS:
-            values = np.array([getattr(l, metric) for l in self.layers], dtype=float)
+            values = np.array([getattr(l, metric) for l in fitted], dtype=float)
             values = values[np.isfinite(values)]
             out[metric] = float(reduce(values)) if values.size else math.nan
         out["num_layers"] = len(self.layers)

@@ -115,16 +115,18 @@ def _make(name: str, ltype: str, shape: Tuple[int, ...], layout: str, get: Calla
 
 def _split_qkv(name: str, shape: Tuple[int, ...], get: Callable[[], Any], dtype: str,
                unusable: Optional[str]) -> List[LayerMatrices]:
-    """Split a fused (3d × d) in-projection into its q, k and v matrices."""
+    """Split a fused (3d × d) in-projection of the attention module ``name`` into its q, k and v
+    matrices, ``<name>.in_proj_q/_k/_v`` (``in_proj_q/_k/_v`` when ``name`` is empty)."""
+    prefix = f"{name}." if name else ""
     d3 = int(shape[0])
     if d3 % 3:
-        return [_make(name + ".in_proj", "dense", shape, "matrix", get, False, dtype, unusable)]
+        return [_make(prefix + "in_proj", "dense", shape, "matrix", get, False, dtype, unusable)]
     d = d3 // 3
     out = []
     for i, part in enumerate("qkv"):
         def getter(i: int = i) -> Any:
             return get()[i * d:(i + 1) * d]
-        out.append(_make(f"{name}.in_proj_{part}", "dense", (d,) + tuple(shape[1:]), "matrix",
+        out.append(_make(f"{prefix}in_proj_{part}", "dense", (d,) + tuple(shape[1:]), "matrix",
                          getter, False, dtype, unusable))
     return out
 
@@ -215,9 +217,17 @@ _EMBED_RE = re.compile(r"(embed|(^|\.)(wte|wpe)$)", re.IGNORECASE)
 
 
 def _classify_key(key: str, shape: Tuple[int, ...]) -> Optional[Tuple[str, str, str]]:
-    """(name, type, layout) for a weight key, or None when it is not a layer weight."""
+    """(name, type, layout) for a weight key, or None when it is not a layer weight.
+
+    For a fused in-projection the name is the attention module's path (``enc.self_attn`` for
+    ``enc.self_attn.in_proj_weight``), as :func:`torch_module_layers` names it, so that
+    :func:`_split_qkv` gives the same ``enc.self_attn.in_proj_q/_k/_v`` from a module, its state
+    dict or a file.
+    """
     if key.endswith("in_proj_weight") and len(shape) == 2:
-        return key[: -len("_weight")].rstrip("."), "in_proj", "matrix"
+        if key == "in_proj_weight" or key.endswith(".in_proj_weight"):
+            return key[: -len("in_proj_weight")].rstrip("."), "in_proj", "matrix"
+        return key[: -len("_weight")], "in_proj", "matrix"       # e.g. ``attn.my_in_proj_weight``
     if key.endswith(".weight") or key == "weight":
         name = key[: -len(".weight")] if key != "weight" else "weight"
     else:
