@@ -17,6 +17,8 @@ from ww_callbacks.actions import tempbalance_factors  # noqa: E402
 from ww_callbacks.huggingface import WeightWatcherCallback, create_layer_optimizer  # noqa: E402
 from ww_callbacks.torch_utils import unwrap_optimizer  # noqa: E402
 
+pytestmark = pytest.mark.slow   # real Trainer runs
+
 SEQ, VOCAB = 16, 64
 # analysed in model order; wte is tied to lm_head (the output head) and wpe has 16 eigenvalues
 NAMES = ["transformer.wte", "transformer.wpe"] + [

@@ -192,6 +192,7 @@ def test_pytorch_lightning_trainer_gets_its_own_callback_class(tmp_path):
     pl.Trainer(callbacks=[cb], logger=False, max_epochs=1)   # accepted by pytorch_lightning
 
 
+@pytest.mark.slow
 def test_pytorch_lightning_installed_alone(tmp_path):
     """Without ``lightning``, ``ww_callbacks.lightning`` itself builds on pytorch_lightning."""
     pytest.importorskip("pytorch_lightning")
@@ -206,6 +207,7 @@ def test_pytorch_lightning_installed_alone(tmp_path):
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_plain_pytorch_loop_example_freezes_and_reports(tmp_path):
     pytest.importorskip("sklearn")
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))

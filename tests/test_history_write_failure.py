@@ -24,6 +24,8 @@ import pytest
 from ww_callbacks.controller import WeightWatcherController
 from ww_callbacks.history import History, HistoryWarning, read_jsonl
 
+pytestmark = pytest.mark.slow   # real fits on tmpfs mounts and a subprocess
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPTH = 31                                   # Linear layers of the Lightning model
 NAMES = [f"net.{i}" for i in range(DEPTH)]

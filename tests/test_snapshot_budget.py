@@ -62,6 +62,7 @@ def test_snapshot_over_budget_copies_nothing():
     assert out["extra"] < 5 * MB                             # measured: nothing copied (~0.1 MB)
 
 
+@pytest.mark.slow
 def test_snapshot_within_budget_is_measured_and_bounded():
     unlimited = probe("none")                                # the measurement sees a full copy
     assert unlimited["placement"] == [unlimited["model"], 0]

@@ -115,6 +115,7 @@ def _check_decisions(decisions, analyses, rel=1e-12):
 
 
 # -- MLflow -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_mlflow_many_layers_keys_tables_decisions(tmp_path, analyses):
     pytest.importorskip("mlflow")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

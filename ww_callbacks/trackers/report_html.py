@@ -139,7 +139,9 @@ def esd_data(result: Any, limit: int = 12, bins: int = 40) -> List[Dict[str, Any
 
 def _summary_row(step: int, rows: List[Dict[str, Any]], summary: Optional[Dict[str, Any]]) -> list:
     flagged = sum(1 for r in rows if flags_of(r))
-    log_norms = [v for v in (finite_float(r.get("log_norm")) for r in rows) if v is not None]
+    # as AnalysisResult.summary(): the mean over the successful fits only
+    ok = [r for r in rows if r.get("status") == "success" and finite_float(r.get("alpha")) is not None]
+    log_norms = [v for v in (finite_float(r.get("log_norm")) for r in ok) if v is not None]
     base = {"num_layers": len(rows), "num_flagged": flagged,
             "log_norm": sum(log_norms) / len(log_norms) if log_norms else None}
     scal = summary_scalars(rows, dict(base, **(summary or {})))
