@@ -156,6 +156,8 @@ class WeightWatcherController(ControllerActions, ControllerState):
         self.num_analyses = 0
         self.last_result: Any = None
         self.last_scalars: Dict[str, float] = {}
+        #: The step of the analysis :attr:`last_scalars` come from (``None`` before the first).
+        self.last_scalars_step: Optional[int] = None
         #: Why early stopping asked to stop (``None`` while it has not).
         self.stop_reason: Optional[str] = None
         #: Analyses that fell due while another was still running (async mode), not run.
@@ -206,6 +208,19 @@ class WeightWatcherController(ControllerActions, ControllerState):
     def actions(self) -> List[Any]:
         """The actions called after each analysis: built-in (freeze, LR, stop), then ``actions=``."""
         return self.action_set.actions() + self.extra_actions
+
+    def published_scalars(self) -> Dict[str, float]:
+        """What an adapter writes into its trainer's per-epoch metrics (Keras' ``logs``).
+
+        The :attr:`last_scalars` of the latest *recorded* analysis (with asynchronous analysis,
+        the latest one finished, not necessarily the one started at this hook) plus
+        ``analysis_step``, the step of that analysis; empty before the first one (no placeholder:
+        Keras' monitors would take it as their best value).
+        """
+        out: Dict[str, float] = dict(self.last_scalars)
+        if self.last_scalars_step is not None:
+            out["analysis_step"] = self.last_scalars_step
+        return out
 
     def guard(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)``; its error is reported once under ``what`` (``None`` returned)."""
@@ -393,6 +408,7 @@ class WeightWatcherController(ControllerActions, ControllerState):
             summary["num_frozen"] = len(self.action_set.freeze_policy.frozen)
         #: ``{summary key: value}`` of the latest analysis, on every rank (adapters publish it).
         self.last_scalars = self.guard("summarising", summary_scalars, rows, summary) or {}
+        self.last_scalars_step = step
         if self.is_global_zero:
             self._fan_out(self.trackers, f"at step {step}", "log_analysis", step=step, epoch=epoch,
                           rows=rows, summary=summary, result=result, history=self.history.rows)

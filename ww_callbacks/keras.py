@@ -64,6 +64,18 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
     Raises:
         ValueError: an invalid keyword.
 
+    Logs: at each epoch end the callback writes the summary scalars of the latest *finished*
+    analysis into ``logs`` as ``ww/<key>`` (``ww/alpha_mean``, ...), with ``ww/analysis_step``,
+    the step of that analysis, for the callbacks listed after it (``History``, ``CSVLogger``,
+    ``EarlyStopping``...): with ``async_analysis=False`` the analysis of this epoch end, with a
+    background analysis usually the previous epoch's (``ww/analysis_step`` says which). Before
+    the first finished analysis the keys are absent (no placeholder), so
+    ``EarlyStopping(monitor="ww/...")`` needs no extra argument: it waits, with Keras' usual
+    warning, and takes the first analysis as its first value. ``CSVLogger`` fixes its columns at
+    the end of the first epoch: its file has ``ww/`` columns only when that epoch end is analysed
+    synchronously (``start_fraction=0, async_analysis=False``); otherwise the callback's own
+    ``history.csv`` in ``output_dir`` holds every analysis (one row per layer, with its step).
+
     Steps: the global step of batch ``b`` in epoch ``e`` is ``e * steps_per_epoch + b + 1`` (a
     running count when ``steps`` is unknown), so ``fit(initial_epoch=...)`` continues the count.
 
@@ -217,7 +229,8 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
         self.epoch = epoch
         self.controller.maybe_run(self.model, step=self.global_step, epoch=epoch, epoch_end=True)
         if logs is not None:   # History, CSVLogger, EarlyStopping, WandbMetricsLogger listed after us
-            logs.update({f"ww/{k}": v for k, v in self.controller.last_scalars.items()})
+            # absent before the first finished analysis: a nan would be the monitors' best value
+            logs.update({f"ww/{k}": v for k, v in self.controller.published_scalars().items()})
         self._save_state()
 
     @override
