@@ -38,8 +38,8 @@ def wandb_offline(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------
 # No silent skips in CI: with WW_FAIL_ON_SKIP=1 or true (set from CI in the py311 tox env, which
-# installs every optional package), a skipped test fails the run unless its reason matches WW_ALLOWED_SKIPS (a regex for
-# skips that no package can lift on this machine, e.g. "needs a CUDA GPU").
+# installs every optional package), a skipped test fails the run unless its reason matches
+# WW_ALLOWED_SKIPS (a regex for skips no package can lift on this machine, e.g. "needs CUDA").
 def _unexpected_skips(stats) -> list:
     import re
 

@@ -1,6 +1,6 @@
 """QLoRA on the CPU: PEFT LoRA adapters on real bitsandbytes 4-bit (NF4 / FP4) base layers.
 
-``ww_core.peft.quantized_reason``: a quantized weight is never analysed as if it were the layer
+``ww_core.sources.quantized_reason``: a quantized weight is never analysed as if it were the layer
 (its storage is packed uint8); it is a skip whose reason reads ``quantized weight (<class>,
 <quant type>, <dtype>)``, and the LoRA adapters on top are analysed as usual (README "Partly
 frozen and PEFT models": the update ``B·A`` of each adapter, ``<module>.lora_BA.<adapter>``).

@@ -96,7 +96,7 @@ class WeightWatcherController(ControllerActions, ControllerState):
             adapters' updates ``B·A`` are what is analysed (``peft=True``, unless given).
         snapshot_budget: bytes the background copy of the weights may take (``"auto"``: the
             smaller of 2 GB and 10 % of the device's memory; ``None``: no limit); beyond it the
-            analysis runs synchronously, one layer at a time (:mod:`ww_core.snapshot_memory`).
+            analysis runs synchronously, one layer at a time (:func:`ww_core.snapshot`'s ``budget``).
         tracker_timeout: seconds a tracker call may take before the tracker is dropped (each
             tracker runs in its own thread, :mod:`ww_callbacks.trackers.fanout`); ``None`` waits.
         **analyze_options: passed to ``ww_core.analyze`` (``min_evals``, ``fix_fingers``, ...).

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
@@ -85,13 +86,21 @@ def sharding_root(model: Any) -> Any:
     its callbacks receive the module itself, whose root-owned parameters are then flat shards
     that only the root unit can gather. The root is ``model.trainer.strategy.model``.
     """
-    from ww_core.sharded import fsdp_units, unwrap_model
+    from ww_core import unwrap_model
 
     strategy = getattr(getattr(model, "_trainer", None), "strategy", None)
     outer = unwrap_model(getattr(strategy, "model", None))
     if outer is None or outer is model or getattr(outer, "module", None) is not model:
         return model
-    return outer if fsdp_units(outer) else model
+    return outer if _holds_fsdp1_unit(outer) else model
+
+
+def _holds_fsdp1_unit(model: Any) -> bool:
+    """Whether ``model`` is or holds an FSDP1 unit; looks only when ``torch.distributed.fsdp`` is
+    already imported (FSDP cannot be in use otherwise)."""
+    fsdp_class = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", None)
+    modules = getattr(model, "modules", None)
+    return fsdp_class is not None and callable(modules) and any(isinstance(m, fsdp_class) for m in modules())
 
 
 @dataclass
@@ -122,7 +131,7 @@ class Finished:
 
     def failure(self) -> str:
         """What failed, naming the layer the engine was working on (when it says)."""
-        from ww_core.errors import failing_layer
+        from ww_core import failing_layer
 
         layer = failing_layer(self.error) if self.error is not None else None
         where = f" in layer {layer!r}" if layer else ""
@@ -138,12 +147,12 @@ class AnalysisExecutor:
         options: ``ww_core.analyze`` options.
         snapshot_budget: bytes the asynchronous weight copy may take (``"auto"``: the smaller of
             2 GB and 10 % of the weights' device memory; ``None``: no limit); see
-            :mod:`ww_core.snapshot_memory`.
+            :func:`ww_core.snapshot`.
     """
 
     def __init__(self, analyze_fn: Optional[Callable[..., Any]] = None, layers: Any = None,
                  options: Optional[Dict[str, Any]] = None, snapshot_budget: Any = "auto") -> None:
-        from ww_core.snapshot_memory import check_budget
+        from ww_core import check_budget
 
         self.analyze_fn = analyze_fn or default_analyze
         self.layers = layers
@@ -223,7 +232,7 @@ class AnalysisExecutor:
         if not self.default_engine:
             return [{}]
         if self._peft is None:
-            from ww_core.peft import has_lora_adapters
+            from ww_callbacks.torch_utils import has_lora_adapters
 
             self._peft = has_lora_adapters(model)
         if "peft" in opts or not self._peft:
@@ -292,7 +301,7 @@ class AnalysisExecutor:
         """
         if self.asynchronous and self._pending is not None:
             raise RuntimeError("an analysis is already in flight")
-        from ww_core.snapshot_memory import SnapshotBudgetError
+        from ww_core import SnapshotBudgetError
 
         options = dict(self.options, **({"keep_evals": True} if keep_evals else {}))
         plan = plan or [{}]

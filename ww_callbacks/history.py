@@ -1,6 +1,6 @@
 """The analysis history: one row per analysed layer per analysis, kept in memory and on disk.
 
-Each row holds every ``ww_core.result.COLUMNS`` field plus ``step`` (the trainer's global step),
+Each row holds every ``ww_core.COLUMNS`` field plus ``step`` (the trainer's global step),
 ``epoch`` (0-based) and ``time`` (Unix time of the analysis). Rows are appended to
 ``history.jsonl`` and ``history.csv`` in the output directory as soon as an analysis finishes.
 
@@ -70,7 +70,7 @@ class HistoryWarning(RuntimeWarning):
 
 def _engine_columns() -> Sequence[str]:
     try:
-        from ww_core.result import COLUMNS
+        from ww_core import COLUMNS
     except Exception:  # pragma: no cover - ww_core is part of this project
         return ()
     return COLUMNS

@@ -30,10 +30,7 @@ import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ww_callbacks.distributed import broadcast_object  # re-exported: one broadcast for all
-from ww_core.sharded import (
-    strip_prefixes,
-    unwrap_model,  # (in __all__: the one unwrapper, re-exported)
-)
+from ww_core import unwrap_model  # (in __all__: the one unwrapper, re-exported)
 
 __all__ = ["model_layer_names", "model_param_groups", "layer_param_groups", "resolve_layer_params",
            "prefix_parameters", "freeze_layers", "unfreeze_layers", "apply_lr_factors", "group_factor",
@@ -42,6 +39,8 @@ __all__ = ["model_layer_names", "model_param_groups", "layer_param_groups", "res
 #: ``ww_core`` names of a LoRA adapter's update (``peft=True``): ``<module>.lora_BA.<adapter>``.
 _LORA_SUFFIX = re.compile(r"\.lora_(BA|W_plus_AB)\.([^.]+)$")
 _MHA_SUFFIX = re.compile(r"\.(in_proj(_[qkv])?|([qkv])_proj)$")
+#: The prefixes wrappers add to parameter names (DDP/DataParallel, ``torch.compile``), repeated.
+_WRAPPER_PREFIXES = re.compile(r"^(?:module\.|_orig_mod\.)+")
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
@@ -56,7 +55,13 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 
 
 def _strip(name: str) -> str:
-    return strip_prefixes(name)
+    return _WRAPPER_PREFIXES.sub("", name)
+
+
+def has_lora_adapters(model: Any) -> bool:
+    """Whether ``model`` (a torch module, wrappers unwrapped) holds PEFT LoRA adapters."""
+    mods = getattr(unwrap_model(model), "named_modules", None)
+    return callable(mods) and any(".lora_A" in name for name, _ in mods())
 
 
 def resolve_layer_params(model: Any, names: Iterable[str]) -> Dict[str, Tuple[str, List[Tuple[str, Any]]]]:
@@ -122,12 +127,10 @@ def model_layer_names(model: Any, layers: Any = None) -> List[str]:
             ``layers`` argument.
     """
     import ww_core
-    from ww_core.analyze import candidates
-    from ww_core.peft import has_lora_adapters
 
     model = unwrap_model(model)
     # a PEFT model's layers that train are its adapters, named as the analysis names them
-    found = candidates(model, peft=True) if has_lora_adapters(model) else ww_core.find_layers(model)
+    found = ww_core.analysis_layers(model, peft=has_lora_adapters(model))
     return [lm.name for lm in ww_core.LayerSelector(layers).select(found)]
 
 

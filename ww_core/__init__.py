@@ -11,22 +11,26 @@ Example:
     (['fc'], ('under-trained',))
 """
 
-from .analyze import analyze, analyze_layer
+from .analyze import analysis_layers, analyze, analyze_layer
 from .distributed import analyze_distributed
 from .errors import SourceError, failing_layer
+from .gather import gather_snapshot
+from .layer_matrices import LayerMatrices
 from .powerlaw import PowerLawFit, fit_powerlaw, hill_alpha
 from .result import COLUMNS, AnalysisResult, LayerResult, SkippedLayer
 from .selection import LAYER_TYPES, LayerSelector, check_layer_patterns, check_layer_types
-from .sharded import gather_snapshot, unwrap_model
-from .sources import LayerMatrices, Snapshot, find_layers, snapshot
+from .snapshot_memory import SnapshotBudgetError, check_budget
+from .sources import Snapshot, find_layers, snapshot
 from .spectrum import eigenvalues
+from .wrappers import unwrap_model
 
 __version__ = "0.1.0"
 
+# The public API (docs/architecture.md, "Public API"): everything else in ww_core is internal.
 __all__ = [
-    "analyze", "analyze_layer", "analyze_distributed", "AnalysisResult", "LayerResult",
-    "SkippedLayer", "COLUMNS", "SourceError", "failing_layer", "PowerLawFit", "fit_powerlaw",
-    "hill_alpha", "LayerMatrices", "find_layers", "LAYER_TYPES", "LayerSelector",
-    "check_layer_patterns", "check_layer_types", "Snapshot", "snapshot", "gather_snapshot",
-    "unwrap_model", "eigenvalues", "__version__",
+    "analyze", "analyze_layer", "analyze_distributed", "analysis_layers", "AnalysisResult",
+    "LayerResult", "SkippedLayer", "COLUMNS", "SourceError", "failing_layer", "PowerLawFit",
+    "fit_powerlaw", "hill_alpha", "LayerMatrices", "find_layers", "LAYER_TYPES", "LayerSelector",
+    "check_layer_patterns", "check_layer_types", "Snapshot", "snapshot", "SnapshotBudgetError",
+    "check_budget", "gather_snapshot", "unwrap_model", "eigenvalues", "__version__",
 ]

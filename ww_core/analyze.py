@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import sys
 import zlib
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
 from . import metrics as _metrics
 from . import peft as _peft
 from . import precision as _precision
+from .batching import shuffled_replicas, with_eigenvalues
 from .errors import in_layer
+from .layer_matrices import LayerMatrices
 from .powerlaw import fit_powerlaw, hill_alpha
 from .result import AnalysisResult, LayerResult, SkippedLayer
 from .selection import LayerSelector
-from .sources import LayerMatrices, Snapshot, find_layers
-from .spectrum import PRECISIONS, SOLVERS, NonFiniteError, eigenvalues, is_torch_tensor, parallel_map
+from .sources import Snapshot, find_layers
+from .spectrum import PRECISIONS, SOLVE_ERRORS, SOLVERS, NonFiniteError, eigenvalues, is_torch_tensor
 
 #: WeightWatcher 0.7.7's defaults.
 DEFAULT_MIN_EVALS = 8
@@ -34,8 +36,13 @@ def layer_seed(seed: int, name: str) -> int:
     return int(state.generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def _validate(min_evals: int, max_evals: int, max_N: int, fix_fingers: Optional[str],
-              precision: str, solver: str) -> None:
+def check_options(min_evals: int, max_evals: int, max_N: int, fix_fingers: Optional[str],
+                  precision: str, solver: str) -> None:
+    """Validate :func:`analyze`'s bounds and solver options.
+
+    Raises:
+        ValueError: an invalid value.
+    """
     if min_evals < 1:
         raise ValueError(f"min_evals must be >= 1, got {min_evals}")
     if max_evals < min_evals:
@@ -50,7 +57,8 @@ def _validate(min_evals: int, max_evals: int, max_N: int, fix_fingers: Optional[
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
 
 
-def _skip_reason(lm: LayerMatrices, min_evals: int, max_evals: int, max_N: int) -> Optional[str]:
+def skip_reason(lm: LayerMatrices, min_evals: int, max_evals: int, max_N: int) -> Optional[str]:
+    """Why :func:`analyze` skips ``lm`` with these bounds (``None``: it is analysed)."""
     if lm.unusable:
         return lm.unusable
     if lm.num_evals < min_evals:
@@ -111,19 +119,6 @@ def solve_precision(precision: str, fix_fingers: Optional[str] = None) -> str:
     return "float32"
 
 
-def shuffled_replicas(lm: LayerMatrices, batch: Any, rng: np.random.Generator) -> Any:
-    """The layer's randomised copies (WeightWatcher's replica count), stacked along axis 0."""
-    from . import rmt
-
-    replicas = rmt.num_replicas(lm.num_evals)
-    stacked = batch if replicas == 1 else (
-        batch.repeat(replicas, 1, 1) if is_torch_tensor(batch) else np.tile(batch, (replicas, 1, 1)))
-    return rmt.shuffle_slices(stacked, rng)
-
-
-_SOLVE_ERRORS = (NonFiniteError, RuntimeError, ValueError, np.linalg.LinAlgError)
-
-
 def analyze_layer(
     lm: LayerMatrices,
     *,
@@ -149,8 +144,8 @@ def analyze_layer(
         ValueError: an invalid ``precision`` or ``solver`` (numerical trouble is a flag instead).
 
     ``batch`` (the loaded ``(rf, rows, cols)`` stack), ``raw_evals`` (its unscaled eigenvalues)
-    and ``rand_raw`` (those of :func:`shuffled_replicas`) may be passed when the caller already
-    has them from a batched eigensolve in :func:`solve_precision`.
+    and ``rand_raw`` (those of :func:`~ww_core.batching.shuffled_replicas`) may be passed when
+    the caller already has them from a batched eigensolve in :func:`solve_precision`.
     """
     if precision not in PRECISIONS or solver not in SOLVERS:
         raise ValueError(f"precision must be one of {PRECISIONS} and solver one of {SOLVERS}, "
@@ -170,7 +165,7 @@ def analyze_layer(
         failed, redo = False, checked and _precision.float32_disagreement(
             evals, fit, lm.N, lm.M, rank_tol=rank_tol,
             rank_collapse_share=rank_collapse_share) is not None
-    except _SOLVE_ERRORS:
+    except SOLVE_ERRORS:
         # e.g. squares beyond float32's range: float64 may still hold them
         failed, redo = True, checked
     try:
@@ -180,7 +175,7 @@ def analyze_layer(
             fit = fit_powerlaw(evals, **fit_options)
         elif failed:
             raise NonFiniteError("the eigensolve failed")
-    except _SOLVE_ERRORS:
+    except SOLVE_ERRORS:
         # NaN/inf weights, or entries so large their squares overflow: flag, never raise.
         # (The full finiteness pass runs only here, on failure.)
         res.status = "failed"
@@ -318,7 +313,7 @@ def analyze(
         >>> res.names
         ['0', '2']
     """
-    _validate(min_evals, max_evals, max_N, fix_fingers, precision, solver)
+    check_options(min_evals, max_evals, max_N, fix_fingers, precision, solver)
     selector = LayerSelector(layers, layer_types)
     if hill_xmin_pos <= 1.0:
         raise ValueError(f"hill_xmin_pos must be > 1, got {hill_xmin_pos}")
@@ -337,8 +332,8 @@ def analyze(
         trainable=_peft.check_trainable(trainable))
     result = AnalysisResult(options=options)
     todo: List[LayerMatrices] = []
-    for lm in selector.select(candidates(source, conv2d_norm, split_qkv, peft, base_model, trainable)):
-        reason = _skip_reason(lm, min_evals, max_evals, max_N)
+    for lm in selector.select(analysis_layers(source, conv2d_norm, split_qkv, peft, base_model, trainable)):
+        reason = skip_reason(lm, min_evals, max_evals, max_N)
         if reason:
             result.skipped.append(SkippedLayer(lm.name, lm.type, lm.N, lm.M, reason))
         else:
@@ -351,8 +346,8 @@ def analyze(
         return np.random.default_rng(layer_seed(seed, lm.name)) if seed is not None else shared_rng
 
     bar = _progress(len(todo), progress)
-    layers = _with_eigenvalues(todo, solve_precision(precision, fix_fingers), solver,
-                               batch_elements, rng_for if randomize else None)
+    layers = with_eigenvalues(todo, solve_precision(precision, fix_fingers), solver,
+                              batch_elements, rng_for if randomize else None)
     try:
         for lm, batch, raw, rand_raw in layers:
             with in_layer(lm.name):
@@ -372,10 +367,40 @@ def analyze(
     return result
 
 
-def candidates(source: Any, conv2d_norm: bool = True, split_qkv: bool = True, peft: Any = False,
-               base_model: Any = None, trainable: Optional[bool] = None) -> List[LayerMatrices]:
-    """The layers of ``source`` that ``analyze`` considers (before ``layers``/``layer_types``
-    and the size bounds): LoRA pairs made into layers, deltas to ``base_model``, ``trainable``."""
+def analysis_layers(source: Any, conv2d_norm: bool = True, split_qkv: bool = True, peft: Any = False,
+                    base_model: Any = None, trainable: Optional[bool] = None) -> List[LayerMatrices]:
+    """The layers of ``source`` that :func:`analyze` with these options looks at, under the names
+    its result gives them, without analysing anything (weights are not loaded).
+
+    Unlike :func:`ww_core.find_layers` (every weight-carrying layer), this applies ``peft``
+    (LoRA pairs become ``….lora_BA.<adapter>`` layers), ``base_model`` (each layer as its delta)
+    and ``trainable``; ``layers`` / ``layer_types`` (:class:`ww_core.LayerSelector`) and the size
+    bounds (``min_evals``, …) are left to the caller. Use it to list, before training, the names
+    ``layers=`` regexes and per-layer actions will see.
+
+    Args:
+        source, conv2d_norm, split_qkv, peft, base_model, trainable: as :func:`analyze`.
+
+    Returns:
+        :class:`~ww_core.LayerMatrices` in model order; a layer that cannot be analysed at all
+        (a quantized base, an unmatched ``base_model`` layer, ...) carries the reason in
+        ``unusable``.
+
+    Raises:
+        ValueError: an invalid ``peft`` or ``trainable``.
+        FileNotFoundError, ww_core.SourceError: as :func:`ww_core.find_layers`.
+
+    Example:
+        >>> import numpy as np, ww_core
+        >>> rng = np.random.default_rng(0)
+        >>> sd = {"fc.weight": rng.standard_normal((64, 32)),
+        ...       "fc.lora_A.default.weight": rng.standard_normal((8, 32)),
+        ...       "fc.lora_B.default.weight": rng.standard_normal((64, 8))}
+        >>> [lm.name for lm in ww_core.analysis_layers(sd, peft=True)]
+        ['fc.lora_BA.default']
+    """
+    _peft.check_peft(peft)              # (raises; a warning names ``peft`` as it was given)
+    trainable = _peft.check_trainable(trainable)
     found = find_layers(source, conv_norm=conv2d_norm, split_qkv=split_qkv)
     if peft or base_model is not None:
         found = _peft.adapt_layers(found, source, peft, base_model, lambda base: find_layers(
@@ -388,79 +413,3 @@ def candidates(source: Any, conv2d_norm: bool = True, split_qkv: bool = True, pe
 def _top(evals: np.ndarray, lm: LayerMatrices) -> np.ndarray:
     """The top ``lm.num_components`` eigenvalues (all when unset), ascending."""
     return evals if lm.num_components is None else evals[evals.size - min(lm.num_components, evals.size):]
-
-
-def _groups(todo: List[LayerMatrices], max_elements: int) -> List[List[int]]:
-    """Indices of ``todo`` solved together: in-memory layers whose Gram matrices have the same
-    size (``(rows, cols)`` or ``(cols, rows)``), anywhere in the model, up to ``max_elements``
-    weight entries per group; a streamed layer is always alone."""
-    groups: List[List[int]] = []
-    sizes: List[int] = []
-    open_group: Dict[Any, int] = {}
-    for i, lm in enumerate(todo):
-        size = lm.rf * lm.rows * lm.cols
-        key = (min(lm.rows, lm.cols), max(lm.rows, lm.cols))
-        g = open_group.get(key)
-        alone = lm.streamed or lm.num_components is not None    # (a LoRA product loads r x r)
-        if alone or max_elements <= 0 or g is None or sizes[g] + size > max_elements:
-            if not alone and max_elements > 0:
-                open_group[key] = len(groups)
-            groups.append([i])
-            sizes.append(size)
-        else:
-            groups[g].append(i)
-            sizes[g] += size
-    return groups
-
-
-def _with_eigenvalues(todo: List[LayerMatrices], precision: str, solver: str, max_elements: int,
-                      rng_for: Optional[Callable[[LayerMatrices], Any]] = None):
-    """Yield ``(layer, batch, raw_evals, rand_raw)`` in model order, solving groups together.
-
-    Each group (see :func:`_groups`) is solved when its first layer comes up, in one eigensolver
-    call in ``precision`` (which splits it over the cores), with each layer's shuffled replicas
-    when ``rng_for`` is given (``randomize``). ``raw_evals`` is ``None`` when the layer is alone
-    with nothing to batch, or when its group's solve failed (NaN weights in one layer, say):
-    ``analyze_layer`` then solves (and flags) that layer on its own.
-    """
-    groups = _groups(todo, max_elements)
-    group_of = {i: g for g, members in enumerate(groups) for i in members}
-    ready: Dict[int, Tuple[Any, Optional[np.ndarray], Optional[np.ndarray]]] = {}
-    for i, lm in enumerate(todo):
-        if i not in ready:
-            members = groups[group_of[i]]
-            with in_layer(lm.name):       # (a member's own load/shuffle error names that member)
-                ready.update(zip(members, _solve_group([todo[j] for j in members], precision,
-                                                       solver, rng_for)))
-        batch, raw, rand_raw = ready.pop(i)
-        yield lm, batch, raw, rand_raw
-
-
-def _solve_group(group: List[LayerMatrices], precision: str, solver: str,
-                 rng_for: Optional[Callable[[LayerMatrices], Any]]):
-    batches = [_load(lm) for lm in group]
-    rands: List[Any] = [None] * len(group)
-    if rng_for is not None:
-        rngs = [rng_for(lm) for lm in group]          # drawn in model order, on this thread
-        on_cpu = all(not is_torch_tensor(b) or b.device.type == "cpu" for b in batches)
-        jobs = list(zip(group, batches, rngs))
-        rands = (parallel_map(_shuffle, jobs) if on_cpu else [_shuffle(job) for job in jobs])
-    parts = [p for b, r in zip(batches, rands) for p in (b, r) if p is not None]
-    if len(parts) == 1:
-        return [(batches[0], None, None)]
-    try:
-        evals = eigenvalues(parts, precision, solver)
-    except _SOLVE_ERRORS:
-        return [(b, None, None) for b in batches]  # analyze_layer retries each layer alone
-    pieces = iter(np.split(evals, np.cumsum([p.shape[0] for p in parts])[:-1]))
-    return [(b, next(pieces), next(pieces) if r is not None else None) for b, r in zip(batches, rands)]
-
-
-def _load(lm: LayerMatrices) -> Any:
-    with in_layer(lm.name):
-        return lm.load()
-
-
-def _shuffle(job: Tuple[LayerMatrices, Any, Any]) -> Any:
-    with in_layer(job[0].name):
-        return shuffled_replicas(*job)

@@ -18,19 +18,23 @@ size, nor on which rank analysed the layer, and equal a single-process ``ww_core
 from __future__ import annotations
 
 import heapq
-import importlib
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from . import peft as _peft
-from .analyze import layer_seed  # noqa: F401  (re-exported)
+from .analyze import (
+    DEFAULT_MAX_EVALS,
+    DEFAULT_MAX_N,
+    DEFAULT_MIN_EVALS,
+    analysis_layers,
+    analyze,
+    check_options,
+    layer_seed,  # noqa: F401  (re-exported)
+    skip_reason,
+)
 from .errors import SourceError, failing_layer
+from .layer_matrices import LayerMatrices
 from .result import AnalysisResult, LayerResult, SkippedLayer
 from .selection import LayerSelector
-from .sources import LayerMatrices
-
-# The module, not the function that ``ww_core.analyze`` names in the package namespace.
-_analyze_mod = importlib.import_module("ww_core.analyze")
 
 __all__ = ["analyze_distributed", "assign_layers", "layer_cost", "layer_seed", "dist_info"]
 
@@ -81,22 +85,18 @@ def _exact(names: Sequence[str]) -> List[str]:
 
 def _plan(source: Any, options: Dict[str, Any]) -> Tuple[List[LayerMatrices], List[SkippedLayer]]:
     """The layers ``analyze(source, **options)`` would analyse and skip, in model order."""
-    _analyze_mod._validate(
-        options.get("min_evals", _analyze_mod.DEFAULT_MIN_EVALS),
-        options.get("max_evals", _analyze_mod.DEFAULT_MAX_EVALS),
-        options.get("max_N", _analyze_mod.DEFAULT_MAX_N), options.get("fix_fingers"),
-        options.get("precision", "auto"), options.get("solver", "gram"))
+    min_evals = options.get("min_evals", DEFAULT_MIN_EVALS)
+    max_evals = options.get("max_evals", DEFAULT_MAX_EVALS)
+    max_N = options.get("max_N", DEFAULT_MAX_N)
+    check_options(min_evals, max_evals, max_N, options.get("fix_fingers"),
+                  options.get("precision", "auto"), options.get("solver", "gram"))
     selector = LayerSelector(options.get("layers"), options.get("layer_types"))
     todo: List[LayerMatrices] = []
     skipped: List[SkippedLayer] = []
-    for lm in selector.select(_analyze_mod.candidates(
+    for lm in selector.select(analysis_layers(
             source, options.get("conv2d_norm", True), options.get("split_qkv", True),
-            _peft.check_peft(options.get("peft", False)), options.get("base_model"),
-            _peft.check_trainable(options.get("trainable")))):
-        reason = _analyze_mod._skip_reason(
-            lm, options.get("min_evals", _analyze_mod.DEFAULT_MIN_EVALS),
-            options.get("max_evals", _analyze_mod.DEFAULT_MAX_EVALS),
-            options.get("max_N", _analyze_mod.DEFAULT_MAX_N))
+            options.get("peft", False), options.get("base_model"), options.get("trainable"))):
+        reason = skip_reason(lm, min_evals, max_evals, max_N)
         if reason:
             skipped.append(SkippedLayer(lm.name, lm.type, lm.N, lm.M, reason))
         else:
@@ -110,7 +110,7 @@ def _analyze_share(source: Any, names: List[str], options: Dict[str, Any]) -> Li
         return []        # (analyze(layers=[]) would mean "no filter": every layer)
     opts = dict(options)
     opts.pop("layers", None)
-    return _analyze_mod.analyze(source, layers=_exact(names), **opts).layers
+    return analyze(source, layers=_exact(names), **opts).layers
 
 
 def analyze_distributed(source: Any, *, group: Any = None, **options: Any) -> AnalysisResult:
@@ -145,7 +145,7 @@ def analyze_distributed(source: Any, *, group: Any = None, **options: Any) -> An
     """
     rank, world = dist_info(group)
     if world <= 1:
-        return _analyze_mod.analyze(source, **options)
+        return analyze(source, **options)
 
     todo, skipped = _plan(source, options)            # identical on every rank
     shares = assign_layers([lm.name for lm in todo], [layer_cost(lm) for lm in todo], world)
@@ -190,5 +190,5 @@ def analyze_distributed(source: Any, *, group: Any = None, **options: Any) -> An
             slots[i] = layer
     result_layers = [l for l in slots if l is not None]
     # The options record of a single-process run (the user's filters, not the shard's).
-    reference = _analyze_mod.analyze({}, **{k: v for k, v in options.items() if k != "progress"})
+    reference = analyze({}, **{k: v for k, v in options.items() if k != "progress"})
     return AnalysisResult(layers=result_layers, skipped=skipped, options=reference.options)

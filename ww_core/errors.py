@@ -1,7 +1,7 @@
 """Exceptions raised by ``ww_core``, and which layer an escaping exception came from.
 
 When an exception escapes :func:`ww_core.analyze`, :func:`ww_core.analyze_distributed`,
-:func:`ww_core.snapshot` or :func:`ww_core.sharded.gather_snapshot` while one layer's weights
+:func:`ww_core.snapshot` or :func:`ww_core.gather_snapshot` while one layer's weights
 were being loaded, copied or analysed, the engine records that layer's name on the exception
 (attribute ``ww_layer``, the innermost layer wins) without changing the exception's type;
 :func:`failing_layer` reads it.

@@ -10,7 +10,7 @@ from typing import Any, Callable, List, Tuple
 
 import numpy as np
 
-from .sources import LayerMatrices, _conv_type, _make  # noqa: F401  (shared builders)
+from .layer_matrices import LayerMatrices, conv_type, make_layer
 from .spectrum import is_torch_tensor
 
 __all__ = ["keras_model_layers"]
@@ -64,18 +64,16 @@ def keras_model_layers(model: Any, conv_norm: bool = True) -> List[LayerMatrices
             return _keras_to_numpy(var)
         dtype = str(getattr(var, "dtype", ""))
         if cls in ("Conv1D", "Conv2D", "Conv3D"):
-            layers.append(_make(name, _conv_type(len(shape) - 2), shape, "keras_conv", get,
-                                conv_norm, dtype))
+            layers.append(make_layer(name, conv_type(len(shape) - 2), shape, "keras_conv", get,
+                                     conv_norm, dtype))
         elif cls == "EinsumDense" and len(shape) != 2:
             rows, cols = _einsum_kernel_matrix_shape(layer.equation, shape)
             def getter(get: Callable[[], Any] = get, rows: int = rows, cols: int = cols) -> Any:
                 return get().reshape(rows, cols)
-            layers.append(_make(name, "dense", (rows, cols), "matrix", getter, conv_norm, dtype))
+            layers.append(make_layer(name, "dense", (rows, cols), "matrix", getter, conv_norm, dtype))
         else:
-            layers.append(_make(name, "embedding" if cls == "Embedding" else "dense", shape,
-                                "matrix", get, conv_norm, dtype))
+            layers.append(make_layer(name, "embedding" if cls == "Embedding" else "dense", shape,
+                                     "matrix", get, conv_norm, dtype))
         layers[-1].trainable = bool(getattr(var, "trainable", True))
     return layers
 
-
-# --------------------------------------------------------------------------- state dicts

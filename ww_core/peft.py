@@ -33,9 +33,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from .spectrum import is_torch_tensor
+from .wrappers import strip_prefixes
 
 __all__ = ["PEFT_MODES", "adapt_layers", "check_peft", "check_trainable", "delta_layers",
-           "describe_base", "lora_module_info", "peft_layers", "quantized_reason", "svd_core"]
+           "describe_base", "lora_module_info", "peft_layers", "svd_core"]
 
 #: Values of ``analyze(peft=...)`` (``True`` means ``"peft_only"``, as in WeightWatcher).
 PEFT_MODES = (False, True, "peft_only", "with_base")
@@ -90,24 +91,6 @@ def adapt_layers(layers: List[Any], source: Any, peft: Any, base_model: Any,
     if base_model is not None:
         layers = delta_layers(layers, find_base(base_model))
     return layers
-
-
-def quantized_reason(p: Any) -> Optional[str]:
-    """``"quantized weight (…)"`` for a bitsandbytes (or similar packed) parameter, else None."""
-    cls = type(p).__name__
-    state = getattr(p, "quant_state", None)
-    if state is None and cls not in ("Params4bit", "Int8Params") and getattr(p, "SCB", None) is None:
-        return None
-    kind = getattr(p, "quant_type", None) or getattr(state, "quant_type", None)
-    return f"quantized weight ({cls}{', ' + kind if kind else ''}, {str(p.dtype).replace('torch.', '')})"
-
-
-def has_lora_adapters(model: Any) -> bool:
-    """Whether ``model`` (a torch module, wrappers unwrapped) holds PEFT LoRA adapters."""
-    from .sharded import unwrap_model
-
-    mods = getattr(unwrap_model(model), "named_modules", None)
-    return callable(mods) and any(".lora_A" in name for name, _ in mods())
 
 
 def lora_module_info(model: Any) -> Dict[str, Dict[str, Any]]:
@@ -251,7 +234,7 @@ def peft_layers(layers: List[Any], peft: Any, info: Optional[Dict[str, Dict[str,
     """The layers ``analyze(peft=...)`` reports, from a model's plain layers (see module doc).
 
     Args:
-        layers: the model's :class:`~ww_core.sources.LayerMatrices`, in model order.
+        layers: the model's :class:`~ww_core.layer_matrices.LayerMatrices`, in model order.
         peft: ``True`` / ``"peft_only"`` or ``"with_base"`` (see :func:`check_peft`).
         info: :func:`lora_module_info` of the module (scalings, merged adapters), if any.
 
@@ -297,8 +280,6 @@ def peft_layers(layers: List[Any], peft: Any, info: Optional[Dict[str, Dict[str,
 
 def _norm(name: str) -> str:
     """The name used to match a layer with its base-model counterpart."""
-    from .sharded import strip_prefixes
-
     return strip_prefixes(name, _PREFIXES).replace(".base_layer", "")
 
 

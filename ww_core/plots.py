@@ -21,6 +21,9 @@ from typing import Any, List, Optional
 
 import numpy as np
 
+# Public (README "Quickstart"): the plots of a result. The rest serves them and ``ww-analyze``.
+__all__ = ["plot_alphas", "plot_esd", "save_plots"]
+
 #: WeightWatcher's thresholds: alpha < 2 "over-trained", alpha > 6 "under-trained".
 ALPHA_LOW, ALPHA_HIGH = 2.0, 6.0
 #: Eigenvalues at or below this are not fitted (WeightWatcher's EVALS_THRESH) nor plotted.

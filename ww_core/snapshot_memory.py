@@ -33,7 +33,20 @@ Budget = Union[None, int, float, str]
 
 
 class SnapshotBudgetError(MemoryError):
-    """The snapshot would exceed its memory budget; raised before anything is copied."""
+    """:func:`ww_core.snapshot` would exceed its memory budget; raised before anything is copied.
+
+    A ``MemoryError``: catch it to analyse the live weights instead (what the callbacks do).
+
+    Example:
+        >>> import numpy as np, ww_core
+        >>> weights = {"fc.weight": np.zeros((1000, 500))}          # 4 MB in float64
+        >>> try:
+        ...     ww_core.snapshot(weights, budget=1_000_000)
+        ... except ww_core.SnapshotBudgetError:
+        ...     snap = None                                       # nothing was copied
+        >>> snap is None, len(ww_core.snapshot(weights, budget=None))
+        (True, 1)
+    """
 
 
 def device_memory(device: Any = "cpu") -> int:
@@ -67,10 +80,19 @@ def _device_of(x: Any) -> str:
 
 
 def check_budget(value: Budget) -> Budget:
-    """``value`` if it is a budget (bytes >= 0, ``"auto"`` or ``None``).
+    """``value`` if it is a ``budget=`` that :func:`ww_core.snapshot` accepts: bytes >= 0,
+    ``"auto"`` or ``None``; checks a budget before the first snapshot is taken.
 
     Raises:
         ValueError: anything else.
+
+    Example:
+        >>> check_budget(2e9), check_budget("auto"), check_budget(None)
+        (2000000000.0, 'auto', None)
+        >>> check_budget(-1)
+        Traceback (most recent call last):
+        ...
+        ValueError: snapshot budget must be a number of bytes >= 0, 'auto' or None, got -1
     """
     if value is None or (isinstance(value, str) and value == "auto"):
         return value

@@ -1,17 +1,14 @@
 """Find the analysable layers of a model source and load their weights lazily, one layer at a time.
 
-Every source becomes a list of :class:`LayerMatrices`: a name, a type, the shape of the stack of
-matrices the layer contributes, an eigenvalue scale, and a ``load()`` that returns the stack as an
-array of shape ``(rf, rows, cols)``. Nothing is read until ``load()`` is called, so a large
-checkpoint never has more than one layer's weights in memory.
+Every source becomes a list of :class:`~ww_core.layer_matrices.LayerMatrices`: a name, a type, the
+shape of the stack of matrices the layer contributes, an eigenvalue scale, and a ``load()`` that
+returns the stack as an array of shape ``(rf, rows, cols)``. Nothing is read until ``load()`` is
+called, so a large checkpoint never has more than one layer's weights in memory. The matrix
+conventions (convolutions, fused q/k/v) are in :mod:`ww_core.layer_matrices`.
 
-Matrix conventions (so that alphas agree with WeightWatcher):
-
-* Linear / Dense / HF ``Conv1D`` / Embedding: one matrix (rf = 1); orientation does not matter.
-* Convolutions (1-D, 2-D, 3-D; torch layout ``(out, in, *k)``, Keras layout ``(*k, in, out)``):
-  one ``out × in`` matrix per kernel position (rf = prod(k)), pooled; the eigenvalues are multiplied
-  by 0.5 (WeightWatcher's ``conv2d_norm``; we apply it to every convolution).
-* ``nn.MultiheadAttention``'s fused ``in_proj_weight`` (3d × d) is split into q, k and v.
+A torch parameter that cannot be read as the dense weight it stands for (a shard of a partitioned
+weight, a quantized, lazy or meta parameter, a sparse or integer tensor) is a layer with
+``unusable`` set to the reason, never analysed as it is.
 """
 
 from __future__ import annotations
@@ -19,119 +16,35 @@ from __future__ import annotations
 import functools
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Mapping, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from .errors import SourceError, in_layer
 from .file_io import LazyTensor, load_torch_file, read_safetensors_header
+from .keras_source import keras_model_layers
+from .layer_matrices import LayerMatrices, conv_type, make_layer, split_qkv_layers
 from .partitioned import full_shape, gather_full, gather_problem, partition_kind, sharded_reason
-from .peft import quantized_reason
-from .selection import LAYER_TYPES, LayerSelector
+from .selection import LayerSelector
+from .snapshot_memory import copy_layers
 from .spectrum import is_torch_tensor
 
-__all__ = ["LAYER_TYPES", "CONV_SCALE", "LayerMatrices", "LazyTensor", "Snapshot", "file_layers",
-           "find_layers", "keras_model_layers", "load_torch_file", "read_safetensors_header", "snapshot",
-           "state_dict_layers", "torch_module_layers"]
-#: Eigenvalue scale of pooled convolution slices (WeightWatcher multiplies each slice by sqrt(1/2)).
-CONV_SCALE = 0.5
-
-
-@dataclass
-class LayerMatrices:
-    """One analysable layer, its weights not yet loaded."""
-
-    name: str
-    type: str
-    rf: int
-    rows: int
-    cols: int
-    load: Callable[[], Any]
-    scale: float = 1.0
-    #: Why the layer cannot be analysed even though it has weights (e.g. "meta device").
-    unusable: Optional[str] = None
-    dtype: str = ""
-    #: Read from a file on demand: never batched with other layers, so one layer is in memory.
-    streamed: bool = False
-    #: ``requires_grad`` of the weight (Keras: ``trainable``); None when unknown (state dicts).
-    trainable: Optional[bool] = None
-    #: Keep only the top this many eigenvalues (WeightWatcher's LoRA layers: the rank).
-    num_components: Optional[int] = None
-    #: ``load()`` gathers a sharded weight (FSDP2 / ZeRO-3), a collective: the layer is
-    #: ``unusable`` for ``analyze``; :func:`ww_core.gather_snapshot` calls it on every rank.
-    collective: bool = False
-
-    @property
-    def N(self) -> int:
-        return max(self.rows, self.cols)
-
-    @property
-    def M(self) -> int:
-        return min(self.rows, self.cols)
-
-    @property
-    def num_evals(self) -> int:
-        return self.M * self.rf if self.num_components is None else self.num_components
-
-
-# --------------------------------------------------------------------------- weight → matrices
-
-def _as_stack(w: Any, layout: str) -> Any:
-    """Reshape one weight tensor (numpy or torch) into a (rf, rows, cols) stack of matrices."""
-    if layout == "matrix":
-        return w[None]
-    shape = tuple(w.shape)
-    if layout == "torch_conv":            # (out, in, *k) -> (k, out, in), kernel positions row-major
-        out_c, in_c = shape[0], shape[1]
-        w3 = w.reshape(out_c, in_c, -1)
-        return w3.permute(2, 0, 1) if is_torch_tensor(w3) else w3.transpose(2, 0, 1)
-    if layout == "keras_conv":            # (*k, in, out) -> (k, in, out)
-        return w.reshape(-1, shape[-2], shape[-1])
-    raise ValueError(layout)
-
-
-def _stack_shape(shape: Tuple[int, ...], layout: str) -> Tuple[int, int, int]:
-    if layout == "matrix":
-        return 1, shape[0], shape[1]
-    if layout == "torch_conv":
-        return int(np.prod(shape[2:])), shape[0], shape[1]
-    return int(np.prod(shape[:-2])), shape[-2], shape[-1]
-
-
-def _conv_type(ndim_kernel: int) -> str:
-    return {1: "conv1d", 2: "conv2d", 3: "conv3d"}[ndim_kernel]
-
-
-def _make(name: str, ltype: str, shape: Tuple[int, ...], layout: str, get: Callable[[], Any],
-          conv_norm: bool, dtype: str = "", unusable: Optional[str] = None) -> LayerMatrices:
-    rf, rows, cols = _stack_shape(tuple(int(s) for s in shape), layout)
-    scale = CONV_SCALE if (ltype.startswith("conv") and conv_norm) else 1.0
-    return LayerMatrices(name=name, type=ltype, rf=rf, rows=rows, cols=cols,
-                         load=lambda: _as_stack(get(), layout), scale=scale, unusable=unusable,
-                         dtype=dtype)
-
-
-def _split_qkv(name: str, shape: Tuple[int, ...], get: Callable[[], Any], dtype: str,
-               unusable: Optional[str]) -> List[LayerMatrices]:
-    """Split a fused (3d × d) in-projection of the attention module ``name`` into its q, k and v
-    matrices, ``<name>.in_proj_q/_k/_v`` (``in_proj_q/_k/_v`` when ``name`` is empty)."""
-    prefix = f"{name}." if name else ""
-    d3 = int(shape[0])
-    if d3 % 3:
-        return [_make(prefix + "in_proj", "dense", shape, "matrix", get, False, dtype, unusable)]
-    d = d3 // 3
-    out = []
-    for i, part in enumerate("qkv"):
-        def getter(i: int = i) -> Any:
-            return get()[i * d:(i + 1) * d]
-        out.append(_make(f"{prefix}in_proj_{part}", "dense", (d,) + tuple(shape[1:]), "matrix",
-                         getter, False, dtype, unusable))
-    return out
+__all__ = ["Snapshot", "file_layers", "find_layers", "quantized_reason", "snapshot", "state_dict_layers",
+           "torch_module_layers"]
 
 
 # --------------------------------------------------------------------------- torch modules
+
+def quantized_reason(p: Any) -> Optional[str]:
+    """``"quantized weight (…)"`` for a bitsandbytes (or similar packed) parameter, else None."""
+    cls = type(p).__name__
+    state = getattr(p, "quant_state", None)
+    if state is None and cls not in ("Params4bit", "Int8Params") and getattr(p, "SCB", None) is None:
+        return None
+    kind = getattr(p, "quant_type", None) or getattr(state, "quant_type", None)
+    return f"quantized weight ({cls}{', ' + kind if kind else ''}, {str(p.dtype).replace('torch.', '')})"
+
 
 def _torch_unusable(p: Any) -> Optional[str]:
     import torch
@@ -172,8 +85,8 @@ def torch_module_layers(model: Any, conv_norm: bool = True, split_qkv: bool = Tr
         if len(shape) < (2 if layout == "matrix" else 3):     # e.g. a flat FSDP1 shard
             unusable, shape = (unusable or f"weight of shape {shape} is not a {ltype} weight "
                                f"(an FSDP1 shard? pass the FSDP-wrapped model)"), (0, 0)
-        layers.append(_make(name, ltype, shape, layout, lambda: gather_full(p), conv_norm,
-                            str(p.dtype).replace("torch.", ""), unusable))
+        layers.append(make_layer(name, ltype, shape, layout, lambda: gather_full(p), conv_norm,
+                                 str(p.dtype).replace("torch.", ""), unusable))
         layers[-1].collective = _gatherable(p)
         layers[-1].trainable = bool(p.requires_grad)
 
@@ -186,8 +99,8 @@ def torch_module_layers(model: Any, conv_norm: bool = True, split_qkv: bool = Tr
                 p = mod.in_proj_weight
                 seen.add(id(p))
                 if split_qkv:
-                    parts = _split_qkv(name, full_shape(p), lambda p=p: gather_full(p),
-                                       str(p.dtype).replace("torch.", ""), _torch_unusable(p))
+                    parts = split_qkv_layers(name, full_shape(p), lambda p=p: gather_full(p),
+                                             str(p.dtype).replace("torch.", ""), _torch_unusable(p))
                     for part in parts:
                         part.collective = _gatherable(p)
                         part.trainable = bool(p.requires_grad)
@@ -201,7 +114,7 @@ def torch_module_layers(model: Any, conv_norm: bool = True, split_qkv: bool = Tr
         if not isinstance(w, nn.Parameter) and not is_torch_tensor(w):
             continue
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            add(name, _conv_type(len(mod.kernel_size)), w, "torch_conv")   # (lazy w has no dim())
+            add(name, conv_type(len(mod.kernel_size)), w, "torch_conv")   # (lazy w has no dim())
         elif isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
             add(name, "embedding", w, "matrix")
         elif isinstance(mod, nn.Linear) or ("linear" in cls.lower() and w.dim() == 2):
@@ -211,7 +124,7 @@ def torch_module_layers(model: Any, conv_norm: bool = True, split_qkv: bool = Tr
     return layers
 
 
-# --------------------------------------------------------------------------- keras models
+# --------------------------------------------------------------------------- state dicts
 
 _EMBED_RE = re.compile(r"(embed|(^|\.)(wte|wpe)$)", re.IGNORECASE)
 
@@ -221,8 +134,8 @@ def _classify_key(key: str, shape: Tuple[int, ...]) -> Optional[Tuple[str, str, 
 
     For a fused in-projection the name is the attention module's path (``enc.self_attn`` for
     ``enc.self_attn.in_proj_weight``), as :func:`torch_module_layers` names it, so that
-    :func:`_split_qkv` gives the same ``enc.self_attn.in_proj_q/_k/_v`` from a module, its state
-    dict or a file.
+    :func:`~ww_core.layer_matrices.split_qkv_layers` gives the same
+    ``enc.self_attn.in_proj_q/_k/_v`` from a module, its state dict or a file.
     """
     if key.endswith("in_proj_weight") and len(shape) == 2:
         if key == "in_proj_weight" or key.endswith(".in_proj_weight"):
@@ -235,7 +148,7 @@ def _classify_key(key: str, shape: Tuple[int, ...]) -> Optional[Tuple[str, str, 
     if len(shape) == 2:
         return name, ("embedding" if _EMBED_RE.search(name) else "dense"), "matrix"
     if len(shape) in (3, 4, 5):
-        return name, _conv_type(len(shape) - 2), "torch_conv"
+        return name, conv_type(len(shape) - 2), "torch_conv"
     return None
 
 
@@ -288,9 +201,9 @@ def state_dict_layers(sd: Mapping[str, Any], conv_norm: bool = True,
         unusable = value.unusable if isinstance(value, LazyTensor) else _value_unusable(value)
         if ltype == "in_proj":
             if split_qkv:
-                layers.extend(_split_qkv(name, shape, get, dtype, unusable))
+                layers.extend(split_qkv_layers(name, shape, get, dtype, unusable))
             continue
-        layers.append(_make(name, ltype, shape, layout, get, conv_norm, dtype, unusable))
+        layers.append(make_layer(name, ltype, shape, layout, get, conv_norm, dtype, unusable))
     return layers
 
 
@@ -326,12 +239,6 @@ def file_layers(path: Path, conv_norm: bool = True, split_qkv: bool = True) -> L
 
 
 # --------------------------------------------------------------------------- dispatch
-
-def keras_model_layers(model: Any, conv_norm: bool = True) -> List[LayerMatrices]:
-    from .keras_source import keras_model_layers  # here: keras_source builds on this module
-
-    return keras_model_layers(model, conv_norm=conv_norm)
-
 
 def _is_keras_model(obj: Any) -> bool:
     return any(c.__module__.split(".")[0] in ("keras", "tf_keras") for c in type(obj).__mro__)
@@ -415,13 +322,11 @@ def snapshot(source: Any, *, layers: Any = None, layer_types: Any = None, conv2d
 
     Raises:
         ValueError: invalid ``layers``, ``layer_types`` or ``budget``.
-        ww_core.snapshot_memory.SnapshotBudgetError: the copies would exceed the budget (raised
+        ww_core.SnapshotBudgetError: the copies would exceed the budget (raised
             before anything is copied; a ``MemoryError``).
         FileNotFoundError: as :func:`find_layers`.
         SourceError: as :func:`find_layers`.
     """
-    from .snapshot_memory import copy_layers
-
     selector = LayerSelector(layers, layer_types)
     found = selector.select(find_layers(source, conv_norm=conv2d_norm, split_qkv=split_qkv))
     if trainable is not None:            # unknown (None) counts as trainable, as in analyze()

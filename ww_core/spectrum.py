@@ -90,6 +90,10 @@ class NonFiniteError(FloatingPointError):
     """The weights (or the squares of their entries) are not finite."""
 
 
+#: What an eigensolve raises on numerical trouble (a flag on the layer, never an error).
+SOLVE_ERRORS = (NonFiniteError, RuntimeError, ValueError, np.linalg.LinAlgError)
+
+
 def _numpy_eigenvalues(batch: np.ndarray, precision: str, solver: str) -> np.ndarray:
     dtype = np.float32 if precision == "float32" else np.float64
     w = batch.astype(dtype, copy=False)

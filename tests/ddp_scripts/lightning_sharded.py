@@ -80,7 +80,7 @@ def full_weights(trainer, kind):
 
     root = trainer.strategy.model
     with FSDP.summon_full_params(root, writeback=False, rank0_only=False):
-        return {ww_core.sharded.clean_name(n): p.detach().clone() for n, p in root.named_parameters()}
+        return {ww_core.wrappers.clean_name(n): p.detach().clone() for n, p in root.named_parameters()}
 
 
 def main(kind, out_dir):

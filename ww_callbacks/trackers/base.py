@@ -18,7 +18,7 @@ class Tracker:
     Args of :meth:`log_analysis`:
         step: the trainer's global step the analysed weights belong to.
         epoch: the epoch (0-based) at that step.
-        rows: one dict per analysed layer: ``ww_core.result.COLUMNS`` plus ``step`` and ``epoch``.
+        rows: one dict per analysed layer: ``ww_core.COLUMNS`` plus ``step`` and ``epoch``.
         summary: ``AnalysisResult.summary()`` of this analysis.
         result: the :class:`ww_core.AnalysisResult` itself (eigenvalues available when the
             controller kept them, for ESD images of flagged layers).
@@ -242,9 +242,9 @@ def check_metrics(metrics: Iterable[str]) -> tuple:
     """``metrics`` (a tracker's ``log_metrics=``) as a tuple of per-layer columns, checked.
 
     Raises:
-        ValueError: a name that is not a column of ``ww_core.result.COLUMNS``.
+        ValueError: a name that is not a column of ``ww_core.COLUMNS``.
     """
-    from ww_core.result import COLUMNS
+    from ww_core import COLUMNS
 
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     unknown = [m for m in metrics if m not in COLUMNS]

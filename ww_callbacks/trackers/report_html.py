@@ -157,7 +157,7 @@ def build_data(history: Sequence[Dict[str, Any]], *, title: str = "WeightWatcher
     """The JSON the page draws (every list in model order / step order).
 
     Args:
-        history: every row so far (``ww_core.result.COLUMNS`` plus ``step``, ``epoch``, ``time``).
+        history: every row so far (``ww_core.COLUMNS`` plus ``step``, ``epoch``, ``time``).
         title: the page heading.
         decisions: rows of :func:`ww_callbacks.trackers.base.decision_rows`.
         esd: :func:`esd_data` of an analysis; ``esd_step`` its step; ``esd_note`` shown instead

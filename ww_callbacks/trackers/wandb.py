@@ -93,7 +93,7 @@ class WandbTracker(Tracker):
                  log_metrics: Union[str, Sequence[str]] = ("alpha",), log_esd_images: bool = True,
                  max_images: int = 8, heatmap_steps: int = 200, alert_on_flagged: bool = False,
                  prefix: str = "ww", init_kwargs: Optional[Dict[str, Any]] = None) -> None:
-        from ww_core.result import COLUMNS
+        from ww_core import COLUMNS
 
         if not 0 <= int(max_images) <= 108:
             raise ValueError(f"max_images must be in 0..108 (wandb.Image.MAX_ITEMS), got {max_images}")

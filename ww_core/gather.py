@@ -1,10 +1,9 @@
-"""Wrapped and sharded torch models: unwrap DDP / ``torch.compile``, gather sharded weights.
+"""A CPU snapshot of a model whose weights are spread over the ranks: :func:`gather_snapshot`.
 
-:func:`unwrap_model` is the one place that strips wrappers (``DistributedDataParallel`` /
-``DataParallel`` / ``DeepSpeedEngine``'s ``.module``, ``torch.compile``'s ``._orig_mod``).
-:func:`gather_snapshot` turns a model into what the engine should read: the unwrapped model
-itself, or, when each rank holds only a shard of the weights, a CPU :class:`~ww_core.Snapshot` of
-the full weights, named with the user's module paths and gathered piece by piece:
+:func:`gather_snapshot` turns a training model into what the engine should read: the model
+itself (wrappers removed, :func:`ww_core.unwrap_model`), or, when each rank holds only a shard of
+the weights, a CPU :class:`~ww_core.Snapshot` of the full weights, named with the user's module
+paths and gathered piece by piece:
 
 * FSDP1 (``FullyShardedDataParallel``): one unit at a time (``summon_full_params``);
 * FSDP2 (``fully_shard``, ``DTensor`` parameters) and DeepSpeed ZeRO-3: one layer at a time
@@ -21,71 +20,13 @@ import sys
 from typing import Any, Callable, Iterable, List, Sequence, Tuple, Union
 
 from .errors import in_layer
+from .layer_matrices import LayerMatrices
 from .partitioned import partition_kind
 from .selection import LayerSelector
-from .sources import LayerMatrices, Snapshot, find_layers
+from .sources import Snapshot, find_layers
+from .wrappers import clean_name, unwrap_model
 
-__all__ = ["WRAPPER_SEGMENTS", "clean_name", "fsdp_units", "gather_snapshot", "has_partitioned",
-           "unwrap_model"]
-
-#: Class names whose ``.module`` is the user's model.
-_DATA_PARALLEL = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine")
-#: Path segments that FSDP1 (and activation checkpointing) insert into module names.
-WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
-
-
-def unwrap_model(model: Any) -> Any:
-    """The model under ``DistributedDataParallel`` / ``DataParallel`` (``.module``) and
-    ``torch.compile`` (``._orig_mod``) wrappers, in any nesting (at most 8 levels).
-
-    Other objects with a ``.module`` attribute (FSDP units included) are returned as they are.
-
-    Example:
-        >>> import torch
-        >>> net = torch.nn.Linear(4, 4)
-        >>> unwrap_model(torch.nn.DataParallel(net)) is net
-        True
-    """
-    for _ in range(8):
-        inner = None
-        if any(c.__name__ in _DATA_PARALLEL for c in type(model).__mro__):
-            inner = getattr(model, "module", None)
-        if inner is None:
-            inner = getattr(model, "_orig_mod", None)
-        if inner is None or inner is model:
-            break
-        model = inner
-    return model
-
-
-#: Name prefixes that wrappers add to parameter names: DDP/DataParallel, ``torch.compile``.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def strip_prefixes(name: str, prefixes: Sequence[str] = WRAPPER_PREFIXES) -> str:
-    """``name`` without any leading ``prefixes``, repeatedly (``module._orig_mod.fc`` -> ``fc``).
-
-    Example:
-        >>> strip_prefixes("module._orig_mod.encoder.fc")
-        'encoder.fc'
-    """
-    changed = True
-    while changed:
-        changed = False
-        for prefix in prefixes:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
-    return name
-
-
-def clean_name(name: str) -> str:
-    """The user's module path under FSDP1 / activation-checkpointing wrappers.
-
-    Example:
-        >>> clean_name("_fsdp_wrapped_module.body.0._checkpoint_wrapped_module")
-        'body.0'
-    """
-    return ".".join(p for p in name.split(".") if p not in WRAPPER_SEGMENTS)
+__all__ = ["fsdp_units", "gather_snapshot", "has_partitioned"]
 
 
 def fsdp_units(model: Any) -> List[Tuple[str, Any]]:
