@@ -6,7 +6,7 @@ Run with the dev python (the one that imports ``ww_core``)::
     python benchmarks/speed.py                       # all models, median of 3, waits for a quiet machine
     python benchmarks/speed.py --models minilm-l6 --repeat 1 --no-wait --no-svd   # quick check
 
-WeightWatcher runs in its own environment (``--wwref-python``, default ``/work/wwref-venv``) in a
+WeightWatcher runs in its own environment (``--wwref-python``, default ``$WWREF_PY``) in a
 long-lived worker process (``benchmarks/ww_worker.py``): interpreter start, imports and model
 loading happen once and are reported separately; only ``WeightWatcher(model).analyze()`` is timed
 there, and only ``ww_core.analyze(model)`` here. Both sides load the same weights: the same loader
@@ -180,17 +180,18 @@ class Floor:
         import torch
 
         from ww_core import rmt
-        from ww_core.analyze import DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS, _groups, _skip_reason
+        from ww_core.analyze import DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS, skip_reason
+        from ww_core.batching import group_layers
         from ww_core.sources import find_layers
         todo = [lm for lm in find_layers(source)
-                if not _skip_reason(lm, DEFAULT_MIN_EVALS, DEFAULT_MAX_EVALS, DEFAULT_MAX_N)]
+                if not skip_reason(lm, DEFAULT_MIN_EVALS, DEFAULT_MAX_EVALS, DEFAULT_MAX_N)]
         self.n_layers = len(todo)
         # one list of (rf, rows, cols) stacks per eigensolver call: the engine's groups, each
         # layer followed by its shuffled replicas with randomize (not timed: shuffling is ours)
         self.calls: List[List[Any]] = []
         rng = np.random.default_rng(0)
         with torch.no_grad():
-            for group in _groups(todo, 1 << 24):
+            for group in group_layers(todo, 1 << 24):
                 parts = []
                 for lm in (todo[i] for i in group):
                     st = torch.as_tensor(lm.load()).detach().to(torch.float64)
@@ -294,7 +295,9 @@ def main(argv=None) -> int:
                     help=f"from {list(wa.MODELS) + ['linear-4096']}")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per side (median reported)")
     ap.add_argument("--randomize", choices=["both", "off", "on"], default="both")
-    ap.add_argument("--wwref-python", default=os.environ.get("WWREF_PY", "/work/wwref-venv/bin/python"))
+    ap.add_argument("--wwref-python", default=os.environ.get("WWREF_PY"),
+                    help="python of a venv with weightwatcher==0.7.7 (default: $WWREF_PY, "
+                         "which tox -e bench sets)")
     ap.add_argument("--no-ww", action="store_true", help="skip WeightWatcher (quick engine checks)")
     ap.add_argument("--no-svd", action="store_true", help="skip the scipy svdvals reference column")
     ap.add_argument("--no-precision", action="store_true", help="skip the float32/float64 check")
@@ -304,6 +307,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-wait", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results" / "speed.md"), help="markdown report ('' = none)")
     args = ap.parse_args(argv)
+    if not args.no_ww and not args.wwref_python:
+        ap.error("WeightWatcher's python is not set: pass --wwref-python or set WWREF_PY "
+                 "(the python of a venv with weightwatcher==0.7.7), or --no-ww")
 
     waited: List[float] = []
     quiet = None

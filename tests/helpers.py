@@ -27,7 +27,8 @@ LOOSE_FREEZE = {"band": (0.0, 100.0), "tol": 10.0, "window": 2, "max_share": 0.5
 # ----------------------------------------------------------------------- weights
 
 def spec_matrices():
-    """The deterministic matrices of weightwatcher-spec.md §12, float32 (draw order matters):
+    """The engine tests' deterministic reference matrices, float32 (draw order matters; WeightWatcher
+    0.7.7's results on them are in ``tests/data/ww077_reference.json``):
     ``A`` (fc1, 1000×500 Gaussian), ``B`` (fc2, heavy-tailed Pareto(2.5)), ``C`` (conv, 128×64×3×3)."""
     rng = np.random.default_rng(12345)
     A = rng.standard_normal((1000, 500)) / np.sqrt(1000)

@@ -58,18 +58,29 @@ def test_import_loads_no_framework():
     assert out["loaded"] == [], f"importing ww_core/ww_callbacks imported {out['loaded']}"
 
 
+#: WeightWatcher 0.7.7 on the reference matrices (tests/data/ww077_reference.json, written by
+#: benchmarks/ww_reference_tables.py and checked against WeightWatcher itself by tox -e agreement).
+WW077 = json.loads((REPO / "tests" / "data" / "ww077_reference.json").read_text())
+
+#: ours in float64 against WeightWatcher's float64 values: two routes to the same eigenvalues
+#: (here numpy's eigensolve of the Gram matrix, there an SVD), each within ~n·eps·λ_max of the
+#: exact ones on any LAPACK build; alpha, xmin, D are smooth functions of them once the tail is
+#: chosen (num_pl_spikes is compared exactly). Measured: ≤ 4e-14 relative; 1e-9 holds on any CPU.
+F64_REL = 1e-9
+
+
 def test_analyze_numpy_state_dict_and_safetensors_without_torch(tmp_path):
     path = tmp_path / "model.safetensors"
     out = _run(f"""
-        import json, math, sys
+        import hashlib, json, math, sys
         import numpy as np
         from safetensors.numpy import save_file
         import ww_core
+        sys.path.insert(0, "tests")
+        from helpers import spec_matrices              # numpy only
 
-        rng = np.random.default_rng(12345)
-        # weightwatcher-spec.md section 12: fc1 = the first draw of default_rng(12345), float32.
-        fc1 = (rng.standard_normal((1000, 500)) / np.sqrt(1000)).astype(np.float32)
-        small = rng.standard_normal((7, 5)).astype(np.float32)
+        fc1 = spec_matrices()[0]                       # 1000×500 Gaussian, float32
+        small = np.random.default_rng(0).standard_normal((7, 5)).astype(np.float32)
         sd = {{"fc1.weight": fc1, "fc1.bias": np.zeros(1000, np.float32), "small.weight": small}}
 
         res = ww_core.analyze(sd)                      # the default, precision="auto"
@@ -78,6 +89,7 @@ def test_analyze_numpy_state_dict_and_safetensors_without_torch(tmp_path):
         ref = ww_core.analyze({str(path)!r}, precision="float64")["fc1"]   # WW's precision
         out = {{
             "loaded": {_loaded(FORBIDDEN)},
+            "sha256": hashlib.sha256(np.ascontiguousarray(fc1).tobytes()).hexdigest(),
             "names": res.names, "file_names": res_file.names,
             "skipped": [s.name for s in res_file.skipped],
             "N": res["fc1"].N, "M": res["fc1"].M, "num_evals": res["fc1"].num_evals,
@@ -88,25 +100,27 @@ def test_analyze_numpy_state_dict_and_safetensors_without_torch(tmp_path):
         print(json.dumps(out))
     """)
     # ww_core.spectrum deliberately uses torch's eigensolver whenever torch is *installed* (so a
-    # module, its state dict and its file give bit-identical spectra); in the core env it is not.
+    # module, its state dict and its file reach the same solver); in the core env it is not.
     # (`import torch` itself imports tqdm.)
     loaded = [m for m in out["loaded"] if m not in ("torch", "tqdm")]
     assert loaded == [], f"analysing numpy weights imported {loaded}"
     assert out["names"] == ["fc1"] and out["file_names"] == ["fc1"]
     assert "small" in out["skipped"]  # M = 5 < min_evals = 8
-    assert (out["N"], out["M"], out["num_evals"]) == (1000, 500, 500)
-    # WeightWatcher 0.7.7 reference values (spec section 12, CPU float64), against float64.
+    # WeightWatcher 0.7.7's values for the same fc1 (checked by its hash), against float64.
+    assert out["sha256"] == WW077["weights_sha256"]["fc1"]
+    expected = WW077["analyze"]["fc1"]
+    assert (out["N"], out["M"], out["num_evals"]) == (expected["N"], expected["M"], expected["num_evals"])
     ref = out["ref"]
-    assert ref["alpha"] == pytest.approx(7.943733, rel=1e-5)
-    assert ref["xmin"] == pytest.approx(2.034505, rel=1e-5)
-    assert ref["D"] == pytest.approx(0.124828, rel=1e-5)
-    assert ref["num_pl_spikes"] == 58
-    assert ref["warning"] == "under-trained"
-    # The default (float32 where the checks pass): within the float32 bound of
-    # ww_core/precision.py (helpers.float32_alpha_tol), whatever the CPU's LAPACK rounds.
+    for key in ("alpha", "xmin", "D"):
+        assert ref[key] == pytest.approx(expected[key], rel=F64_REL), key
+    assert ref["num_pl_spikes"] == expected["num_pl_spikes"]
+    assert ref["warning"] == expected["warning"] == "under-trained"
+    # The default (float32 where the checks pass), from the in-memory arrays and from the file:
+    # the same values, read into another buffer, which a BLAS build may round differently, so each
+    # within the float32 bound of ww_core/precision.py (helpers.float32_alpha_tol), whatever the
+    # CPU's LAPACK rounds, rather than bit for bit.
     assert_alpha_float32_close(out["alpha"], ref)
-    # The state dict and its file reach the same solver with the same values: same result.
-    assert out["file_alpha"] == pytest.approx(out["alpha"], rel=1e-12)
+    assert_alpha_float32_close(out["file_alpha"], ref)
     assert out["file_warning"] == "under-trained"              # alpha ≈ 7.9, far above 6
 
 

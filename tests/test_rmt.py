@@ -1,13 +1,18 @@
 """Tests for ww_core.rmt: the Marchenko–Pastur fit, slice shuffling, rand_distance and traps.
 
-Reference values are the spec's §12 offline check values (WeightWatcher 0.7.7, checked); the
-eigenvalues they are compared on are float64 (numpy SVD of float64 copies), as WeightWatcher's.
+Reference values: ``tests/data/ww077_reference.json``, what WeightWatcher 0.7.7 computes on the
+three matrices of helpers.spec_matrices (``analyze(mp_fit=True)``, ``analyze(randomize=True)``
+over several seeds; written by ``benchmarks/ww_reference_tables.py``, checked against
+WeightWatcher itself by ``tox -e agreement``). The eigenvalues they are compared on are float64
+(numpy SVD of float64 copies), as WeightWatcher's.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,13 +20,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from helpers import spec_matrices as _spec_draws
+from helpers import spec_matrices
 from ww_core import rmt
 
 pytestmark = pytest.mark.core   # numpy/scipy only (the sklearn and torch tests skip themselves)
 
+#: WeightWatcher 0.7.7 on the matrices of helpers.spec_matrices (see the module docstring).
+WW077 = json.loads((Path(__file__).parent / "data" / "ww077_reference.json").read_text())
+
 # --------------------------------------------------------------------------------------------
-# §12 fixtures
+# fixtures: the reference matrices
 # --------------------------------------------------------------------------------------------
 
 
@@ -33,9 +41,9 @@ def _evals(batch: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def spec_matrices():
-    """The §12 matrices (helpers.spec_matrices: float32 A, B, C), as float64 batches."""
-    A, B, C = _spec_draws()
+def ref_matrices():
+    """helpers.spec_matrices (float32 A, B, C) as float64 batches, as WeightWatcher sees them."""
+    A, B, C = spec_matrices()
     # Conv slices C[:, :, i, j] in row-major order, scaled so the eigenvalues are x0.5 (pooled).
     conv = np.stack([C[:, :, i, j] for i in range(3) for j in range(3)]).astype(np.float64)
     conv_scaled = conv * np.sqrt(0.5)
@@ -47,17 +55,12 @@ def spec_matrices():
     }
 
 
-# §12 `mp_fit=True` table: W_scale, sigma_mp, bulk_max, bulk_min, mp_softrank, num_spikes.
-MP_TABLE = {
-    "conv": (2.11368, 1.01428, 0.671056, 0.019754, 1.013325, 0),
-    "fc1": (1.00122, 1.00299, 2.92453, 0.08609, 1.017261, 0),
-    "fc2": (0.461121, 0.972768, 12.969094, 0.381774, 0.395119, 12),
-}
-
-
-def _assert_printed_digits(value: float, printed: float) -> None:
-    """Equal to the table as printed: at most 6 decimals, trailing zeros dropped (0.08609)."""
-    assert abs(value - printed) <= 0.5e-6 * 1.0001, (value, printed)
+#: ours against WeightWatcher's mp_fit columns. Both fit the same float64 eigenvalues (numpy's
+#: SVD here, WeightWatcher's own SVD there) by the same grid search: measured ≤ 2e-15 relative.
+#: The grid point chosen is discrete and every column is a smooth function of it and of the
+#: eigenvalues (each within ~n·eps·λ_max on any LAPACK build), so 1e-9 holds on any CPU while a
+#: change of kernel, grid or normalisation moves these values by far more.
+MP_REL = 1e-9
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,23 +69,21 @@ def _assert_printed_digits(value: float, printed: float) -> None:
 
 
 @pytest.mark.parametrize("name", ["conv", "fc1", "fc2"])
-def test_mp_fit_matches_spec_table(spec_matrices, name):
-    _, evals, M = spec_matrices[name]
+def test_mp_fit_matches_weightwatcher(ref_matrices, name):
+    _, evals, M = ref_matrices[name]
     fit = rmt.mp_fit(evals, Q=2.0, M=M)
     assert set(fit) == set(rmt.MP_FIT_KEYS)
-    W_scale, sigma_mp, bulk_max, bulk_min, softrank, spikes = MP_TABLE[name]
-    for key, ref in [("W_scale", W_scale), ("sigma_mp", sigma_mp), ("bulk_max", bulk_max),
-                     ("bulk_min", bulk_min), ("mp_softrank", softrank)]:
-        _assert_printed_digits(fit[key], ref)
-        assert fit[key] == pytest.approx(ref, rel=1e-4)
-    assert fit["num_spikes"] == spikes
+    expected = WW077["mp_fit"][name]
+    for key in ("W_scale", "sigma_mp", "bulk_max", "bulk_min", "mp_softrank"):
+        assert fit[key] == pytest.approx(expected[key], rel=MP_REL), key
+    assert fit["num_spikes"] == expected["num_spikes"]
     assert isinstance(fit["num_spikes"], int)
 
 
-def test_linear_kde_matches_sklearn(spec_matrices):
+def test_linear_kde_matches_sklearn(ref_matrices):
     neighbors = pytest.importorskip("sklearn.neighbors")
     for name in ("conv", "fc2"):
-        evals = spec_matrices[name][1]
+        evals = ref_matrices[name][1]
         x = np.linspace(0, evals.max() + 0.5, 1000)
         kde = neighbors.KernelDensity(kernel="linear", bandwidth=0.1).fit(evals.reshape(-1, 1))
         ref = np.exp(kde.score_samples(x[:, None]))
@@ -110,12 +111,12 @@ def _ww_resid_mp(sigma, evals, Q, bw, neighbors):
     return np.sum(resid ** 2)
 
 
-def test_mp_fit_sigma_equals_sklearn_reference_fit(spec_matrices):
+def test_mp_fit_sigma_equals_sklearn_reference_fit(ref_matrices):
     """End to end against WW's own (slow) formulation on one layer: σ to ~machine precision."""
     neighbors = pytest.importorskip("sklearn.neighbors")
     from scipy import optimize
 
-    evals = spec_matrices["fc2"][1]
+    evals = ref_matrices["fc2"][1]
     lam = evals * (len(evals) / evals.sum())
     s0 = np.sqrt(np.max(lam) / np.square(1 + 1 / np.sqrt(2.0)))
     with np.errstate(all="ignore"), warnings.catch_warnings():
@@ -237,8 +238,8 @@ def test_shuffle_slices_torch():
     assert not torch.equal(s1, s3)
 
 
-def test_shuffle_slices_preserves_frobenius_norm_per_slice(spec_matrices):
-    batch = spec_matrices["conv"][0]
+def test_shuffle_slices_preserves_frobenius_norm_per_slice(ref_matrices):
+    batch = ref_matrices["conv"][0]
     s = rmt.shuffle_slices(batch, np.random.default_rng(9))
     np.testing.assert_allclose(np.linalg.norm(s, axis=(1, 2)), np.linalg.norm(batch, axis=(1, 2)))
 
@@ -301,8 +302,8 @@ def _gram_evals(batch: np.ndarray) -> np.ndarray:
     return np.sort(np.clip(np.linalg.eigvalsh(G), 0.0, None).ravel())
 
 
-def _randomized(spec_matrices, name, seed):
-    batch, evals, M = spec_matrices[name]
+def _randomized(ref_matrices, name, seed):
+    batch, evals, M = ref_matrices[name]
     n_comp = evals.size
     rng = np.random.default_rng(seed)
     reps = [_gram_evals(rmt.shuffle_slices(batch, rng)) for _ in range(rmt.num_replicas(n_comp))]
@@ -310,21 +311,27 @@ def _randomized(spec_matrices, name, seed):
                                      n_per_replica=n_comp)
 
 
-@pytest.mark.parametrize("name,traps", [("conv", (0, 0)), ("fc1", (0, 0)), ("fc2", (11, 13))])
-def test_randomized_spec_matrices(spec_matrices, name, traps):
-    r = _randomized(spec_matrices, name, seed=2024)
+@pytest.mark.parametrize("name", ["conv", "fc1", "fc2"])
+def test_randomized_reference_matrices(ref_matrices, name):
+    r = _randomized(ref_matrices, name, seed=2024)
     assert set(r) == set(rmt.RANDOMIZATION_KEYS)
+    # What WeightWatcher 0.7.7 gives over its recorded seeds (the values depend on the shuffle):
+    # the trap count lies in its range (0 for the Gaussian conv and fc1, 10-13 for the heavy-tailed
+    # fc2 over 8 seeds); a shuffled matrix is close to its own randomisation (rand_distance,
+    # ≤ 0.0092 there) and its bulk is that of a unit-variance MP law (rand_sigma_mp 0.965-1.014).
+    runs = [by_layer[name] for by_layer in WW077["randomize"]["by_seed"].values()]
+    traps = [run["num_traps"] for run in runs]
+    assert min(traps) <= r["num_traps"] <= max(traps)
     assert r["rand_distance"] < 0.01
-    assert traps[0] <= r["num_traps"] <= traps[1]
     assert 0.9 < r["rand_sigma_mp"] < 1.1
-    evals = spec_matrices[name][1]
+    evals = ref_matrices[name][1]
     assert r["ww_maxdist"] == pytest.approx(evals.max() - r["ww_softrank"] * evals.max())
 
 
-def test_randomized_metrics_identical_for_identical_seeds(spec_matrices):
-    a = _randomized(spec_matrices, "conv", seed=5)
-    b = _randomized(spec_matrices, "conv", seed=5)
-    c = _randomized(spec_matrices, "conv", seed=6)
+def test_randomized_metrics_identical_for_identical_seeds(ref_matrices):
+    a = _randomized(ref_matrices, "conv", seed=5)
+    b = _randomized(ref_matrices, "conv", seed=5)
+    c = _randomized(ref_matrices, "conv", seed=6)
     assert a == b
     assert a["rand_distance"] != c["rand_distance"]
 
