@@ -113,7 +113,11 @@ def test_report_data_and_size(base, tmp_path):
     tracker = build(base, tmp_path)
     text = (tmp_path / "report.html").read_text()
     size = len(text.encode())
-    assert size < 400_000, size          # the data once, as JSON: about 150 kB here
+    # README: "168 KB at 120 layers x 150 analyses"; measured 168,747 bytes, of which the embedded JSON
+    # is 140 kB with ~22,700 numbers at 4 significant digits (106 kB of digits). The bound is the
+    # quoted figure + 25 %: 41 kB of room, ~1.8 more characters for every number, far more than a
+    # different last digit of a float can add at a rounding boundary.
+    assert size <= 210_000, size          # the data once, as JSON
     data = embedded(text)
     assert data["layers"] == base.names and len(data["steps"]) == NUM_STEPS
     assert len(data["alpha"]) == NUM_LAYERS and all(len(a) == NUM_STEPS for a in data["alpha"])

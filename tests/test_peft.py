@@ -126,6 +126,7 @@ def test_base_model_delta_on_state_dicts():
     assert res.options["base_model"] == "dict"
     # a model minus itself: every eigenvalue is zero, nothing crashes
     zero = ww_core.analyze(base, base_model=base)
+    assert zero.names == ["enc.fc1", "enc.fc2", "enc.odd"]               # every layer: a zero delta
     assert all(layer.status == "failed" or layer.spectral_norm == 0 for layer in zero.layers)
 
 
@@ -256,7 +257,7 @@ def test_trainable_flag_and_filter(peft_model):
     flags = {lm.name: lm.trainable for lm in find_layers(model)}
     assert flags["base_model.model.fc1"] is False and flags["base_model.model.fc1.lora_A.default"] is True
     trainable = ww_core.analyze(model, trainable=True).names
-    assert trainable and all(".lora_" in n for n in trainable)
+    assert trainable == [f"base_model.model.{fc}.lora_{ab}.default" for fc in ("fc1", "fc2") for ab in "AB"]
     assert ww_core.analyze(model, trainable=False).names == ["base_model.model.fc1", "base_model.model.fc2"]
     assert len(ww_core.analyze(model, peft=True, trainable=True).layers) == 2
     assert ww_core.analyze(model, peft=True, trainable=False).names == []

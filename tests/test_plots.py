@@ -84,8 +84,20 @@ def test_plot_alphas(result):
     ax = plots.plot_alphas(result, _axes())
     labels = [t.get_text() for t in ax.get_xticklabels()]
     assert labels == result.names
-    ys = [y for y in ax.get_yticks()]
-    assert ys  # has a y axis
+    alphas = np.array([layer.alpha for layer in result.layers])
+    n = len(alphas)
+    assert n == 3 and np.isfinite(alphas).all() and not any(layer.flags for layer in result.layers)
+    # the polyline through the layers: x = model order, y = each layer's alpha
+    (series,) = [l for l in ax.get_lines() if len(l.get_xdata()) == n]
+    np.testing.assert_array_equal(series.get_xdata(), np.arange(n))
+    np.testing.assert_allclose(series.get_ydata(), alphas, rtol=0, atol=0)
+    # one blue marker per layer at (index, alpha); no flagged (red) marker
+    points = {c.get_label(): np.asarray(c.get_offsets(), dtype=float) for c in ax.collections}
+    np.testing.assert_allclose(points["alpha"], np.column_stack([np.arange(n), alphas]), rtol=0, atol=0)
+    assert points["flagged layer"].size == 0
+    # y axis from 0 to 8 (the floor of the top, above every alpha), plus 2 %
+    assert ax.get_ylim() == pytest.approx((0.0, 8.0 * 1.02))
+    assert ax.get_title() == f"alpha by layer (3 layers, mean alpha {alphas.mean():.2f})"
     # bands at 2 and 6
     hlines = {round(l.get_ydata()[0], 6) for l in ax.get_lines() if len(set(l.get_ydata())) == 1}
     assert {2.0, 6.0} <= hlines
@@ -97,7 +109,14 @@ def test_plot_alphas_with_failed_and_huge(result):
               result["fc2"]]
     res = ww_core.result.AnalysisResult(layers=layers)
     ax = plots.plot_alphas(res, _axes())
-    assert ax.get_ylim()[1] <= 21
+    assert ax.get_ylim() == pytest.approx((0.0, 20.0 * 1.02))          # capped at 20, not 50 * 1.08
+    points = {c.get_label(): np.asarray(c.get_offsets(), dtype=float) for c in ax.collections}
+    np.testing.assert_allclose(points["alpha > 20 (clipped)"], [[1.0, 20.0]])  # the huge one, at the cap
+    np.testing.assert_allclose(points["alpha"], [[2.0, result["fc2"].alpha]])
+    assert points["flagged layer"].size == 0
+    # the failed fit: no point, a dotted vertical line at its index
+    assert [tuple(l.get_xdata()) for l in ax.get_lines() if l.get_linestyle() == ":" and len(l.get_xdata())] \
+        == [(0, 0)]
 
 
 def test_save_plots(result, tmp_path):

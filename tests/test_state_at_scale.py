@@ -3,6 +3,7 @@ the decisions file (numpy only)."""
 
 import json
 import os
+import re
 
 import pytest
 
@@ -12,6 +13,7 @@ from ww_core.result import AnalysisResult, LayerResult
 pytestmark = pytest.mark.core
 
 NAMES = [f"encoder.layer.{i}.attention.self.query" for i in range(120)]
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
 
 def scripted(model, layers=None, **options):
@@ -38,14 +40,19 @@ def test_state_stays_small_whatever_the_number_of_analyses(tmp_path):
     out = str(tmp_path / "ww")
     ctl = controller(out)
     ctl.configure(total_steps=150, current_step=0)
-    sizes = {}
+    sizes, shapes = {}, {}
     for step in range(1, 151):
         ctl.maybe_run({"step": step}, step=step, epoch=0)
         if step in (12, 150):
-            sizes[step] = len(json.dumps(ctl.state_dict()))
+            text = json.dumps(ctl.state_dict())
+            sizes[step] = len(text)
+            shapes[step] = len(NUMBER.sub("0", text))   # the size with every number cut to one digit
     assert ctl.history.steps == list(range(1, 151)) and len(ctl.history) == 150 * 120
-    assert sizes[150] <= 64 * 1024, sizes
-    assert sizes[150] < 2 * sizes[12], sizes           # does not grow with the analyses
+    # README: "36 KB for 120 layers whether after 12 or 150 analyses"; measured 35,103 / 35,108 bytes
+    # (~560 numbers, 4.8 kB of their digits). The bound is the quoted figure + 25 %; even if every
+    # number were printed at its longest (24 characters) the state would stay below it.
+    assert sizes[150] <= 45_000, sizes
+    assert shapes[150] == shapes[12], (shapes, sizes)    # does not grow with the analyses
     # every decision is on disk even though the state keeps only the latest ones
     with open(os.path.join(out, "decisions.jsonl")) as fh:
         kinds = [json.loads(line)["kind"] for line in fh]

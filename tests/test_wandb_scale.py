@@ -113,7 +113,7 @@ def test_wandb_at_100_layers_and_12_analyses(wandb_env, tmp_path):
     # 1. keys that scale: N alpha charts + the summary section + 4 media keys
     keys = {k for k in _logical_keys(hist) if k.startswith("ww")}
     print(f"\n{len(keys)} distinct ww* keys for {N_LAYERS} layers")
-    assert len(keys) <= N_LAYERS + 40
+    assert len(keys) == N_LAYERS + 13   # README: "115 distinct W&B keys after 12 analyses"
     alpha_keys = sorted(k for k in keys if k.startswith("ww_alpha/"))
     expected = LayerKeys()
     expected.update(NAMES)
@@ -149,11 +149,16 @@ def test_wandb_at_100_layers_and_12_analyses(wandb_env, tmp_path):
                                               -abs(l.alpha - 4)))
     assert [c.split(" ")[1][:-1] for c in last["ww/esd/captions"]] == [l.name for l in worst[:2]]
 
-    # 3. nothing re-uploads history: bytes per analysis stay flat from analysis 5 to 12
+    # 3. nothing re-uploads history: bytes per analysis stay flat from analysis 5 to 12.
+    # README: "128 KB at analysis 5 and 130 KB at analysis 12"; measured 127,845 and 130,461 bytes
+    # (analysis 12: record 8.7 kB, heatmap PNG 58 kB, layer table JSON 46 kB, 2 ESD PNGs 18 kB).
+    # Bounds: the quoted figures + 25 %. The table's floats are written at full precision and the
+    # PNGs depend on the matplotlib build, so a few kB either way are expected, not 32 kB; one
+    # re-uploaded copy of the history (a table per analysis so far) would add over 45 kB per analysis.
     per = [_row_bytes(r, b, run_dir) for r, b in ww]
     print("bytes per analysis:", per)
-    assert per[-1] / per[4] < 1.5, per
-    assert max(per) < 400_000, per
+    assert per[4] <= 160_000 and max(per) <= 162_500, per
+    assert per[-1] / per[4] < 1.1, per                 # measured 1.02 (the heatmap gains columns)
 
     # 4. decisions: two incremental logs, each with only its new rows
     dec = [r for r in hist if "ww/decisions/_type" in r]
@@ -173,7 +178,7 @@ def test_wandb_at_100_layers_and_12_analyses(wandb_env, tmp_path):
     # 5. alerts: one per analysis that flags layers the previous one did not
     flagged = [{r["name"] for r in a[2] if r["flags"]} for a in analyses]
     want = sum(1 for i, f in enumerate(flagged) if f - (flagged[i - 1] if i else set()))
-    assert len(data["alerts"]) == want
+    assert want > 0 and len(data["alerts"]) == want, (want, data["alerts"])
     assert all(a["title"].startswith("ww: ") and a["level"] == "WARN" for a in data["alerts"])
 
 
