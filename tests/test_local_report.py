@@ -167,3 +167,21 @@ def test_report_in_headless_chromium(base, tmp_path):
     assert proc.returncode == 0 and shot.read_bytes()[:4] == b"\x89PNG"
     if os.environ.get("WW_REPORT_SCREENSHOT"):
         shutil.copy(shot, os.environ["WW_REPORT_SCREENSHOT"])
+
+
+def test_summary_rows_without_a_stored_summary_average_successful_fits_only():
+    """A step the report has no summary for (e.g. from before a resume) averages log_norm as
+    ``AnalysisResult.summary()`` does: over the successful fits, not a failed fit's finite norm."""
+    from ww_callbacks.trackers.report_html import SUMMARY_COLUMNS, build_data
+
+    rows = [
+        {"step": 5, "epoch": 0, "time": 1.0, "name": "a", "status": "success", "alpha": 3.0, "log_norm": 1.0},
+        {"step": 5, "epoch": 0, "time": 1.0, "name": "b", "status": "success", "alpha": 4.0, "log_norm": 2.0},
+        {"step": 5, "epoch": 0, "time": 1.0, "name": "c", "status": "failed", "alpha": math.nan,
+         "log_norm": 30.0},
+    ]
+    summary = build_data(rows)["summary"]
+    assert len(summary) == 1
+    row = dict(zip(SUMMARY_COLUMNS, summary[0]))
+    assert row["log_norm_mean"] == pytest.approx(1.5)
+    assert row["num_layers"] == 3
