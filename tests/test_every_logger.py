@@ -77,6 +77,7 @@ def test_early_stopping_on_a_ww_key_waits_for_the_first_analysis(tmp_path):
     assert float(trainer.callback_metrics["ww/alpha_mean"]) == pytest.approx(
         cb.controller.last_scalars["alpha_mean"], rel=1e-6)
     assert stop.best_score is not None and torch.isfinite(stop.best_score)
+    assert stop.strict          # lenient during the fit only: the user's setting is given back
 
 
 def test_the_per_analysis_line_is_visible_by_default(tmp_path, caplog):

@@ -6,6 +6,8 @@ package imports no training framework and no tracker library:
 
 * ``ww_callbacks.lightning.WeightWatcherCallback`` (Lightning, both import names)
 * ``ww_callbacks.huggingface`` (HF ``Trainer``) and ``ww_callbacks.keras`` (Keras 3)
+
+Misconfiguration is warned with :class:`WeightWatcherWarning` (:mod:`ww_callbacks.warnings`).
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["WeightWatcherController", "Schedule", "History", "__version__"]
+__all__ = ["WeightWatcherController", "Schedule", "History", "WeightWatcherWarning", "__version__"]
 
 _LAZY = {
     "WeightWatcherController": "ww_callbacks.controller",
     "Schedule": "ww_callbacks.schedule",
     "History": "ww_callbacks.history",
+    "WeightWatcherWarning": "ww_callbacks.warnings",
 }
 
 

@@ -35,7 +35,7 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-from ww_callbacks.actions.binding import ControllerActions
+from ww_callbacks.actions.binding import ActionBinding
 from ww_callbacks.actions.build import ActionSet
 from ww_callbacks.distributed import rank_info
 from ww_callbacks.executor import AnalysisExecutor, Finished, check_analyze_options
@@ -43,15 +43,16 @@ from ww_callbacks.history import History
 from ww_callbacks.reporting import ErrorReporter, format_line
 from ww_callbacks.run_dir import AUTO, run_folder
 from ww_callbacks.schedule import Schedule
-from ww_callbacks.state import ControllerState
+from ww_callbacks.state import RunState, StateField, delegate
 from ww_callbacks.trackers.base import Tracker, summary_scalars
 from ww_callbacks.trackers.fanout import DEFAULT_TIMEOUT, TrackerFanout
 from ww_callbacks.trackers.resolve import build_trackers, check_tracker_spec
+from ww_callbacks.warnings import warn
 
 __all__ = ["WeightWatcherController"]
 
 
-class WeightWatcherController(ControllerActions, ControllerState):
+class WeightWatcherController:
     """Schedules spectral analyses during training, records them and acts on them.
 
     Args:
@@ -128,17 +129,13 @@ class WeightWatcherController(ControllerActions, ControllerState):
         self.layers = check_layer_patterns(layers)
         if output_dir not in (None, AUTO) and not isinstance(output_dir, (str, os.PathLike)):
             raise ValueError(f"output_dir must be a path or None, got {output_dir!r}")
-        self._per_run = output_dir is AUTO
-        self.output_dir = os.fspath(output_dir) if output_dir not in (None, AUTO) else None
+        named_dir = os.fspath(output_dir) if output_dir not in (None, AUTO) else None
         self.tracker_spec = check_tracker_spec(trackers)
         self.reporter = ErrorReporter(log_fn, strict)
         self._fan_out = TrackerFanout(self.report, tracker_timeout, self.reporter.strict)
         self.action_set = ActionSet(freeze, freeze_options, balance_lr, lr_options, early_stop,
                                     early_stop_options)
-        self.extra_actions = list(actions or ())
-        for action in self.extra_actions:
-            if not callable(getattr(action, "on_analysis", None)):
-                raise ValueError(f"action {action!r} has no on_analysis(controller, result, step, epoch)")
+        self.binding = ActionBinding(self.action_set, actions, self.guard)
         if analyze_fn is not None and not callable(analyze_fn):
             raise ValueError(f"analyze_fn must be callable, got {analyze_fn!r}")
         check_analyze_options(analyze_fn, analyze_options)
@@ -147,67 +144,56 @@ class WeightWatcherController(ControllerActions, ControllerState):
         self.analyze_frozen = analyze_frozen
         self.executor = AnalysisExecutor(analyze_fn, self.layers, analyze_options, snapshot_budget)
 
-        self.history = History(self.output_dir, write=True)
+        self.history = History(named_dir, write=True)
+        self.state = RunState(self.history, self.schedule, self.action_set, self.executor,
+                              named_dir, output_dir is AUTO, self.log, self.guard)
         self.trackers: List[Tracker] = []
-        self.is_global_zero = True
-        self.configured = False
-        self.finished = False
-        self.last_step: Optional[int] = None     # last step analysed (or attempted)
-        self.num_analyses = 0
         self.last_result: Any = None
         self.last_scalars: Dict[str, float] = {}
         #: The step of the analysis :attr:`last_scalars` come from (``None`` before the first).
         self.last_scalars_step: Optional[int] = None
-        #: Why early stopping asked to stop (``None`` while it has not).
-        self.stop_reason: Optional[str] = None
         #: Analyses that fell due while another was still running (async mode), not run.
         self.skipped_analyses = 0
         #: Seconds the training loop waited inside the controller (the whole analysis when
         #: synchronous, only the weight copy and any final wait when asynchronous).
         self.blocking_seconds = 0.0
         self._keep_evals = False
-        self._bound = False
         self._last_seen: Optional[tuple] = None  # (model, step, epoch) of the last maybe_run
 
     format_line = staticmethod(format_line)
 
-    # ------------------------------------------------------------------ public helpers
-    @property
-    def strict(self) -> bool:
-        return self.reporter.strict
+    # ------------------------------------------------------------------ parts' attributes
+    last_step = StateField("state", "The last step analysed (or attempted), else ``None``.")
+    num_analyses = StateField("state", "Analyses recorded so far.")
+    output_dir = StateField("state", "The run's folder (``None``: history in memory only).")
+    per_run = StateField("state", "Whether :attr:`output_dir` is a per-run folder chosen in "
+                         ":meth:`configure`.", readonly=True)
+    is_global_zero = StateField("state", "Whether this process writes files, calls trackers, logs.")
+    configured = StateField("state", "Whether :meth:`configure` ran.")
+    finished = StateField("state", "Whether the run was closed.")
+    stop_reason = StateField("binding", "Why early stopping asked to stop (``None`` while it has not).")
+    frozen_layers = StateField("binding", "Layers frozen or suggested so far.", readonly=True)
+    lr_factors = StateField("binding", "The latest TempBalance factors.", readonly=True)
+    actions = StateField("binding", "The actions called after each analysis: built-in (freeze, LR, "
+                         "stop), then ``actions=``.", readonly=True)
+    extra_actions = StateField("binding", readonly=True)
+    strict = StateField("reporter", "Whether errors are re-raised.", readonly=True)
+    log_fn = StateField("reporter", "Where lines go.", readonly=True)
+    asynchronous = StateField("executor", "Whether analyses run in the background (decided in "
+                              ":meth:`configure`).", readonly=True)
+    analyze_options = StateField("executor", "``ww_core.analyze`` options.", readonly=True, attr="options")
+    pending = StateField("executor", "Whether a background analysis is still to be recorded.",
+                         readonly=True, attr="busy")
 
-    @property
-    def log_fn(self) -> Callable[[str], Any]:
-        return self.reporter.log_fn
+    sharded = property(lambda self: self.executor.group is not None,
+                       doc="Whether analyses are sharded across the ranks of a process group.")
 
-    @property
-    def per_run(self) -> bool:
-        """Whether :attr:`output_dir` is a per-run folder chosen in :meth:`configure`."""
-        return self._per_run
-
-    @property
-    def analyze_options(self) -> Dict[str, Any]:
-        return self.executor.options
-
-    @property
-    def asynchronous(self) -> bool:
-        """Whether analyses run in the background (decided in :meth:`configure`)."""
-        return self.executor.asynchronous
-
-    @property
-    def pending(self) -> bool:
-        """Whether a background analysis is still to be recorded."""
-        return self.executor.busy
-
-    @property
-    def sharded(self) -> bool:
-        """Whether analyses are sharded across the ranks of a process group."""
-        return self.executor.group is not None
-
-    @property
-    def actions(self) -> List[Any]:
-        """The actions called after each analysis: built-in (freeze, LR, stop), then ``actions=``."""
-        return self.action_set.actions() + self.extra_actions
+    bind_actions = delegate("binding", ActionBinding.bind)
+    start_actions = delegate("binding", ActionBinding.start)
+    state_dict = delegate("state", RunState.state_dict)
+    load_state_dict = delegate("state", RunState.load_state_dict)
+    save_state = delegate("state", RunState.save_state)
+    load_state = delegate("state", RunState.load_state)
 
     def published_scalars(self) -> Dict[str, float]:
         """What an adapter writes into its trainer's per-epoch metrics (Keras' ``logs``).
@@ -217,18 +203,17 @@ class WeightWatcherController(ControllerActions, ControllerState):
         ``analysis_step``, the step of that analysis; empty before the first one (no placeholder:
         Keras' monitors would take it as their best value).
         """
-        out: Dict[str, float] = dict(self.last_scalars)
-        if self.last_scalars_step is not None:
-            out["analysis_step"] = self.last_scalars_step
-        return out
+        step = self.last_scalars_step
+        return {**self.last_scalars, **({"analysis_step": step} if step is not None else {})}
 
-    def guard(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)``; its error is reported once under ``what`` (``None`` returned)."""
-        return self.reporter.guard(what, fn, *args, **kwargs)
+    guard = delegate("reporter", ErrorReporter.guard)
+    report = delegate("reporter", ErrorReporter.report)
 
-    def report(self, key: str, context: str, exc: BaseException) -> None:
-        """Report ``exc`` once per ``key`` (re-raised when ``strict``)."""
-        self.reporter.report(key, context, exc)
+    def misconfigured(self, message: Optional[str], stacklevel: int = 2) -> None:
+        """``message`` as a ``WeightWatcherWarning`` and a ``ww:`` log line (rank 0; if not empty)."""
+        if message and self.is_global_zero:
+            warn(message, stacklevel=stacklevel)
+            self.reporter.log(f"ww: {message}")
 
     def log(self, message: str) -> None:
         """One line to ``log_fn`` (rank 0 only)."""
@@ -240,7 +225,8 @@ class WeightWatcherController(ControllerActions, ControllerState):
                   trackers: Optional[Sequence[Tracker]] = None,
                   is_global_zero: Optional[bool] = None, current_step: Optional[int] = None,
                   output_dir: Optional[Union[str, os.PathLike]] = None,
-                  world_size: Optional[int] = None, base_dir: Optional[str] = None) -> None:
+                  world_size: Optional[int] = None, base_dir: Optional[str] = None,
+                  wrapper: Any = None) -> None:
         """Tell the controller the training plan; call once the trainer knows it, on every rank.
 
         Args:
@@ -259,6 +245,8 @@ class WeightWatcherController(ControllerActions, ControllerState):
             world_size: number of training processes (default: detected). Above 1,
                 ``async_analysis="auto"`` is synchronous and the default engine shards the
                 layers over the ranks (``new_group`` is a collective: every rank must call this).
+            wrapper: the framework's wrapper of the model its hooks pass (Lightning:
+                ``trainer.strategy.model``); a sharded (FSDP1) model is gathered from it.
 
         Raises:
             ValueError: an ``apply`` action without its framework function.
@@ -266,23 +254,21 @@ class WeightWatcherController(ControllerActions, ControllerState):
         zero, world = rank_info()
         is_global_zero = zero if is_global_zero is None else bool(is_global_zero)
         world_size = world if world_size is None else int(world_size)
-        if not self._bound:
+        if not self.binding.bound:
             self.bind_actions()
         self.executor.configure(world_size, (world_size == 1 and self.executor.default_engine)
-                                if self.async_analysis == "auto" else bool(self.async_analysis))
+                                if self.async_analysis == "auto" else bool(self.async_analysis), wrapper)
         if output_dir is not None:
-            self.output_dir, self._per_run = os.fspath(output_dir), False
-        elif self._per_run:
+            self.output_dir, self.state.per_run = os.fspath(output_dir), False
+        elif self.per_run:
             # the folder a loaded state points to, else the latest (resume) or a new one
             self.output_dir = self.history.output_dir or run_folder(base_dir or "ww-output",
                                                                     current_step, trackers or ())
         self.history.output_dir = self.output_dir
-        self.is_global_zero = self.reporter.is_global_zero = self.history.write = is_global_zero
-        warning = self.schedule.configure(total_steps, total_epochs)
-        if warning:
-            self.log(f"ww: {warning}")
+        self.state.is_global_zero = self.reporter.is_global_zero = self.history.write = is_global_zero
+        self.misconfigured(self.schedule.configure(total_steps, total_epochs), stacklevel=3)
         if current_step is not None:
-            self._resume_history(int(current_step))
+            self.state.resume(int(current_step))
         self.trackers = (build_trackers(self.tracker_spec, list(trackers or ()), self.output_dir,
                                         self.guard, self.reporter.log, self.strict)
                          if is_global_zero else [])
@@ -294,23 +280,14 @@ class WeightWatcherController(ControllerActions, ControllerState):
         self.configured = True
         self.finished = False
 
-    def _resume_history(self, current_step: int) -> None:
-        dropped = self.history.truncate(current_step)
-        recovered = (self.guard("reading the history file", self.history.recover, current_step) or 0) \
-            if current_step > 0 and self.is_global_zero else 0
-        steps = [s for s in (self.last_step, self.history.last_step) if s is not None]
-        self.last_step = min(max(steps), current_step) if steps else None
-        if dropped or recovered:
-            self.log(f"ww: resumed at step {current_step}: dropped {dropped} history rows recorded "
-                     f"after it, recovered {recovered} rows from {self.history.jsonl_path}")
-
     # ------------------------------------------------------------------ scheduling
     def should_run(self, step: int, epoch: int, epoch_end: bool = False) -> bool:
         """Whether an analysis is due at this point (and this step was not analysed yet)."""
         if self.finished:
             return False
         if not self.configured:
-            self.log("ww: configure() was not called; assuming an unknown training length")
+            self.misconfigured("configure() was not called; assuming an unknown training length",
+                               stacklevel=4)
             self.configure()
         if self.last_step is not None and step <= self.last_step:
             return False

@@ -14,8 +14,10 @@
 
 Sharded models (FSDP1 units, FSDP2 / ZeRO-3 layers) are gathered piece by piece into a CPU
 copy by :func:`ww_core.gather_snapshot` first (that copy is the snapshot: not copied again).
-Lightning's ``FSDPStrategy`` wraps the LightningModule from outside: the root unit
-(``trainer.strategy.model``) is found from the module (:func:`sharding_root`).
+A framework that wraps the model from outside (Lightning's ``FSDPStrategy`` wraps the
+LightningModule, whose hooks get the module itself) passes the wrapper to :meth:`configure`
+(``outer=``); the root unit is then gathered from it (:func:`sharding_root`). Nothing here knows
+a training framework.
 
 Example:
     >>> import numpy as np
@@ -79,17 +81,17 @@ def check_analyze_options(analyze_fn: Optional[Callable[..., Any]], options: Dic
                          f"{sorted(p for p in params if p not in ('source', 'layers'))}")
 
 
-def sharding_root(model: Any) -> Any:
+def sharding_root(model: Any, outer: Any = None) -> Any:
     """The FSDP1 root unit wrapping ``model`` from outside, else ``model``.
 
-    Lightning's ``FSDPStrategy`` wraps the LightningModule in ``FullyShardedDataParallel`` and
-    its callbacks receive the module itself, whose root-owned parameters are then flat shards
-    that only the root unit can gather. The root is ``model.trainer.strategy.model``.
+    ``outer`` is the framework's wrapper of ``model`` (given by the adapter). Lightning's
+    ``FSDPStrategy`` wraps the LightningModule in ``FullyShardedDataParallel`` and its callbacks
+    receive the module itself, whose root-owned parameters are then flat shards that only the
+    root unit can gather; its adapter passes ``trainer.strategy.model``.
     """
     from ww_core import unwrap_model
 
-    strategy = getattr(getattr(model, "_trainer", None), "strategy", None)
-    outer = unwrap_model(getattr(strategy, "model", None))
+    outer = unwrap_model(outer) if outer is not None else None
     if outer is None or outer is model or getattr(outer, "module", None) is not model:
         return model
     return outer if _holds_fsdp1_unit(outer) else model
@@ -161,6 +163,8 @@ class AnalysisExecutor:
         #: Asynchronous analyses run synchronously because the copy would not fit the budget.
         self.sync_fallbacks = 0
         self.asynchronous = False
+        #: The framework's wrapper of the model the hooks pass, if any (:func:`sharding_root`).
+        self.outer: Any = None
         self._group: Any = None
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pending: Optional[tuple] = None     # (future, step, epoch, started, hook_seconds)
@@ -180,10 +184,12 @@ class AnalysisExecutor:
         """The gloo process group of sharded analyses, else ``None``."""
         return self._group
 
-    def configure(self, world_size: int, asynchronous: bool) -> None:
+    def configure(self, world_size: int, asynchronous: bool, outer: Any = None) -> None:
         """Choose the mode; with ``world_size > 1`` and the default engine, make the gloo group
-        (``new_group`` is a collective: every rank must call this)."""
+        (``new_group`` is a collective: every rank must call this). ``outer``: the framework's
+        wrapper of the model its hooks pass (:func:`sharding_root`)."""
         self.asynchronous = bool(asynchronous)
+        self.outer = outer
         if world_size > 1 and self.default_engine and self._group is None:
             self._group = self._make_group()
 
@@ -215,7 +221,7 @@ class AnalysisExecutor:
         import ww_core
 
         opts = self.options
-        return ww_core.gather_snapshot(sharding_root(model), layers=self.layers,
+        return ww_core.gather_snapshot(sharding_root(model, self.outer), layers=self.layers,
                                        layer_types=opts.get("layer_types"),
                                        conv2d_norm=opts.get("conv2d_norm", True),
                                        split_qkv=opts.get("split_qkv", True))

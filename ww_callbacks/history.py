@@ -46,6 +46,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from ww_callbacks.atomic import append_bytes, atomic_open
 from ww_callbacks.values import plain_value
+from ww_callbacks.warnings import WeightWatcherWarning
 
 __all__ = ["History", "HistoryWarning", "HISTORY_KEYS", "MAX_PENDING_STATE_ROWS", "read_jsonl"]
 
@@ -62,10 +63,12 @@ MAX_PENDING_STATE_ROWS = 10_000
 MAX_PENDING_DECISIONS = 1_000
 
 
-class HistoryWarning(RuntimeWarning):
+class HistoryWarning(WeightWatcherWarning, RuntimeWarning):
     """The history files could not be written (rows kept in memory), or a history file holds a
     line cut short that was skipped when reading it. Filter with
-    ``warnings.filterwarnings("ignore", category=HistoryWarning)``."""
+    ``warnings.filterwarnings("ignore", category=HistoryWarning)`` (or with
+    :class:`~ww_callbacks.warnings.WeightWatcherWarning`, its base, with every other warning of
+    ``ww_callbacks``); still a ``RuntimeWarning``."""
 
 
 def _engine_columns() -> Sequence[str]:

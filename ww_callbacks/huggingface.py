@@ -56,6 +56,10 @@ def _tensorboard_dir(args: Any) -> Optional[str]:
     ``.<host>.<pid>.<n>``, so this process's newest file names the folder. Writing a second
     event file there puts our scalars in the same TensorBoard run.
     """
+    # transformers 5.25: the folder is public only on the TensorBoardCallback instance
+    # (``logging_dir``, ``tb_writer.log_dir``), and a callback is not given the other callbacks
+    # (CallbackHandler.call_event passes the model, optimizer, scheduler and data loaders only),
+    # so the folder is found from the files that callback wrote, not from its private state
     if os.environ.get("TENSORBOARD_LOGGING_DIR"):
         return os.path.expanduser(os.environ["TENSORBOARD_LOGGING_DIR"])
     pattern = f"events.out.tfevents.*.{socket.gethostname()}.{os.getpid()}.*"

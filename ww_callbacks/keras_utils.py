@@ -73,6 +73,9 @@ def layer_name(layer: Any) -> str:
 
 
 def _all_layers(model: Any) -> List[Any]:
+    # Keras 3.15: the public ``model.layers`` lists only the direct children; the recursive walk
+    # (layers held by custom layers too, the order ww_core reads them in) is only the private
+    # _flatten_layers, with no public equivalent
     if hasattr(model, "_flatten_layers"):
         return list(model._flatten_layers(include_self=False, recursive=True))
     return list(getattr(model, "layers", []))  # pragma: no cover - very old Keras
@@ -215,8 +218,14 @@ def freeze_layers(model: Any, names: Iterable[str]) -> List[str]:
         The layer names frozen.
 
     Example:
-        >>> freeze_layers(model, ["sequential.d0"])      # doctest: +SKIP
+        >>> import keras
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="d0"),
+        ...                           keras.layers.Dense(1, name="d1")], name="sequential")
+        >>> model.compile(optimizer="sgd", loss="mse")
+        >>> freeze_layers(model, ["sequential.d0"])
         ['sequential.d0']
+        >>> is_frozen(model, "sequential.d0"), is_frozen(model, "sequential.d1")
+        (True, False)
     """
     return _set_frozen(model, names, True)
 
@@ -250,8 +259,14 @@ class LayerLRScaler:
         optimizer: defaults to ``model.optimizer`` (compile first).
 
     Example:
-        >>> scaler = LayerLRScaler(model).install()                  # doctest: +SKIP
-        >>> scaler.set_factors({"sequential.d0": 0.5})               # doctest: +SKIP
+        >>> import keras, numpy as np
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="d0"),
+        ...                           keras.layers.Dense(1, name="d1")], name="sequential")
+        >>> model.compile(optimizer="sgd", loss="mse")
+        >>> scaler = LayerLRScaler(model).install()
+        >>> scaler.set_factors({"sequential.d0": 0.5})      # d0 at half the optimizer's LR
+        {'sequential.d0': 0.5}
+        >>> _ = model.fit(np.ones((16, 8)), np.ones((16, 1)), epochs=1, verbose=0)
     """
 
     def __init__(self, model: Any, optimizer: Any = None) -> None:

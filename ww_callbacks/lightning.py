@@ -12,11 +12,11 @@ from typing import Any, Dict, List, Optional
 
 try:
     import lightning.pytorch as pl
-    from lightning.pytorch.utilities import rank_zero_info
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 except ImportError:  # pragma: no cover - depends on which package is installed
     try:
         import pytorch_lightning as pl
-        from pytorch_lightning.utilities import rank_zero_info
+        from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
     except ImportError as exc:
         raise ImportError("ww_callbacks.lightning needs Lightning: "
                           "pip install 'ww-callbacks[lightning]'") from exc
@@ -24,6 +24,8 @@ except ImportError:  # pragma: no cover - depends on which package is installed
 from ww_callbacks.adapter import CallbackBase, override
 from ww_callbacks.controller import WeightWatcherController
 from ww_callbacks.torch_utils import model_param_groups as layer_param_groups
+from ww_callbacks.trackers.base import SUMMARY_KEYS
+from ww_callbacks.warnings import warn
 
 __all__ = ["WeightWatcherCallback", "layer_param_groups"]
 
@@ -33,6 +35,20 @@ _LOGGER_TRACKERS = {
     "MLFlowLogger": ("mlflow", lambda lg: {"client": lg.experiment, "run_id": lg.run_id}),
     "TensorBoardLogger": ("tensorboard", lambda lg: {"writer": lg.experiment}),
 }
+
+
+def _ddp_without_unused(strategy: Any) -> bool:
+    """Whether ``strategy`` runs DDP without ``find_unused_parameters=True``."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    # in a fit the strategy has wrapped the module before on_fit_start (Trainer._run calls
+    # strategy.setup first): the wrapper's public attribute says it
+    if isinstance(strategy.model, DistributedDataParallel):
+        return not strategy.model.find_unused_parameters
+    # not wrapped yet (a fit start driven by hand): Lightning 2.6's DDPStrategy keeps its DDP
+    # keywords only in the private _ddp_kwargs, with no public accessor
+    ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
+    return isinstance(ddp_kwargs, dict) and not ddp_kwargs.get("find_unused_parameters", False)
 
 
 class WeightWatcherCallback(CallbackBase, pl.Callback):
@@ -88,6 +104,7 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
         super().__init__()
         self._trainer: Any = None
         self._module: Any = None
+        self._lenient: List[Any] = []    # EarlyStopping callbacks made lenient for this fit
         self._setup_controller(controller, kwargs, log_fn=rank_zero_info)
 
     @override
@@ -142,14 +159,33 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
             raise ValueError("balance_lr=True needs per-layer named param groups; build the optimizer "
                              "with WeightWatcherCallback.param_groups(self, base_lr=...) in "
                              "configure_optimizers")
-        for cb in trainer.callbacks:   # EarlyStopping(monitor="ww/...", strict=True) would raise
-            if isinstance(cb, pl.callbacks.EarlyStopping) and str(cb.monitor).startswith("ww"):
-                cb.strict = False      # before the first analysis; the value exists after it
-        ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)   # no public accessor
-        if actions.freeze_mode == "apply" and trainer.world_size > 1 and isinstance(ddp_kwargs, dict) \
-                and not ddp_kwargs.get("find_unused_parameters", False):
+        self._make_early_stopping_lenient(trainer)
+        if actions.freeze_mode == "apply" and trainer.world_size > 1 \
+                and _ddp_without_unused(trainer.strategy):
             raise ValueError("freeze='apply' under DDP needs DDPStrategy(find_unused_parameters=True): "
                              "a frozen layer gets no gradient and DDP would raise in the next backward")
+
+    def _make_early_stopping_lenient(self, trainer: "pl.Trainer") -> None:
+        """``EarlyStopping(monitor="ww/<key>")`` with ``strict=True`` (its default) would raise at
+        the epoch ends before the first analysis: its public ``strict`` is turned off for this
+        fit and given back in :meth:`_restore_early_stopping`. A ``ww/`` key no analysis
+        publishes is warned about (:class:`~ww_callbacks.warnings.WeightWatcherWarning`)."""
+        self._restore_early_stopping()
+        for cb in trainer.callbacks:
+            if not (isinstance(cb, pl.callbacks.EarlyStopping) and str(cb.monitor).startswith("ww/")):
+                continue
+            if cb.monitor[len("ww/"):] not in SUMMARY_KEYS:
+                warn(f"EarlyStopping(monitor={cb.monitor!r}) watches a key WeightWatcherCallback "
+                     f"never publishes; known: {['ww/' + k for k in SUMMARY_KEYS]}", stacklevel=3,
+                     warn_fn=rank_zero_warn)
+            elif cb.strict:
+                cb.strict = False
+                self._lenient.append(cb)
+
+    def _restore_early_stopping(self) -> None:
+        for cb in self._lenient:
+            cb.strict = True
+        self._lenient = []
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -164,7 +200,7 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
             total_epochs=trainer.max_epochs if trainer.max_epochs not in (None, -1) else None,
             trackers=self._trackers(trainer) if zero else [], is_global_zero=zero,
             current_step=trainer.global_step, world_size=trainer.world_size,
-            base_dir=os.path.join(trainer.default_root_dir, "ww-output"))
+            base_dir=os.path.join(trainer.default_root_dir, "ww-output"), wrapper=trainer.strategy.model)
 
     def _maybe_run(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch_end: bool) -> None:
         if trainer.sanity_checking:
@@ -190,9 +226,11 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # after the last epoch Lightning has already advanced current_epoch past it
         epoch = max(trainer.current_epoch - (1 if trainer.fit_loop.epoch_loop.done else 0), 0)
+        self._restore_early_stopping()
         self.controller.finish(pl_module, step=trainer.global_step, epoch=epoch)
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                      exception: BaseException) -> None:
+        self._restore_early_stopping()
         self.controller.close()

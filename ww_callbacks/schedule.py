@@ -96,7 +96,8 @@ class Schedule:
         return "steps" if self.every_n_steps is not None else "epochs"
 
     def configure(self, total_steps: Any = None, total_epochs: Any = None) -> Optional[str]:
-        """Record the planned length; returns a warning text when the start falls back.
+        """Record the planned length; returns a warning text when the start falls back or the
+        schedule never falls due within the planned length.
 
         ``total_steps``/``total_epochs`` of ``None``, ``-1``, ``0`` or ``inf`` mean unknown.
         """
@@ -106,6 +107,21 @@ class Schedule:
             return (f"the total training length is unknown (total_steps={total_steps!r}, "
                     f"total_epochs={total_epochs!r}), so start_fraction={self.start_fraction:g} "
                     "cannot be applied: analyses start immediately")
+        return self._never_due()
+
+    def _never_due(self) -> Optional[str]:
+        """Why no analysis falls due before the planned end, else ``None``."""
+        if self.every_n_steps is not None and self.total_steps is not None:
+            n = self.every_n_steps
+            first = n * math.ceil(max(self.start_step or 0, 1) / n)
+            if first > self.total_steps:
+                return (f"every_n_steps={n} with start_fraction={self.start_fraction:g} first falls due "
+                        f"at step {first}, after the planned {self.total_steps} steps: only the final "
+                        "analysis at the end of training runs")
+        if self.every_n_steps is None and self.total_epochs is not None \
+                and self.every_n_epochs > self.total_epochs:
+            return (f"every_n_epochs={self.every_n_epochs} is more than the planned {self.total_epochs} "
+                    "epochs: only the final analysis at the end of training runs")
         return None
 
     @property

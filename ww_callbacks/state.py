@@ -1,29 +1,99 @@
-"""The controller's checkpoint state: what a resumed run needs to continue the same record.
+"""The controller's run state and its checkpoint form.
 
-The history is not in it: ``history.jsonl`` in the run folder is the record, and the state
-points into it (folder, last step, row count); a resume reads the rows back from there. Only rows
-that could not be written to it (a full or read-only disk) travel in the state, until a write
+:class:`RunState` is owned by :class:`~ww_callbacks.controller.WeightWatcherController`
+(``controller.state``): the run's counters and output folder, and the parts it saves with them,
+all given to it explicitly (the history, the schedule, the action set, the executor, the error
+policy). The controller holds the run logic; this module holds the persistence.
+
+The history is not in the checkpoint: ``history.jsonl`` in the run folder is the record, and the
+state points into it (folder, last step, row count); a resume reads the rows back from there. Only
+rows that could not be written to it (a full or read-only disk) travel in the state, until a write
 succeeds (:meth:`ww_callbacks.history.History.state_dict`).
-
-Kept in a mixin of :class:`~ww_callbacks.controller.WeightWatcherController` so that the
-controller module holds the run logic and this one the persistence.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from ww_callbacks.atomic import read_json, write_json
 
-__all__ = ["ControllerState", "STATE_VERSION"]
+__all__ = ["RunState", "StateField", "delegate", "STATE_VERSION"]
 
-#: Version of :meth:`ControllerState.state_dict`; a newer one is refused.
+#: Version of :meth:`RunState.state_dict`; a newer one is refused.
 STATE_VERSION = 1
 
 
-class ControllerState:
-    """``state_dict`` / ``load_state_dict`` and their file forms, for the controller."""
+class StateField:
+    """A controller attribute kept in one of its parts: ``last_step = StateField("state")``
+    reads and writes ``controller.state.last_step`` (``readonly=True``: reads only; ``attr``: the
+    part's attribute, when its name differs)."""
+
+    def __init__(self, part: str, doc: Optional[str] = None, readonly: bool = False,
+                 attr: Optional[str] = None) -> None:
+        self.part, self.readonly, self.__doc__, self.name = part, readonly, doc, attr
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = self.name or name
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self
+        return getattr(getattr(obj, self.part), self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        if self.readonly:
+            raise AttributeError(f"{self.name} is read-only")
+        setattr(getattr(obj, self.part), self.name, value)
+
+
+def delegate(part: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    """A controller method that calls ``func`` (a method of one of its parts) on that part:
+    ``state_dict = delegate("state", RunState.state_dict)``; same signature and docstring."""
+    @functools.wraps(func)
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return func(getattr(self, part), *args, **kwargs)
+    return method
+
+
+class RunState:
+    """What a run has done so far, and its checkpoint form.
+
+    Args:
+        history: the run's :class:`~ww_callbacks.history.History`.
+        schedule: its :class:`~ww_callbacks.schedule.Schedule` (described in the state).
+        action_set: its :class:`~ww_callbacks.actions.ActionSet` (state saved when enabled).
+        executor: its :class:`~ww_callbacks.executor.AnalysisExecutor` (is one in flight?).
+        output_dir: the named output folder, else ``None``.
+        per_run: whether the folder is chosen per run (no ``output_dir`` named).
+        log: one line to the user (rank 0).
+        guard: the error policy's ``guard(what, fn, *args)``.
+    """
+
+    def __init__(self, history: Any, schedule: Any, action_set: Any, executor: Any,
+                 output_dir: Optional[str], per_run: bool, log: Callable[[str], Any],
+                 guard: Callable[..., Any]) -> None:
+        self.history, self.schedule, self.action_set, self.executor = history, schedule, action_set, executor
+        self.output_dir, self.per_run = output_dir, per_run
+        self.log, self.guard = log, guard
+        self.last_step: Optional[int] = None     # last step analysed (or attempted)
+        self.num_analyses = 0
+        self.is_global_zero = True
+        self.configured = False
+        self.finished = False
+
+    def resume(self, current_step: int) -> None:
+        """Align the history with a resumed trainer at ``current_step`` (drop later rows,
+        recover earlier ones the checkpoint missed)."""
+        dropped = self.history.truncate(current_step)
+        recovered = (self.guard("reading the history file", self.history.recover, current_step) or 0) \
+            if current_step > 0 and self.is_global_zero else 0
+        steps = [s for s in (self.last_step, self.history.last_step) if s is not None]
+        self.last_step = min(max(steps), current_step) if steps else None
+        if dropped or recovered:
+            self.log(f"ww: resumed at step {current_step}: dropped {dropped} history rows recorded "
+                     f"after it, recovered {recovered} rows from {self.history.jsonl_path}")
 
     def state_dict(self) -> Dict[str, Any]:
         """JSON-serialisable state for checkpoints: a pointer into the history files, the last
@@ -54,7 +124,7 @@ class ControllerState:
             raise ValueError(f"state version {state.get('version')} is newer than this "
                              f"ww_callbacks understands ({STATE_VERSION})")
         missing = self.history.load_state_dict(state.get("history", {}))
-        if self.output_dir is not None and not self._per_run:
+        if self.output_dir is not None and not self.per_run:
             self.history.output_dir = self.output_dir       # a named folder wins over the pointer
         elif self.history.output_dir is not None:
             self.output_dir = self.history.output_dir

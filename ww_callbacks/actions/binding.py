@@ -1,7 +1,8 @@
 """The controller's action API: binding the framework functions, starting a fit, the results.
 
-A mixin of :class:`~ww_callbacks.controller.WeightWatcherController`; the policies and their
-option parsing are in :mod:`ww_callbacks.actions.build`.
+:class:`ActionBinding` is owned by :class:`~ww_callbacks.controller.WeightWatcherController`
+(``controller.binding``) and given what it uses; the policies and their option parsing are in
+:mod:`ww_callbacks.actions.build`.
 """
 
 from __future__ import annotations
@@ -10,16 +11,39 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ww_callbacks.distributed import broadcast_object
 
-__all__ = ["ControllerActions"]
+__all__ = ["ActionBinding"]
 
 
-class ControllerActions:
-    """``bind_actions`` / ``start_actions`` and the actions' results, for the controller."""
+class ActionBinding:
+    """``bind`` / ``start`` of the actions, the actions called after each analysis, their results.
 
-    def bind_actions(self, freeze_fn: Optional[Callable[[List[str], List[str]], Any]] = None,
-                     lr_fn: Optional[Callable[[Dict[str, float]], Any]] = None,
-                     stop_fn: Optional[Callable[[str], Any]] = None,
-                     sync_fn: Optional[Callable[[Any], Any]] = broadcast_object) -> None:
+    Args:
+        action_set: the built-in policies (:class:`~ww_callbacks.actions.ActionSet`).
+        extra: further objects with ``on_analysis(controller, result, step, epoch)``.
+        guard: the error policy's ``guard(what, fn, *args)``.
+
+    Raises:
+        ValueError: an ``extra`` action without ``on_analysis``.
+    """
+
+    def __init__(self, action_set: Any, extra: Optional[Sequence[Any]], guard: Callable[..., Any]) -> None:
+        self.action_set, self.extra, self.guard = action_set, list(extra or ()), guard
+        for action in self.extra:
+            if not callable(getattr(action, "on_analysis", None)):
+                raise ValueError(f"action {action!r} has no on_analysis(controller, result, step, epoch)")
+        self.bound = False
+        #: Why early stopping asked to stop (``None`` while it has not).
+        self.stop_reason: Optional[str] = None
+
+    @property
+    def actions(self) -> List[Any]:
+        """The actions called after each analysis: built-in (freeze, LR, stop), then ``extra``."""
+        return self.action_set.actions() + self.extra
+
+    def bind(self, freeze_fn: Optional[Callable[[List[str], List[str]], Any]] = None,
+             lr_fn: Optional[Callable[[Dict[str, float]], Any]] = None,
+             stop_fn: Optional[Callable[[str], Any]] = None,
+             sync_fn: Optional[Callable[[Any], Any]] = broadcast_object) -> None:
         """Give the actions their framework functions (may be called again, e.g. by a new adapter).
 
         Args:
@@ -40,15 +64,15 @@ class ControllerActions:
                 stop_fn(reason)
 
         self.action_set.bind(freeze_fn=freeze_fn, lr_fn=lr_fn, stop_fn=stop, sync_fn=sync_fn)
-        self._bound = True
+        self.bound = True
 
-    def start_actions(self, protect: Sequence[str] = ()) -> None:
+    def start(self, protect: Sequence[str] = ()) -> None:
         """At the start of a fit: never freeze ``protect`` (e.g. a tied output head) and
         re-freeze what a restored state froze (``requires_grad``/``trainable`` are not saved)."""
         if self.action_set.freeze_policy.protect_head and protect:
             self.action_set.freeze_policy.protect_names(list(protect))
-        if not self._bound:
-            self.bind_actions()
+        if not self.bound:
+            self.bind()
         self.guard("re-applying frozen layers", self.action_set.reapply)
 
     @property

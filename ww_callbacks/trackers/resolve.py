@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from ww_callbacks.trackers import TRACKERS, make_tracker
 from ww_callbacks.trackers.base import Tracker
+from ww_callbacks.warnings import warn
 
 __all__ = ["check_tracker_spec", "build_trackers", "active_wandb_tracker",
            "active_mlflow_tracker"]
@@ -89,7 +90,8 @@ def build_trackers(spec: Union[str, List[Any]], framework: Sequence[Tracker],
         log_fn: where the local tracker reports its own problems.
         strict: passed to the local tracker.
     """
-    if spec == "auto":
+    named = spec != "auto"
+    if not named:
         spec = list(framework) + ["local"]
     by_name = {getattr(t, "name", None): t for t in framework}
     out: List[Tracker] = []
@@ -97,6 +99,9 @@ def build_trackers(spec: Union[str, List[Any]], framework: Sequence[Tracker],
         if not isinstance(item, str):
             out.append(item)
         elif item == "local":
+            if output_dir is None and named:
+                warn("trackers=[..., 'local', ...] with output_dir=None: the local record needs a "
+                     "folder and is left out", stacklevel=4)
             if output_dir is not None:
                 from ww_callbacks.trackers.local import LocalTracker
 

@@ -225,6 +225,8 @@ class WandbTracker(Tracker):
             else:
                 for values in chunk:
                     table.add_data(*values)
+                # wandb 0.31: an incremental table's increment count is only the private
+                # _increment_num (no public accessor); absent, the warning is just not given
                 if getattr(table, "_increment_num", 0) and table._increment_num >= 99:
                     self._warn_once("increments", f"{key} has more than 100 increments; the W&B "
                                     "workspace shows the latest 100 (every increment stays in "
