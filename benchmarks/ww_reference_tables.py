@@ -63,24 +63,11 @@ RANDOM_COLUMNS = ("rand_num_spikes", "num_traps", "rand_distance", "ww_softrank"
 
 
 def reference_model():
-    """The torch module described in the module docstring (the same as tests/test_engine.py's)."""
-    import torch
-
+    """The torch module described in the module docstring (``tests/helpers.reference_model``)."""
     sys.path.insert(0, str(REPO / "tests"))
-    from helpers import spec_matrices  # numpy only: the one definition of the draws
+    from helpers import reference_model as build  # numpy at import: the one definition of the model
 
-    A, B, C = spec_matrices()
-    m = torch.nn.Module()
-    m.conv = torch.nn.Conv2d(64, 128, 3, bias=False)
-    m.fc1 = torch.nn.Linear(500, 1000)
-    m.fc2 = torch.nn.Linear(500, 1000)
-    m.small = torch.nn.Linear(5, 7)
-    m.ln = torch.nn.LayerNorm(10)
-    with torch.no_grad():
-        m.conv.weight.copy_(torch.from_numpy(C))
-        m.fc1.weight.copy_(torch.from_numpy(A))
-        m.fc2.weight.copy_(torch.from_numpy(B))
-    return m.eval()
+    return build()
 
 
 def weight_sha256(array) -> str:

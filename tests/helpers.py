@@ -38,6 +38,27 @@ def spec_matrices():
     return [x.astype(np.float32) for x in (A, B, C)]
 
 
+def reference_model():
+    """A torch module holding :func:`spec_matrices`: ``conv``, ``fc1``, ``fc2`` (float32), plus
+    ``small`` (5 < min_evals columns) and a LayerNorm, which both tools skip. WeightWatcher
+    0.7.7's results on it are ``tests/data/ww077_reference.json`` (written by
+    ``benchmarks/ww_reference_tables.py``, which imports this function)."""
+    import torch
+
+    A, B, C = spec_matrices()
+    m = torch.nn.Module()
+    m.conv = torch.nn.Conv2d(64, 128, 3, bias=False)
+    m.fc1 = torch.nn.Linear(500, 1000)
+    m.fc2 = torch.nn.Linear(500, 1000)
+    m.small = torch.nn.Linear(5, 7)
+    m.ln = torch.nn.LayerNorm(10)
+    with torch.no_grad():
+        m.conv.weight.copy_(torch.from_numpy(C))
+        m.fc1.weight.copy_(torch.from_numpy(A))
+        m.fc2.weight.copy_(torch.from_numpy(B))
+    return m.eval()
+
+
 def heavy_tailed(rng, shape, mu=2.5):
     """Random-sign Pareto(mu) entries scaled by 1/sqrt(rows), float32: alpha in the trained range."""
     signs = rng.choice([-1.0, 1.0], size=shape)
@@ -186,3 +207,15 @@ class FrozenParamSnapshot:
         for name, p in self.module.named_parameters():
             if not p.requires_grad and name not in self.at:
                 self.at[name] = (step, p.detach().clone())
+
+
+def keras_classifier(keras):
+    """A small compiled Keras classifier (16 → 32 → 32 → 4, seeded) and its data ``(x, y)``."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((128, 16)).astype("float32")
+    y = (x @ rng.standard_normal((16, 4))).argmax(1)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"),
+                              keras.layers.Dense(32, activation="relu"), keras.layers.Dense(4)])
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model, x, y

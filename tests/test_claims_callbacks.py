@@ -13,6 +13,7 @@ import statistics
 
 import pytest
 
+from helpers import keras_classifier
 from ww_callbacks.trackers.base import SUMMARY_KEYS
 
 pytestmark = pytest.mark.slow
@@ -141,17 +142,9 @@ def _keras_fit(tmp_path, ww_kwargs, extra_callbacks, epochs, before=None):
     keras = pytest.importorskip("keras")
     if keras.config.backend() != "torch":  # pragma: no cover - the py311 env runs Keras on torch
         pytest.skip("Keras on the torch backend only here")
-    import numpy as np
-
     from ww_callbacks.keras import WeightWatcherCallback
 
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((128, 16)).astype("float32")
-    y = (x @ rng.standard_normal((16, 4))).argmax(1)
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"),
-                              keras.layers.Dense(32, activation="relu"), keras.layers.Dense(4)])
-    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model, x, y = keras_classifier(keras)
     cb = WeightWatcherCallback(output_dir=str(tmp_path / "ww"), trackers=None, **ww_kwargs)
     callbacks = [cb] + [make(keras) for make in extra_callbacks]
     ahead = before(keras, cb) if before else []

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import ww_core
-from helpers import float32_alpha_tol, float32_resolution, spec_matrices
+from helpers import float32_alpha_tol, float32_resolution, reference_model, spec_matrices
 from ww_core.powerlaw import EVALS_THRESH, fit_powerlaw, hill_alpha
 
 torch = pytest.importorskip("torch")
@@ -46,25 +46,6 @@ WW_COLUMN = {k: k for k in ("N", "M", "rf", "num_evals", "alpha", "xmin", "xmax"
                             "log_alpha_norm", "stable_rank", "entropy", "matrix_rank", "status",
                             "warning")}
 WW_COLUMN["spectral_norm"] = "lambda_max"
-
-
-def reference_model():
-    """conv, fc1, fc2 hold helpers.spec_matrices() (float32); ``small`` (5 < min_evals columns)
-    and the LayerNorm are skipped by both tools. The same model as
-    benchmarks/ww_reference_tables.py builds; test_reference_model_is_the_one_weightwatcher_ran
-    checks the weights by their hashes."""
-    A, B, C = spec_matrices()
-    m = torch.nn.Module()
-    m.conv = torch.nn.Conv2d(64, 128, 3, bias=False)
-    m.fc1 = torch.nn.Linear(500, 1000)
-    m.fc2 = torch.nn.Linear(500, 1000)
-    m.small = torch.nn.Linear(5, 7)
-    m.ln = torch.nn.LayerNorm(10)
-    with torch.no_grad():
-        m.conv.weight.copy_(torch.from_numpy(C))
-        m.fc1.weight.copy_(torch.from_numpy(A))
-        m.fc2.weight.copy_(torch.from_numpy(B))
-    return m
 
 
 def assert_matches_ww(got, expected, label):

@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+from helpers import keras_classifier
+
 torch = pytest.importorskip("torch")
 pl = pytest.importorskip("lightning.pytorch")
 
@@ -101,7 +103,7 @@ def test_checkpoint_state_of_a_100_layer_model_is_small(tmp_path):
     assert len(cb.history.steps) == 14 and len({r["name"] for r in cb.history.rows}) == 100
     state = torch.load(str(tmp_path / "ckpt" / "last.ckpt"), weights_only=False)["callbacks"]
     (ours,) = [v for k, v in state.items() if k.startswith("WeightWatcherCallback")]
-    assert len(json.dumps(ours)) <= 64 * 1024
+    assert len(json.dumps(ours)) <= 45_000     # README: 36 KB at 120 layers; +25%
     # the default folder is per run, under the trainer's root, and the state points into it
     (folder,) = glob.glob(str(tmp_path / "ww-output" / "*"))
     assert ours["history"]["output_dir"] == folder == cb.controller.output_dir
@@ -113,17 +115,9 @@ def test_keras_writes_its_values_into_logs(tmp_path, capsys):
     keras = pytest.importorskip("keras")
     if keras.config.backend() != "torch":  # pragma: no cover
         pytest.skip("Keras on the torch backend only here")
-    import numpy as np
-
     from ww_callbacks.keras import WeightWatcherCallback as KerasCallback
 
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((128, 16)).astype("float32")
-    y = (x @ rng.standard_normal((16, 4))).argmax(1)
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"),
-                              keras.layers.Dense(32, activation="relu"), keras.layers.Dense(4)])
-    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model, x, y = keras_classifier(keras)
     cb = KerasCallback(every_n_epochs=1, start_fraction=0.0, async_analysis=False,
                        output_dir=str(tmp_path / "ww"))
     log = keras.callbacks.CSVLogger(str(tmp_path / "log.csv"))
