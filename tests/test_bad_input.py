@@ -2,6 +2,7 @@
 nothing raises anything else. (NaN/Inf and zero state-dict matrices, fp16/bf16 state dicts,
 meta/lazy modules, truncated safetensors and a malicious .pt are in test_engine.py.)"""
 
+import json
 import math
 import pickle
 
@@ -314,3 +315,45 @@ def test_review_regressions_byte_order_lazy_conv_old_pickle_and_bad_shape(tmp_pa
     snap = ww_core.snapshot({"c.weight": torch.randn(16, 8, 3, 3)}, conv2d_norm=False)
     res = ww_core.analyze(snap)
     assert res.options["conv2d_norm"] is False and res["c"].scale == 1.0
+
+
+def test_hf_checkpoint_folder_reads_its_weights_and_never_unpickles_trainer_files(tmp_path, capsys):
+    """An HF Trainer checkpoint folder with ``.bin`` weights: ``training_args.bin`` and the
+    optimizer, scheduler, scaler and RNG states sit beside ``pytorch_model.bin``. Only the weights
+    are read; the others (here pickles that would create a file) are never opened."""
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "checkpoint-40"
+    ckpt.mkdir()
+    torch.save({"fc1.weight": torch.randn(64, 32), "fc2.weight": torch.randn(48, 64)},
+               ckpt / "pytorch_model.bin")
+    for name in ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth",
+                 "rng_state_1.pth"):
+        (ckpt / name).write_bytes(pickle.dumps(_Payload(str(marker))))
+    assert ww_core.analyze(ckpt).names == ["fc1", "fc2"]
+    assert cli_main([str(ckpt), "--no-progress"]) == 0
+    assert "fc2" in capsys.readouterr().out
+    assert not marker.exists()
+    # nothing but trainer files: a clear error naming what a weight file is, nothing unpickled
+    (ckpt / "pytorch_model.bin").unlink()
+    with pytest.raises(ww_core.SourceError, match="no .safetensors, .bin or .pt weight files"):
+        ww_core.analyze(ckpt)
+    assert not marker.exists()
+
+
+def test_folder_with_an_index_reads_the_listed_shards_only(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for key, file in (("a", "model-00001-of-00002"), ("b", "model-00002-of-00002"), ("stray", "old-copy")):
+        safetensors_torch.save_file({f"{key}.weight": torch.randn(64, 32)},
+                                    str(folder / f"{file}.safetensors"))
+    index = {"metadata": {}, "weight_map": {"a.weight": "model-00001-of-00002.safetensors",
+                                            "b.weight": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert ww_core.analyze(folder).names == ["a", "b"]
+    # an index naming a shard that is not there: one clear line
+    index["weight_map"]["c.weight"] = "model-00003-of-00003.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ww_core.SourceError, match="not in the folder") as info:
+        ww_core.analyze(folder)
+    assert "\n" not in str(info.value)

@@ -14,6 +14,7 @@ weight, a quantized, lazy or meta parameter, a sparse or integer tensor) is a la
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 from pathlib import Path
@@ -209,20 +210,50 @@ def state_dict_layers(sd: Mapping[str, Any], conv_norm: bool = True,
 
 # --------------------------------------------------------------------------- files
 
+#: Files a training framework writes beside the weights (the HF Trainer's checkpoint folders):
+#: never read, since they are not weights and unpickling them could run code.
+NOT_WEIGHTS = re.compile(r"^(training_args\.bin|optimizer\.(pt|bin)|scheduler\.pt|scaler\.pt"
+                         r"|rng_state(_\d+)?\.pth)$")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def folder_weight_files(path: Path) -> List[Path]:
+    """The weight files of a folder: the shards its ``*.index.json`` lists (safetensors first),
+    else its ``.safetensors`` files, else its ``.bin``/``.pt``/``.pth`` files other than the
+    trainer's own (``training_args.bin``, optimizer, scheduler, scaler and RNG states), sorted.
+
+    Raises:
+        SourceError: an index that cannot be read or names a missing file; no weight file.
+    """
+    for index_name in WEIGHT_INDEXES:
+        index = path / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = sorted({path / str(f) for f in weight_map.values()})
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise SourceError(f"{index}: not a readable weight index ({exc})") from None
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise SourceError(f"{index}: lists shards that are not in the folder: {missing[:5]}")
+            return files
+    st = sorted(path.glob("*.safetensors"))
+    if st:
+        return st
+    files = sorted(p for p in path.iterdir()
+                   if p.suffix in (".bin", ".pt", ".pth") and not NOT_WEIGHTS.match(p.name))
+    if not files:
+        raise SourceError(f"{path}: folder holds no .safetensors, .bin or .pt weight files")
+    return files
+
+
 def file_layers(path: Path, conv_norm: bool = True, split_qkv: bool = True) -> List[LayerMatrices]:
     """Layers of a .safetensors / .pt / .bin / .pth / .ckpt file or a folder of shards."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_dir():
-        st = sorted(path.glob("*.safetensors"))
-        if st:
-            files = st
-        else:
-            files = sorted(p for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-        if not files:
-            raise SourceError(f"{path}: folder holds no .safetensors, .bin or .pt files")
         layers: List[LayerMatrices] = []
-        for f in files:                      # shards in sorted order, as WeightWatcher
+        for f in folder_weight_files(path):  # shards in sorted order, as WeightWatcher
             layers.extend(file_layers(f, conv_norm, split_qkv))
         return layers
     suffix = path.suffix.lower()
