@@ -9,8 +9,8 @@ torch thread:
 * ``by_name``: the prefix's analysed layers frozen (``freeze_layers(model, names)``, what
   ``freeze="apply"`` does by default): their norms and biases between them still train, so the
   input gradients and the autograd graph still run through the prefix;
-* ``whole_prefix``: the same layers with ``whole_prefix=True`` (``freeze_options={"order":
-  "prefix"}``): nothing before the first trainable layer trains, so autograd records no graph
+* ``whole_prefix``: the same layers with ``whole_prefix=True`` (``Freeze(order=
+  "prefix")``): nothing before the first trainable layer trains, so autograd records no graph
   through the prefix and the backward pass stops at its end.
 
 Reported: median forward and forward+backward+optimizer-step seconds over ``--steps`` steps, and

@@ -9,7 +9,7 @@ configuration trains the same model from the same seed in a plain PyTorch loop, 
 * ``alpha``: ``WeightWatcherController(freeze="apply")`` with the options that were the defaults
   before this study (``order="any"``, band (2, 6)), one synchronous analysis every 10% of the
   steps from the start (the analysis time is counted in the run's time);
-* ``alpha_prefix``: the same with ``freeze_options={"order": "prefix", "band": None}`` (the
+* ``alpha_prefix``: the same with ``Freeze(order="prefix", band=None)`` (the
   defaults since this study): layers
   are frozen front to back only, when their alpha has settled whatever its value (pretrained
   embeddings and stems sit outside the 2-6 band), and the whole frozen prefix (its norms and
@@ -64,16 +64,16 @@ warnings.filterwarnings("ignore")
 
 from freeze_tasks import TASKS, BackwardCost  # noqa: E402
 
-from ww_callbacks import WeightWatcherController  # noqa: E402
+from ww_callbacks import Freeze, WeightWatcherController  # noqa: E402
 from ww_callbacks.torch_utils import freeze_layers, model_layer_names, resolve_layer_params  # noqa: E402
 
 CONFIGS = ("none", "alpha", "alpha_prefix", "alpha_early", "random", "front", "static", "autofreeze")
-#: The controller configurations: (freeze_options, analyses per run).
+#: The controller configurations: (Freeze options, analyses per run).
 #: Before this study the defaults were order "any" and band (2, 6); pinned here so that the
 #: records keep their meaning whatever the defaults are now.
-ALPHA = {"alpha": ({"order": "any", "band": "default"}, 10),
+ALPHA = {"alpha": ({"order": "any", "band": "weightwatcher"}, 10),
          "alpha_prefix": ({"order": "prefix", "band": None}, 10),
-         "alpha_early": ({"order": "any", "band": "default", "window": 2}, 20)}
+         "alpha_early": ({"order": "any", "band": "weightwatcher", "window": 2}, 20)}
 RESULTS = os.path.join(HERE, "results", "freeze_study.jsonl")
 CHECKS = 10  # analyses / AutoFreeze checks per run
 EVALS = 8  # accuracy measurements per run
@@ -152,8 +152,8 @@ def run_one(task, config: str, seed: int, reference: Dict[str, Any], workdir: st
         opts = ALPHA[config][0]
         ww = WeightWatcherController(start_fraction=0.0, every_n_steps=every, async_analysis=False,
                                      output_dir=os.path.join(workdir, f"{task.name}-{config}-{seed}"),
-                                     trackers=["local"], log_fn=lambda line: None, freeze="apply",
-                                     freeze_options=opts)
+                                     trackers=["local"], log_fn=lambda line: None,
+                                     freeze=Freeze.apply(**opts))
 
         def on_freeze(freeze, unfreeze):
             policy = ww.action_set.freeze_policy

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-from ww_callbacks import WeightWatcherController  # noqa: E402
+from ww_callbacks import Freeze, WeightWatcherController  # noqa: E402
 from ww_callbacks.torch_utils import freeze_layers, unfreeze_layers  # noqa: E402
 
 
@@ -55,8 +55,8 @@ def main(argv=None) -> dict:
     batch, steps_per_epoch = 64, -(-len(x) // 64)
 
     ww = WeightWatcherController(start_fraction=0.3, every_n_epochs=1, output_dir=args.out,
-                                 trackers=["local"], log_fn=print, freeze=args.freeze,
-                                 freeze_options={"preset": "default", "window": 2, "tol": 0.1})
+                                 trackers=["local"], log_fn=print,
+                                 freeze=Freeze(mode=args.freeze, band="weightwatcher", window=2, tol=0.1))
     # the framework side of freeze="apply": plain torch functions over this model and optimizer
     ww.bind_actions(freeze_fn=lambda f, u: (freeze_layers(model, f, [opt]), unfreeze_layers(model, u)))
     with ww:

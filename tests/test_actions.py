@@ -50,10 +50,10 @@ def test_settle_detection_uses_the_last_window_values():
 
 
 def test_band_and_presets():
-    assert PRESETS["default"] == (2.0, 6.0) and set(PRESETS) >= {"vision", "nlp"}
+    assert PRESETS["weightwatcher"] == (2.0, 6.0) and set(PRESETS) >= {"vision", "nlp"}
     layers = [L("low", 1.8), L("mid", 3.5), L("high", 6.5), L("head")]
     hist = {n: [l.alpha] * 3 for n, l in zip(["low", "mid", "high", "head"], layers)}
-    assert FreezePolicy("apply", band="default", max_share=1.0, order="any").decide(
+    assert FreezePolicy("apply", band="weightwatcher", max_share=1.0, order="any").decide(
         hist, layers).freeze == ["mid"]
     assert FreezePolicy().band == (-math.inf, math.inf)        # no band test by default
     assert FreezePolicy("apply", max_share=1.0, order="any").decide(hist, layers).freeze == [
@@ -96,7 +96,7 @@ def test_max_share_caps_frozen_layers_in_model_order():
 
 
 def test_unfreeze_on_drift_with_margin_and_flags():
-    p = FreezePolicy("suggest", max_share=1.0, unfreeze=True, unfreeze_margin=0.5, band="default")
+    p = FreezePolicy("suggest", max_share=1.0, unfreeze=True, unfreeze_margin=0.5, band="weightwatcher")
     layers = [L("a"), L("b"), L("head")]
     hist = {l.name: SETTLED for l in layers}
     assert p.decide(hist, layers).freeze == ["a", "b"]
@@ -132,9 +132,9 @@ def test_prefix_order_freezes_front_to_back_only():
     layers = [L("a"), L("b", 7.0), L("c"), L("head")]       # b is out of the band
     hist = {l.name: SETTLED for l in layers}
     hist["b"] = [7.0] * 3
-    assert FreezePolicy("apply", max_share=1.0, band="default", order="any").decide(
+    assert FreezePolicy("apply", max_share=1.0, band="weightwatcher", order="any").decide(
         hist, layers).freeze == ["a", "c"]
-    p = FreezePolicy("apply", max_share=1.0, band="default")   # order="prefix" by default
+    p = FreezePolicy("apply", max_share=1.0, band="weightwatcher")   # order="prefix" by default
     assert p.decide(hist, layers).freeze == ["a"]            # b stops the prefix
     # frozen layers are no longer analysed: the next analysis starts at b
     assert p.decide(hist, layers[1:]).freeze == []
@@ -197,14 +197,14 @@ def test_lr_policy_tunes_like_tempbalance():
     assert d.factors == {"b1": 0.5, "b2": 1.5, "b3": 1.0}      # higher alpha -> larger LR
     assert set(d.untuned) == {"stem", "small", "head"} and d.factor("head") == 1.0
     assert LRBalancePolicy(True, metric="alpha").compute(layers).factors != {}
-    keep_all = LRBalancePolicy("suggest", exclude_first=False, exclude_last=False, min_evals=0)
+    keep_all = LRBalancePolicy("suggest", exclude_first=False, exclude_last=False, min_layer_evals=0)
     assert set(keep_all.compute(layers).factors) == {l.name for l in layers}
     assert not LRBalancePolicy(False).compute(layers)
     state = json.loads(json.dumps(p.state_dict()))
     q = LRBalancePolicy(True)
     q.load_state_dict(state)
     assert q.factors == d.factors and q.log[-1]["step"] == 3
-    for bad in [dict(mode="yes"), dict(s1=0), dict(min_evals=-1), dict(metric="x")]:
+    for bad in [dict(mode="yes"), dict(s1=0), dict(min_layer_evals=-1), dict(metric="x")]:
         with pytest.raises(ValueError):
             LRBalancePolicy(**bad)
 

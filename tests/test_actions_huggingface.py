@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 from helpers import LOOSE_FREEZE as LOOSE  # noqa: E402
 from helpers import FrozenParamSnapshot as Snapshot
 from helpers import events_tracker as Events
+from ww_callbacks import EarlyStop, Freeze  # noqa: E402
 from ww_callbacks.actions import tempbalance_factors  # noqa: E402
 from ww_callbacks.huggingface import WeightWatcherCallback, create_layer_optimizer  # noqa: E402
 from ww_callbacks.torch_utils import unwrap_optimizer  # noqa: E402
@@ -75,7 +76,7 @@ def _ww(tmp_path, **kw):
 def test_freeze_apply_keeps_frozen_weights_bit_identical(tmp_path, opt):
     model = _model()
     snap, events = Snapshot(model), Events()
-    cb = _ww(tmp_path, freeze="apply", freeze_options=LOOSE, actions=[snap], trackers=[events])
+    cb = _ww(tmp_path, freeze=Freeze.apply(**LOOSE), actions=[snap], trackers=[events])
     optimizers = (None, None)
     if opt == "sgd":     # a user optimizer over model.parameters(), the Trainer's default schedule
         optimizers = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9,
@@ -100,7 +101,7 @@ def test_prefix_order_freezes_the_whole_prefix_and_never_a_tied_head(tmp_path):
     cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=64, n_layer=2, n_head=2,
                                   n_inner=128, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
     model = transformers.GPT2LMHeadModel(cfg)
-    cb = _ww(tmp_path, freeze="apply", freeze_options={**LOOSE, "order": "prefix"})
+    cb = _ww(tmp_path, freeze=Freeze.apply(**{**LOOSE, "order": "prefix"}))
     _trainer(tmp_path, [cb], model=model, num_train_epochs=3).train()
     # untied: wte is an ordinary first layer; wpe (too few eigenvalues) rides along
     assert cb.frozen_layers == ["transformer.wte"] + NAMES[2:6]
@@ -111,14 +112,14 @@ def test_prefix_order_freezes_the_whole_prefix_and_never_a_tied_head(tmp_path):
     assert params["transformer.h.1.ln_1.weight"].requires_grad
     assert params["lm_head.weight"].requires_grad
     # tied (the default): wte is the output head, protected, so no prefix can start
-    cb = _ww(tmp_path / "tied", freeze="apply", freeze_options={**LOOSE, "order": "prefix"})
+    cb = _ww(tmp_path / "tied", freeze=Freeze.apply(**{**LOOSE, "order": "prefix"}))
     _trainer(tmp_path / "tied", [cb], num_train_epochs=3).train()
     assert cb.frozen_layers == []
 
 
 @pytest.mark.parametrize("restore", [False, True])
 def test_freeze_resume_keeps_layers_frozen_and_decisions(tmp_path, restore):
-    cb = _ww(tmp_path, freeze="apply", freeze_options=LOOSE)
+    cb = _ww(tmp_path, freeze=Freeze.apply(**LOOSE))
     _trainer(tmp_path, [cb], num_train_epochs=2, save_strategy="steps", save_steps=8,
              restore_callback_states_from_checkpoint=restore).train()
     ckpt = os.path.join(tmp_path, "checkpoint-8")
@@ -134,7 +135,7 @@ def test_freeze_resume_keeps_layers_frozen_and_decisions(tmp_path, restore):
             seen["w"] = model.transformer.h[0].attn.c_attn.weight.detach().clone()
 
     model = _model()
-    cb2 = _ww(tmp_path, freeze="apply", freeze_options=LOOSE)
+    cb2 = _ww(tmp_path, freeze=Freeze.apply(**LOOSE))
     trainer = _trainer(tmp_path, [cb2, Probe()], model=model, num_train_epochs=3,
                        restore_callback_states_from_checkpoint=restore)
     trainer.train(resume_from_checkpoint=ckpt)
@@ -209,7 +210,7 @@ def test_balance_lr_with_default_optimizer_fails_clearly(tmp_path):
 def test_suggest_changes_nothing_but_logs(tmp_path):
     events = Events()
     model = _model()
-    cb = _ww(tmp_path, freeze="suggest", freeze_options=LOOSE, balance_lr="suggest", trackers=[events])
+    cb = _ww(tmp_path, freeze=Freeze.suggest(**LOOSE), balance_lr="suggest", trackers=[events])
     lrs = []
 
     class Probe(transformers.TrainerCallback):
@@ -228,7 +229,7 @@ def test_suggest_changes_nothing_but_logs(tmp_path):
 
 def test_early_stop_sets_should_training_stop(tmp_path):
     events = Events()
-    cb = _ww(tmp_path, early_stop=True, early_stop_options={"lower_bound": 100.0}, trackers=[events])
+    cb = _ww(tmp_path, early_stop=EarlyStop.apply(lower_bound=100.0), trackers=[events])
     trainer = _trainer(tmp_path, [cb])
     trainer.train()
     assert trainer.state.global_step == 2                       # stopped at the first analysis

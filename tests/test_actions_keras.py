@@ -14,6 +14,7 @@ keras = pytest.importorskip("keras")
 
 from helpers import LOOSE_FREEZE as LOOSE  # noqa: E402
 from helpers import events_tracker as Events
+from ww_callbacks import EarlyStop, Freeze  # noqa: E402
 from ww_callbacks.actions import tempbalance_factors  # noqa: E402
 from ww_callbacks.keras import WeightWatcherCallback  # noqa: E402
 from ww_callbacks.keras_utils import is_frozen  # noqa: E402
@@ -82,7 +83,7 @@ def test_freeze_apply_keeps_frozen_weights_bit_identical(tmp_path, make_opt):
     model = _model(make_opt())
     snap, events = Snapshot(), Events()
     snap.model = model
-    cb = _ww(tmp_path, freeze="apply", freeze_options=LOOSE, actions=[snap], trackers=[events])
+    cb = _ww(tmp_path, freeze=Freeze.apply(**LOOSE), actions=[snap], trackers=[events])
     hist = model.fit(x, y, batch_size=BS, epochs=3, callbacks=[cb], verbose=0)
     assert len(hist.history["loss"]) == 3
     assert cb.frozen_layers == ["mlp.d0", "mlp.d1"]          # floor(0.5 * 5) = 2, front first
@@ -98,7 +99,7 @@ def test_freeze_apply_keeps_frozen_weights_bit_identical(tmp_path, make_opt):
 def test_freeze_resume_keeps_layers_frozen_and_decisions(tmp_path):
     x, y = _data()
     model = _model(keras.optimizers.AdamW(0.01, weight_decay=0.1))
-    cb = _ww(tmp_path, freeze="apply", freeze_options=LOOSE)
+    cb = _ww(tmp_path, freeze=Freeze.apply(**LOOSE))
     model.fit(x, y, batch_size=BS, epochs=2, callbacks=[cb], verbose=0)
     weights = str(tmp_path / "m.weights.h5")
     model.save_weights(weights)
@@ -114,7 +115,7 @@ def test_freeze_resume_keeps_layers_frozen_and_decisions(tmp_path):
 
     model2 = _model(keras.optimizers.AdamW(0.01, weight_decay=0.1))
     model2.load_weights(weights)
-    cb2 = _ww(tmp_path, freeze="apply", freeze_options=LOOSE)
+    cb2 = _ww(tmp_path, freeze=Freeze.apply(**LOOSE))
     hist = model2.fit(x, y, batch_size=BS, epochs=4, initial_epoch=2, callbacks=[cb2, Probe()],
                       verbose=0)
     assert len(hist.history["loss"]) == 2
@@ -172,7 +173,7 @@ def test_suggest_changes_nothing_but_logs(tmp_path):
     x, y = _data()
     model = _model(keras.optimizers.AdamW(0.01, weight_decay=0.1))
     events = Events()
-    cb = _ww(tmp_path, freeze="suggest", freeze_options=LOOSE, balance_lr="suggest",
+    cb = _ww(tmp_path, freeze=Freeze.suggest(**LOOSE), balance_lr="suggest",
              trackers=[events])
     model.fit(x, y, batch_size=BS, epochs=2, callbacks=[cb], verbose=0)
     assert not any(_frozen(model).values())
@@ -186,7 +187,7 @@ def test_early_stop_sets_stop_training(tmp_path):
     x, y = _data()
     model = _model(keras.optimizers.SGD(0.05))
     events = Events()
-    cb = _ww(tmp_path, early_stop=True, early_stop_options={"lower_bound": 100.0}, trackers=[events])
+    cb = _ww(tmp_path, early_stop=EarlyStop.apply(lower_bound=100.0), trackers=[events])
     hist = model.fit(x, y, batch_size=BS, epochs=5, callbacks=[cb], verbose=0)
     assert len(hist.history["loss"]) == 1 and cb.global_step == 2
     assert [k for _, k, _ in events.events] == ["early-stop"]
@@ -195,7 +196,7 @@ def test_early_stop_sets_stop_training(tmp_path):
 def test_fresh_fit_does_not_take_over_an_earlier_runs_actions(tmp_path):
     x, y = _data()
     model = _model(keras.optimizers.AdamW(0.01, weight_decay=0.1))
-    cb = _ww(tmp_path, freeze="apply", freeze_options=LOOSE)
+    cb = _ww(tmp_path, freeze=Freeze.apply(**LOOSE))
     model.fit(x, y, batch_size=BS, epochs=2, callbacks=[cb], verbose=0)
     assert cb.frozen_layers                        # the first run froze something
     seen = {}
@@ -205,6 +206,6 @@ def test_fresh_fit_does_not_take_over_an_earlier_runs_actions(tmp_path):
             seen.setdefault("frozen", _frozen(self.model))
 
     model2 = _model(keras.optimizers.AdamW(0.01, weight_decay=0.1))
-    cb2 = _ww(tmp_path, freeze="apply", freeze_options=LOOSE)   # same output_dir, initial_epoch=0
+    cb2 = _ww(tmp_path, freeze=Freeze.apply(**LOOSE))   # same output_dir, initial_epoch=0
     model2.fit(x, y, batch_size=BS, epochs=1, callbacks=[cb2, Probe()], verbose=0)
     assert not any(seen["frozen"].values())

@@ -15,6 +15,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel  # noqa: E402
 from helpers import LOOSE_FREEZE as LOOSE  # noqa: E402
 from helpers import FrozenParamSnapshot as Snapshot
 from helpers import events_tracker as Events
+from ww_callbacks import BalanceLR, EarlyStop, Freeze  # noqa: E402
 from ww_callbacks.actions import tempbalance_factors  # noqa: E402
 from ww_callbacks.lightning import WeightWatcherCallback, layer_param_groups  # noqa: E402
 
@@ -70,7 +71,7 @@ def test_freeze_apply_keeps_frozen_weights_bit_identical(tmp_path, opt):
     model = Model(opt, named=(opt == "sgd"))        # works with named groups and plain parameters()
     snap = Snapshot(model)
     events = Events()
-    cb = ww(tmp_path, freeze="apply", freeze_options=LOOSE, actions=[snap], trackers=[events])
+    cb = ww(tmp_path, freeze=Freeze.apply(**LOOSE), actions=[snap], trackers=[events])
     trainer = make_trainer(tmp_path, [cb])
     trainer.fit(model)
     assert trainer.global_step == 18                                # training finished
@@ -103,7 +104,7 @@ class NormModel(Model):
 def test_prefix_order_freezes_the_whole_prefix_in_a_trainer_run(tmp_path):
     model = NormModel()
     snap = Snapshot(model)
-    cb = ww(tmp_path, freeze="apply", freeze_options={**LOOSE, "order": "prefix"}, actions=[snap])
+    cb = ww(tmp_path, freeze=Freeze.apply(**{**LOOSE, "order": "prefix"}), actions=[snap])
     trainer = make_trainer(tmp_path, [cb])
     trainer.fit(model)
     assert trainer.global_step == 18
@@ -118,7 +119,7 @@ def test_prefix_order_freezes_the_whole_prefix_in_a_trainer_run(tmp_path):
 
 def test_freeze_resume_keeps_layers_frozen_and_decisions(tmp_path):
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True, every_n_epochs=1)
-    cb = ww(tmp_path, freeze="apply", freeze_options=LOOSE)
+    cb = ww(tmp_path, freeze=Freeze.apply(**LOOSE))
     make_trainer(tmp_path, [cb, ckpt], max_epochs=2).fit(Model())
     assert cb.frozen_layers == ["layer.0", "layer.2"]
     saved = torch.load(os.path.join(tmp_path, "ckpt", "last.ckpt"), weights_only=False)
@@ -131,7 +132,7 @@ def test_freeze_resume_keeps_layers_frozen_and_decisions(tmp_path):
             seen["requires_grad"] = {n: p.requires_grad for n, p in pl_module.named_parameters()}
 
     model = Model()
-    cb2 = ww(tmp_path, freeze="apply", freeze_options=LOOSE)
+    cb2 = ww(tmp_path, freeze=Freeze.apply(**LOOSE))
     trainer = make_trainer(tmp_path, [cb2, Probe(), ModelCheckpoint(dirpath=str(tmp_path / "c2"))],
                            max_epochs=4)
     trainer.fit(model, ckpt_path=os.path.join(tmp_path, "ckpt", "last.ckpt"))
@@ -195,7 +196,7 @@ def test_balance_lr_without_named_groups_fails_clearly(tmp_path):
 
 def test_suggest_changes_nothing_but_logs(tmp_path):
     events, lines = Events(), []
-    cb = ww(tmp_path, freeze="suggest", freeze_options=LOOSE, balance_lr="suggest",
+    cb = ww(tmp_path, freeze=Freeze.suggest(**LOOSE), balance_lr="suggest",
             trackers=[events], log_fn=lines.append)
     model = Model()
     trainer = make_trainer(tmp_path, [cb])
@@ -215,7 +216,7 @@ def test_suggest_changes_nothing_but_logs(tmp_path):
 
 def test_early_stop_uses_should_stop(tmp_path):
     events = Events()
-    cb = ww(tmp_path, early_stop=True, early_stop_options={"lower_bound": 100.0, "patience": None},
+    cb = ww(tmp_path, early_stop=EarlyStop.apply(lower_bound=100.0, patience=None),
             trackers=[events])
     trainer = make_trainer(tmp_path, [cb], max_epochs=5)
     trainer.fit(Model())
@@ -225,11 +226,14 @@ def test_early_stop_uses_should_stop(tmp_path):
 
 
 def test_bad_options_fail_at_construction():
-    for kw in [dict(freeze="yes"), dict(freeze_options={"nope": 1}), dict(balance_lr="on"),
-               dict(lr_options={"s1": 2.0, "s2": 1.0}), dict(early_stop=1),
-               dict(early_stop_options={"patience": 2})]:
+    for kw in [dict(freeze="yes"), dict(freeze={"nope": 1}), dict(balance_lr="on"),
+               dict(early_stop=1), dict(freeze=BalanceLR.apply()), dict(output_dir=None)]:
         with pytest.raises(ValueError):
             WeightWatcherCallback(**kw)
+    for make in [lambda: Freeze(nope=1), lambda: BalanceLR(s1=2.0, s2=1.0),
+                 lambda: EarlyStop(patience=0), lambda: Freeze(band="default")]:
+        with pytest.raises((ValueError, TypeError)):
+            make()
 
 
 class WaitForAnalysis(Callback):
@@ -251,7 +255,7 @@ def test_freeze_apply_with_async_analysis(tmp_path):
     # and the freeze lands when the result is collected
     model = Model()
     snap = Snapshot(model)
-    cb = ww(tmp_path, freeze="apply", freeze_options=LOOSE, actions=[snap], async_analysis=True)
+    cb = ww(tmp_path, freeze=Freeze.apply(**LOOSE), actions=[snap], async_analysis=True)
     trainer = make_trainer(tmp_path, [cb, WaitForAnalysis(cb)], max_epochs=4)
     trainer.fit(model)
     assert trainer.global_step == 24

@@ -2,7 +2,7 @@
 
 * early stop by patience (Lightning and the HF Trainer): training stops at the analysis where the
   scripted mean alpha has not improved for ``patience`` analyses, and the reason is logged;
-* ``freeze_options`` ``protect=`` and ``unfreeze=``/``unfreeze_margin`` (Lightning): a protected
+* ``Freeze`` ``protect=`` and ``unfreeze=``/``unfreeze_margin`` (Lightning): a protected
   layer is never frozen although it is the first candidate; a frozen layer whose alpha leaves the
   band by more than the margin gets ``requires_grad`` back and its weights move again;
 * a custom action that raises at every analysis is reported once, the built-in actions and the
@@ -27,6 +27,7 @@ from lightning.pytorch import Callback, Trainer  # noqa: E402
 from lightning.pytorch.demos.boring_classes import BoringModel  # noqa: E402
 
 import ww_core  # noqa: E402
+from ww_callbacks import EarlyStop, Freeze  # noqa: E402
 from ww_callbacks.lightning import WeightWatcherCallback  # noqa: E402
 from ww_callbacks.trackers.base import Tracker  # noqa: E402
 from ww_core.result import AnalysisResult, replace  # noqa: E402
@@ -122,7 +123,7 @@ def test_lightning_early_stop_by_patience(tmp_path, case):
     means, options, stop_at = STOP_CASES[case]
     fn = Scripted(lambda i, name: means[i])
     events, lines = Events(), []
-    cb = ww(tmp_path, every_n_epochs=1, analyze_fn=fn, early_stop=True, early_stop_options=options,
+    cb = ww(tmp_path, every_n_epochs=1, analyze_fn=fn, early_stop=EarlyStop.apply(**options),
             trackers=[events], log_fn=lines.append)
     trainer = make_trainer(tmp_path, [cb], max_epochs=8, limit_train_batches=2)
     trainer.fit(Model())
@@ -179,7 +180,7 @@ def test_hf_early_stop_by_patience(tmp_path, monkeypatch):
     fn = Scripted(lambda i, name: means[i])
     events, lines = Events(), []
     cb = HFCallback(start_fraction=0.0, every_n_steps=2, async_analysis=False, analyze_fn=fn,
-                    early_stop=True, early_stop_options={"patience": 2, "lower_bound": None},
+                    early_stop=EarlyStop.apply(patience=2, lower_bound=None),
                     trackers=[events], log_fn=lines.append, output_dir=str(tmp_path / "ww"))
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=20,
@@ -228,7 +229,7 @@ def test_protect_and_unfreeze_in_a_lightning_fit(tmp_path, protect):
     options = {"band": (2.0, 6.0), "tol": 0.05, "window": 2, "max_share": 0.5,
                "protect": protect, "unfreeze": True, "unfreeze_margin": 0.5}
     probe = Probe(ANALYSED)
-    cb = ww(tmp_path, every_n_steps=2, analyze_fn=fn, freeze="apply", freeze_options=options,
+    cb = ww(tmp_path, every_n_steps=2, analyze_fn=fn, freeze=Freeze.apply(**options),
             trackers=[events], log_fn=lambda line: None)
     trainer = make_trainer(tmp_path, [cb, probe], max_epochs=3, limit_train_batches=4)
     trainer.fit(Model())
@@ -290,7 +291,7 @@ def test_raising_action_reported_once_others_keep_deciding(tmp_path):
     boom, after = Boom(), Recorder()
     events, lines = Events(), []
     options = {"band": (2.0, 6.0), "tol": 0.05, "window": 2, "max_share": 0.5, "unfreeze": True}
-    cb = ww(tmp_path, every_n_steps=3, analyze_fn=fn, freeze="suggest", freeze_options=options,
+    cb = ww(tmp_path, every_n_steps=3, analyze_fn=fn, freeze=Freeze.suggest(**options),
             balance_lr="suggest", actions=[boom, after], trackers=[events], log_fn=lines.append)
     model = Model()
     trainer = make_trainer(tmp_path, [cb], max_epochs=3, limit_train_batches=6)

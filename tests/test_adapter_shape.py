@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from ww_callbacks import MEMORY_ONLY, EarlyStop
 from ww_callbacks.adapter import override
 from ww_callbacks.controller import WeightWatcherController
 
@@ -19,7 +20,7 @@ def _weights(seed=0):
 
 
 def _ctl(tmp_path=None, **kw):
-    kw.setdefault("output_dir", str(tmp_path / "ww") if tmp_path is not None else None)
+    kw.setdefault("output_dir", str(tmp_path / "ww") if tmp_path is not None else MEMORY_ONLY)
     kw.setdefault("trackers", None)
     kw.setdefault("log_fn", lambda line: None)
     kw.setdefault("async_analysis", False)
@@ -84,8 +85,8 @@ def test_early_stop_sets_stop_reason_and_calls_stop_fn():
         return res
 
     stops = []
-    ww = _ctl(every_n_steps=1, start_fraction=0.0, early_stop=True,
-              early_stop_options={"patience": 2}, analyze_fn=scripted)
+    ww = _ctl(every_n_steps=1, start_fraction=0.0, early_stop=EarlyStop.apply(patience=2),
+              analyze_fn=scripted)
     ww.bind_actions(stop_fn=stops.append)
     ww.configure(total_steps=4)
     for step in range(1, 5):

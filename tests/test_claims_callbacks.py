@@ -28,6 +28,11 @@ def _fitted(r):
     return r["status"] == "success" and r["alpha"] is not None and math.isfinite(r["alpha"])
 
 
+def _flags(r):
+    flags = r["flags"]
+    return [f for f in flags.split(",") if f] if isinstance(flags, str) else list(flags or ())
+
+
 def _expected_by_step(rows, key="step"):
     """The summary values recomputed from the per-layer history rows of each analysis.
 
@@ -44,9 +49,10 @@ def _expected_by_step(rows, key="step"):
         out[k] = {"alpha_mean": statistics.fmean(alphas), "alpha_median": statistics.median(alphas),
                   "alpha_min": min(alphas), "alpha_max": max(alphas),
                   "log_norm_mean": statistics.fmean(norms), "num_layers": len(layer_rows),
-                  "num_flagged": sum(1 for r in layer_rows if r["flags"]),
-                  "num_under_trained": sum(1 for r in layer_rows if r["warning"] == "under-trained"),
-                  "num_over_trained": sum(1 for r in layer_rows if r["warning"] == "over-trained")}
+                  # a layer flagged only too-few-evals could not be judged: not counted
+                  "num_flagged": sum(1 for r in layer_rows if set(_flags(r)) - {"too-few-evals"}),
+                  "num_under_trained": sum(1 for r in layer_rows if "under-trained" in _flags(r)),
+                  "num_over_trained": sum(1 for r in layer_rows if "over-trained" in _flags(r))}
     return out
 
 

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from ww_callbacks import MEMORY_ONLY
 from ww_callbacks.controller import WeightWatcherController
 from ww_callbacks.history import read_jsonl
 from ww_callbacks.schedule import Schedule
@@ -275,12 +276,12 @@ def test_failing_analysis_reported_once(tmp_path):
         raise ValueError("bad weights")
 
     lines = []
-    ctl = WeightWatcherController(start_fraction=0.0, every_n_steps=1, output_dir=None,
+    ctl = WeightWatcherController(start_fraction=0.0, every_n_steps=1, output_dir=MEMORY_ONLY,
                                   log_fn=lines.append, analyze_fn=boom)
     ctl.configure(total_steps=3)
     assert ctl.run(MODEL, step=1, epoch=0) is None and ctl.run(MODEL, step=2, epoch=0) is None
     assert len(lines) == 1 and "analysis at step 1 (epoch 0) failed: ValueError: bad weights" in lines[0]
-    strict = WeightWatcherController(output_dir=None, analyze_fn=boom, strict=True)
+    strict = WeightWatcherController(output_dir=MEMORY_ONLY, analyze_fn=boom, strict=True)
     strict.configure(total_steps=3)
     with pytest.raises(ValueError):
         strict.run(MODEL, step=1, epoch=0)

@@ -164,7 +164,7 @@ def test_exception_inside_one_layer_names_the_layer(tmp_path, monkeypatch):
 
 @pytest.mark.core
 def test_failure_outside_a_layer_has_no_layer_name(tmp_path):
-    ctl, lines = controller(tmp_path, trackers=[])
+    ctl, lines = controller(tmp_path, trackers=None)
     assert ctl.run(object(), step=1, epoch=0) is None              # not a model: SourceError
     errs = errors(lines)
     assert len(errs) == 1 and "SourceError" in errs[0] and "in layer" not in errs[0]
@@ -172,7 +172,7 @@ def test_failure_outside_a_layer_has_no_layer_name(tmp_path):
 
 @pytest.mark.core
 def test_history_line_cut_short_by_a_crash_is_skipped_on_resume(tmp_path):
-    ctl, _ = controller(tmp_path, trackers=[])
+    ctl, _ = controller(tmp_path, trackers=None)
     model = net()
     ctl.run(model, step=1, epoch=0)
     ctl.run(model, step=2, epoch=0)
@@ -183,7 +183,7 @@ def test_history_line_cut_short_by_a_crash_is_skipped_on_resume(tmp_path):
         assert [r["step"] for r in read_jsonl(str(path))] == [1, 1, 2, 2]
     # resume from a checkpoint at step 2 that did not hold the history (fresh controller)
     with pytest.warns(HistoryWarning, match="cut short"):
-        resumed, lines = controller(tmp_path, trackers=[], current_step=2)
+        resumed, lines = controller(tmp_path, trackers=None, current_step=2)
     assert resumed.history.steps == [1, 2]
     assert_history(tmp_path, [1, 2])                 # rewritten: the partial line is gone
     resumed.run(model, step=3, epoch=0)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import ww_callbacks.executor as executor
+from ww_callbacks import MEMORY_ONLY
 from ww_callbacks.controller import WeightWatcherController
 
 
@@ -33,7 +34,7 @@ def test_sharding_root_uses_only_the_wrapper_it_is_given():
 
 @pytest.mark.core
 def test_configure_hands_the_wrapper_to_the_executor():
-    ctl = WeightWatcherController(output_dir=None, trackers=None, log_fn=lambda line: None,
+    ctl = WeightWatcherController(output_dir=MEMORY_ONLY, trackers=None, log_fn=lambda line: None,
                                   async_analysis=False, start_fraction=0)
     outer = object()
     ctl.configure(total_steps=4, is_global_zero=True, wrapper=outer)

@@ -252,7 +252,7 @@ def test_partly_freed_disk_takes_as_many_whole_analyses_as_fit(tmp_path, tmpfs):
     rng = np.random.default_rng(0)
     weights = {f"fc{i}.weight": rng.standard_normal((64, 32)).astype(np.float32) for i in range(16)}
     lines = []
-    ctl = WeightWatcherController(start_fraction=0.0, every_n_steps=1, output_dir=str(out), trackers=[],
+    ctl = WeightWatcherController(start_fraction=0.0, every_n_steps=1, output_dir=str(out), trackers=None,
                                   log_fn=lines.append, async_analysis=False)
     ctl.configure(total_steps=10, current_step=0)
     filler = disk / "filler"
@@ -299,7 +299,7 @@ LIMITED_RUN = textwrap.dedent("""
 
     def controller():
         return WeightWatcherController(start_fraction=0.0, every_n_steps=1, output_dir=out,
-                                       trackers=[], log_fn=lines.append, async_analysis=False)
+                                       trackers=None, log_fn=lines.append, async_analysis=False)
 
     ctl = controller()
     ctl.configure(total_steps=8, current_step=0)
@@ -374,7 +374,7 @@ def test_reader_skips_a_torn_last_line_with_a_warning(tmp_path):
 def test_strict_reraises_the_write_error_with_its_type(tmp_path):
     blocked = tmp_path / "blocked"
     blocked.write_text("not a folder")
-    ctl = WeightWatcherController(output_dir=str(blocked / "ww"), trackers=[], strict=True,
+    ctl = WeightWatcherController(output_dir=str(blocked / "ww"), trackers=None, strict=True,
                                   log_fn=lambda line: None, async_analysis=False)
     with pytest.warns(HistoryWarning), pytest.raises(NotADirectoryError, match="kept in memory"):
         ctl.configure(total_steps=4, current_step=0)

@@ -70,6 +70,7 @@ def _wait_for_analysis(transformers, cb):
 def test_hf_trainer_on_a_lora_model_analyses_the_adapters(tmp_path, asynchronous):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
+    from ww_callbacks import Freeze
     from ww_callbacks.huggingface import WeightWatcherCallback
 
     torch.manual_seed(0)
@@ -90,9 +91,8 @@ def test_hf_trainer_on_a_lora_model_analyses_the_adapters(tmp_path, asynchronous
 
     cb = WeightWatcherCallback(every_n_steps=4, start_fraction=0.0, async_analysis=asynchronous,
                                output_dir=str(tmp_path / "ww"), trackers=None,
-                               freeze="apply", freeze_options={"band": [0.0, 100.0], "tol": 10.0,
-                                                               "exclude_flags": [], "window": 2,
-                                                               "max_share": 0.5})
+                               freeze=Freeze.apply(band=[0.0, 100.0], tol=10.0, exclude_flags=[],
+                                                   window=2, max_share=0.5))
     # (exclude_flags=[]: a rank-8 update has 8 eigenvalues, always flagged too-few-evals)
     args = transformers.TrainingArguments(str(tmp_path / "out"), per_device_train_batch_size=8,
                                           max_steps=12, learning_rate=5e-3, report_to="none",

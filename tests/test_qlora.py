@@ -107,11 +107,11 @@ def test_with_base_skips_w_plus_ab_of_a_4bit_layer_and_keeps_the_adapter(qlora):
 def test_the_callback_engine_analyses_the_adapters_of_a_qlora_model(qlora):
     """The controller every callback drives: adapters' B·A at each analysis, the frozen head as a
     baseline at the first one only (analyze_frozen="once"), never the quantized base."""
-    from ww_callbacks import WeightWatcherController
+    from ww_callbacks import MEMORY_ONLY, WeightWatcherController
 
     model, _ = qlora
     lines = []
-    with WeightWatcherController(every_n_steps=1, start_fraction=0.0, output_dir=None, trackers=None,
+    with WeightWatcherController(every_n_steps=1, start_fraction=0.0, output_dir=MEMORY_ONLY, trackers=None,
                                  async_analysis=False, strict=True, log_fn=lines.append) as ww:
         ww.configure(total_steps=2)
         ww.maybe_run(model, step=1, epoch=0)

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from ww_callbacks import MEMORY_ONLY, Freeze
 from ww_callbacks.controller import WeightWatcherController
 from ww_core.result import AnalysisResult, LayerResult
 
@@ -31,8 +32,7 @@ def controller(out, **kw):
     kw.setdefault("trackers", None)
     return WeightWatcherController(every_n_steps=1, start_fraction=0.0, analyze_fn=scripted,
                                    async_analysis=False, log_fn=lambda line: None, output_dir=out,
-                                   freeze="suggest", freeze_options={"window": 2, "tol": 0.5,
-                                                                     "max_share": 0.9},
+                                   freeze=Freeze.suggest(window=2, tol=0.5, max_share=0.9),
                                    balance_lr="suggest", **kw)
 
 
@@ -75,11 +75,11 @@ def test_state_stays_small_whatever_the_number_of_analyses(tmp_path):
 
 
 def test_memory_only_history_keeps_its_rows_in_the_state():
-    ctl = controller(None)
+    ctl = controller(MEMORY_ONLY)
     ctl.configure(total_steps=3, current_step=0)
     for step in (1, 2, 3):
         ctl.maybe_run({"step": step}, step=step, epoch=0)
-    other = controller(None)
+    other = controller(MEMORY_ONLY)
     other.load_state_dict(ctl.state_dict())
     assert other.history.steps == [1, 2, 3] and len(other.history) == 360
 

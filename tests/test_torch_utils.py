@@ -205,7 +205,7 @@ def test_suggest_mode_touches_nothing():
     snap = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()),
             copy.deepcopy(sched.state_dict()))
     calls = []
-    action = LRBalanceAction(LRBalancePolicy("suggest", min_evals=0),
+    action = LRBalanceAction(LRBalancePolicy("suggest", min_layer_evals=0),
                              apply_fn=lambda f: calls.append(f))
     import ww_core
 

@@ -113,6 +113,7 @@ def test_a_hung_tracker_is_dropped_and_training_finishes(tmp_path):
 
 
 def test_strict_calls_trackers_in_the_training_thread(tmp_path):
+    from ww_callbacks import MEMORY_ONLY
     from ww_callbacks.controller import WeightWatcherController
 
     seen = []
@@ -124,7 +125,7 @@ def test_strict_calls_trackers_in_the_training_thread(tmp_path):
     import numpy as np
 
     for strict, expected in ((True, True), (False, False)):
-        ctl = WeightWatcherController(output_dir=None, trackers=[Where()], strict=strict,
+        ctl = WeightWatcherController(output_dir=MEMORY_ONLY, trackers=[Where()], strict=strict,
                                       async_analysis=False, log_fn=lambda line: None)
         ctl.configure(total_steps=2)
         ctl.run({"w.weight": np.random.default_rng(0).standard_normal((64, 32))}, step=1, epoch=0)

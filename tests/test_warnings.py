@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
-from ww_callbacks import WeightWatcherWarning
+from ww_callbacks import MEMORY_ONLY, WeightWatcherWarning
 from ww_callbacks.controller import WeightWatcherController
 from ww_callbacks.history import HistoryWarning
 
@@ -18,7 +18,7 @@ WEIGHTS = {"fc.weight": np.random.default_rng(0).standard_normal((64, 32)).astyp
 
 
 def ctl(lines=None, **kw):
-    opts = dict(output_dir=None, trackers=None, async_analysis=False,
+    opts = dict(output_dir=MEMORY_ONLY, trackers=None, async_analysis=False,
                 log_fn=(lines.append if lines is not None else (lambda line: None)))
     return WeightWatcherController(**{**opts, **kw})
 

@@ -7,6 +7,9 @@ package imports no training framework and no tracker library:
 * ``ww_callbacks.lightning.WeightWatcherCallback`` (Lightning, both import names)
 * ``ww_callbacks.huggingface`` (HF ``Trainer``) and ``ww_callbacks.keras`` (Keras 3)
 
+The actions' settings are :class:`Freeze`, :class:`BalanceLR` and :class:`EarlyStop`
+(:mod:`ww_callbacks.settings`); ``output_dir=MEMORY_ONLY`` keeps the history in memory only.
+
 Misconfiguration is warned with :class:`WeightWatcherWarning` (:mod:`ww_callbacks.warnings`).
 """
 
@@ -15,15 +18,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["WeightWatcherController", "Schedule", "History", "WeightWatcherWarning", "__version__"]
+__all__ = ["WeightWatcherController", "Schedule", "History", "WeightWatcherWarning", "Freeze",
+           "BalanceLR", "EarlyStop", "MEMORY_ONLY", "__version__"]
 
 _LAZY = {
     "WeightWatcherController": "ww_callbacks.controller",
     "Schedule": "ww_callbacks.schedule",
     "History": "ww_callbacks.history",
     "WeightWatcherWarning": "ww_callbacks.warnings",
+    "Freeze": "ww_callbacks.settings",
+    "BalanceLR": "ww_callbacks.settings",
+    "EarlyStop": "ww_callbacks.settings",
+    "MEMORY_ONLY": "ww_callbacks.run_dir",
 }
 
 

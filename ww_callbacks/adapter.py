@@ -8,13 +8,26 @@ hooks, their three apply functions (freeze, LR factors, stop) and their tracker 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, List, Optional
 
 from ww_callbacks.controller import WeightWatcherController
 from ww_callbacks.history import History
-from ww_callbacks.run_dir import AUTO
 
-__all__ = ["CallbackBase", "override"]
+__all__ = ["CallbackBase", "override", "callback_signature"]
+
+
+def callback_signature() -> inspect.Signature:
+    """The callbacks' signature: ``controller=None``, then the controller's keywords with its
+    defaults (keyword-only; ``log_fn=None`` is the framework's own console there)."""
+    ctl = inspect.signature(WeightWatcherController.__init__)
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+              inspect.Parameter("controller", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                annotation=Optional[WeightWatcherController])]
+    for p in list(ctl.parameters.values())[1:]:
+        kind = inspect.Parameter.VAR_KEYWORD if p.kind is p.VAR_KEYWORD else inspect.Parameter.KEYWORD_ONLY
+        params.append(p.replace(kind=kind))
+    return inspect.Signature(params)
 
 
 class override:
@@ -57,6 +70,12 @@ class CallbackBase:
 
     controller: WeightWatcherController
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None:   # inspect.signature(WeightWatcherCallback): the controller's keywords
+            init.__signature__ = callback_signature()
+
     def _setup_controller(self, controller: Optional[WeightWatcherController],
                           kwargs: Dict[str, Any], **defaults: Any) -> None:
         """Use ``controller`` or build one from ``kwargs``; bind this adapter's apply functions.
@@ -72,9 +91,10 @@ class CallbackBase:
                 raise ValueError(f"pass either controller= or its keywords, not both (got "
                                  f"{sorted(kwargs)})")
         else:
-            options = {**defaults, **kwargs}
-            if options.get("output_dir", AUTO) is None:   # the callbacks' None: the default folder
-                options.pop("output_dir")
+            options = {**kwargs}
+            for key, value in defaults.items():   # the framework's log_fn unless one is given
+                if options.get(key) is None:
+                    options[key] = value
             controller = WeightWatcherController(**options)
         self.controller = controller
         #: the keywords this callback was built with (HF rebuilds a restored callback from them)

@@ -19,7 +19,7 @@ tracker or an action are reported once per kind and training continues
 Example:
     >>> import numpy as np
     >>> weights = {"fc.weight": np.random.default_rng(0).standard_normal((200, 100))}
-    >>> with WeightWatcherController(every_n_steps=10, start_fraction=0, output_dir=None,
+    >>> with WeightWatcherController(every_n_steps=10, start_fraction=0, output_dir=MEMORY_ONLY,
     ...                              trackers=None, log_fn=lambda line: None,
     ...                              async_analysis=False) as ww:  # exact steps below
     ...     ww.configure(total_steps=30)
@@ -41,15 +41,16 @@ from ww_callbacks.distributed import rank_info
 from ww_callbacks.executor import AnalysisExecutor, Finished, check_analyze_options
 from ww_callbacks.history import History
 from ww_callbacks.reporting import ErrorReporter, format_line
-from ww_callbacks.run_dir import AUTO, run_folder
+from ww_callbacks.run_dir import AUTO, KEEP, MEMORY_ONLY, check_output_dir, run_folder  # noqa: F401
 from ww_callbacks.schedule import Schedule
+from ww_callbacks.settings import BalanceLR, EarlyStop, Freeze
 from ww_callbacks.state import RunState, StateField, delegate
 from ww_callbacks.trackers.base import Tracker, summary_scalars
 from ww_callbacks.trackers.fanout import DEFAULT_TIMEOUT, TrackerFanout
 from ww_callbacks.trackers.resolve import build_trackers, check_tracker_spec
 from ww_callbacks.warnings import warn
 
-__all__ = ["WeightWatcherController"]
+__all__ = ["WeightWatcherController", "MEMORY_ONLY"]
 
 
 class WeightWatcherController:
@@ -62,27 +63,23 @@ class WeightWatcherController:
             ``every_n_steps``).
         every_n_steps: analyse every n optimizer steps instead.
         layers: regex or list of regexes selecting layers by name (``ww_core.analyze``).
-        output_dir: folder of ``history.jsonl``/``history.csv`` and the local report. Default:
+        output_dir: folder of ``history.jsonl``/``history.csv`` and the local report. Omitted:
             a new folder per run, ``<base>/<run id or start time>`` (:mod:`ww_callbacks.run_dir`;
-            ``base`` is the trainer's folder, else ``ww-output``); ``None`` keeps the history in
-            memory only (and drops the local tracker).
-        trackers: ``"auto"`` (the framework's loggers the adapter found, plus the local
-            record), ``None``/``[]`` (history files only), or a list of names (``"local"``,
-            ``"wandb"``, ``"mlflow"``, ``"tensorboard"``) and ``Tracker`` instances.
+            ``base`` is the trainer's folder, else ``ww-output``); a path: that folder;
+            ``MEMORY_ONLY`` (``False``): the history in memory only, no files, no local record.
+        trackers: ``"auto"`` (the framework's loggers the adapter found), a list of names
+            (``"wandb"``, ``"mlflow"``, ``"tensorboard"``) and ``Tracker`` instances, or ``None``
+            (no trackers at all, not even the local record).
+        local_record: add the local record (``report.html`` in ``output_dir``) to ``"auto"``
+            or a ``trackers`` list (default ``True``; ``False`` drops it).
         log_fn: where the per-analysis line and error reports go (default: the
             ``ww_callbacks`` logger at INFO).
         strict: re-raise errors of the analysis, trackers and actions instead of reporting them.
-        freeze: ``"off"`` (default), ``"suggest"`` (record and log freezable layers) or
-            ``"apply"`` (needs ``bind_actions(freeze_fn=...)``; the adapters bind it).
-        freeze_options: :class:`~ww_callbacks.actions.FreezePolicy` options (``band``/``preset``,
-            ``tol``, ``window``, ``max_share``, ``protect``, ``protect_head``, ``unfreeze``, ...).
-        balance_lr: ``False`` (default), ``"suggest"`` (log TempBalance factors) or ``True``
-            (needs ``bind_actions(lr_fn=...)``).
-        lr_options: :class:`~ww_callbacks.actions.LRBalancePolicy` options.
-        early_stop: stop when the mean alpha stops improving (``patience``) or falls below
-            ``lower_bound``; :attr:`stop_reason` says why, and ``bind_actions(stop_fn=...)``
-            tells the trainer.
-        early_stop_options: :class:`~ww_callbacks.actions.EarlyStopPolicy` options.
+        freeze, balance_lr, early_stop: each ``None``/``False``/``"off"`` (default),
+            ``"suggest"`` (decide and log only), ``True``/``"apply"``, or its settings object
+            with the options (:mod:`ww_callbacks.settings`). ``"apply"`` needs the framework
+            function (``bind_actions(freeze_fn=..., lr_fn=..., stop_fn=...)``; the adapters bind
+            them). :attr:`stop_reason` says why early stopping stopped.
         actions: further objects with ``on_analysis(controller, result, step, epoch)``, called
             after the built-in ones, on every rank, in order.
         analyze_fn: replaces :func:`ww_core.analyze` (testing, custom engines).
@@ -109,12 +106,13 @@ class WeightWatcherController:
     def __init__(self, start_fraction: float = 0.5, every_n_epochs: Optional[int] = None,
                  every_n_steps: Optional[int] = None,
                  layers: Union[None, str, Sequence[str]] = None,
-                 output_dir: Optional[Union[str, os.PathLike]] = AUTO,
+                 output_dir: Union[str, os.PathLike, bool] = AUTO,
                  trackers: Union[str, Sequence[Union[str, Tracker]], None] = "auto",
+                 local_record: bool = True,
                  log_fn: Optional[Callable[[str], Any]] = None, strict: bool = False,
-                 freeze: Any = "off", freeze_options: Optional[Dict[str, Any]] = None,
-                 balance_lr: Any = False, lr_options: Optional[Dict[str, Any]] = None,
-                 early_stop: bool = False, early_stop_options: Optional[Dict[str, Any]] = None,
+                 freeze: Union[str, bool, None, Freeze] = "off",
+                 balance_lr: Union[str, bool, None, BalanceLR] = "off",
+                 early_stop: Union[str, bool, None, EarlyStop] = "off",
                  actions: Optional[Sequence[Any]] = None,
                  analyze_fn: Optional[Callable[..., Any]] = None,
                  async_analysis: Union[bool, str] = "auto", analyze_frozen: str = "once",
@@ -127,14 +125,16 @@ class WeightWatcherController:
         self.async_analysis = async_analysis
         self.schedule = Schedule(start_fraction, every_n_epochs, every_n_steps)
         self.layers = check_layer_patterns(layers)
-        if output_dir not in (None, AUTO) and not isinstance(output_dir, (str, os.PathLike)):
-            raise ValueError(f"output_dir must be a path or None, got {output_dir!r}")
-        named_dir = os.fspath(output_dir) if output_dir not in (None, AUTO) else None
+        named_dir = check_output_dir(output_dir)
         self.tracker_spec = check_tracker_spec(trackers)
+        if not isinstance(local_record, bool):
+            raise ValueError(f"local_record must be True or False, got {local_record!r}")
+        if not local_record and isinstance(self.tracker_spec, list) and "local" in self.tracker_spec:
+            raise ValueError("trackers=[..., 'local', ...] with local_record=False: drop one of them")
+        self.local_record = local_record
         self.reporter = ErrorReporter(log_fn, strict)
         self._fan_out = TrackerFanout(self.report, tracker_timeout, self.reporter.strict)
-        self.action_set = ActionSet(freeze, freeze_options, balance_lr, lr_options, early_stop,
-                                    early_stop_options)
+        self.action_set = ActionSet(freeze, balance_lr, early_stop)
         self.binding = ActionBinding(self.action_set, actions, self.guard)
         if analyze_fn is not None and not callable(analyze_fn):
             raise ValueError(f"analyze_fn must be callable, got {analyze_fn!r}")
@@ -224,9 +224,9 @@ class WeightWatcherController:
     def configure(self, total_steps: Any = None, total_epochs: Any = None,
                   trackers: Optional[Sequence[Tracker]] = None,
                   is_global_zero: Optional[bool] = None, current_step: Optional[int] = None,
-                  output_dir: Optional[Union[str, os.PathLike]] = None,
+                  output_dir: Union[str, os.PathLike, bool] = KEEP,
                   world_size: Optional[int] = None, base_dir: Optional[str] = None,
-                  wrapper: Any = None) -> None:
+                  wrapper: Any = None, step_metric: Optional[str] = None) -> None:
         """Tell the controller the training plan; call once the trainer knows it, on every rank.
 
         Args:
@@ -239,7 +239,8 @@ class WeightWatcherController:
             current_step: the trainer's global step now. On resume, history rows after it are
                 dropped, rows on disk up to it that the checkpoint missed are recovered, and the
                 files are rewritten. ``0``/``None`` with no state loaded starts the files afresh.
-            output_dir: overrides the constructor's ``output_dir``.
+            output_dir: overrides the constructor's ``output_dir`` (a path or ``MEMORY_ONLY``;
+                omitted: ``KEEP``, no override).
             base_dir: where the per-run folder goes when no ``output_dir`` was named (adapters
                 pass a folder of the trainer; default ``ww-output``).
             world_size: number of training processes (default: detected). Above 1,
@@ -247,6 +248,8 @@ class WeightWatcherController:
                 layers over the ranks (``new_group`` is a collective: every rank must call this).
             wrapper: the framework's wrapper of the model its hooks pass (Lightning:
                 ``trainer.strategy.model``); a sharded (FSDP1) model is gathered from it.
+            step_metric: the x-axis key the framework logs (``trainer/global_step``...); set on
+                every tracker whose ``step_metric`` the user left unset (``None``).
 
         Raises:
             ValueError: an ``apply`` action without its framework function.
@@ -258,8 +261,8 @@ class WeightWatcherController:
             self.bind_actions()
         self.executor.configure(world_size, (world_size == 1 and self.executor.default_engine)
                                 if self.async_analysis == "auto" else bool(self.async_analysis), wrapper)
-        if output_dir is not None:
-            self.output_dir, self.state.per_run = os.fspath(output_dir), False
+        if output_dir is not KEEP:
+            self.output_dir, self.state.per_run = check_output_dir(output_dir), False
         elif self.per_run:
             # the folder a loaded state points to, else the latest (resume) or a new one
             self.output_dir = self.history.output_dir or run_folder(base_dir or "ww-output",
@@ -270,8 +273,8 @@ class WeightWatcherController:
         if current_step is not None:
             self.state.resume(int(current_step))
         self.trackers = (build_trackers(self.tracker_spec, list(trackers or ()), self.output_dir,
-                                        self.guard, self.reporter.log, self.strict)
-                         if is_global_zero else [])
+                                        self.guard, self.reporter.log, self.strict, self.local_record,
+                                        step_metric) if is_global_zero else [])
         self._keep_evals = any(getattr(t, "wants_evals", False) for t in self.trackers)
         # only rank 0 has trackers, but a sharded analysis needs the same options everywhere
         self._keep_evals = bool(self.executor.broadcast(self._keep_evals))
@@ -419,6 +422,10 @@ class WeightWatcherController:
                 result = self.run(model, step=step, epoch=epoch)
             finally:
                 self.executor.asynchronous = was_async
+        # auto-freeze that did nothing says why, once (the reason is something the user can change)
+        policy = self.action_set.freeze_policy
+        if policy.enabled:
+            self.misconfigured(self.guard("explaining the freeze policy", policy.why_nothing_froze))
         self.close()
         return result
 

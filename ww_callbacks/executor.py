@@ -57,6 +57,15 @@ def default_analyze(*args: Any, **kwargs: Any) -> Any:
     return ww_core.analyze(*args, **kwargs)
 
 
+#: Keywords removed in 0.2.0, and what replaces them.
+_REMOVED = {"freeze_options": "use freeze=Freeze(mode=..., <option>=...)",
+            "lr_options": "use balance_lr=BalanceLR(mode=..., <option>=...)",
+            "early_stop_options": "use early_stop=EarlyStop(mode=..., <option>=...)"}
+#: Options of the tracker objects (W&B, MLflow, TensorBoard), not of the callbacks.
+_TRACKER_OPTIONS = {"alert_on_flagged", "log_metrics", "step_metric", "log_esd_images", "max_images",
+                    "heatmap_steps", "prefix", "project", "open_run"}
+
+
 def check_analyze_options(analyze_fn: Optional[Callable[..., Any]], options: Dict[str, Any]) -> None:
     """Check ``options`` against the analysis function's keywords (before training starts).
 
@@ -65,6 +74,13 @@ def check_analyze_options(analyze_fn: Optional[Callable[..., Any]], options: Dic
     """
     if not options:
         return
+    removed = sorted(set(options) & set(_REMOVED))
+    if removed:
+        raise ValueError("; ".join(f"{k} was removed in 0.2.0: {_REMOVED[k]}" for k in removed))
+    trackers = sorted(set(options) & _TRACKER_OPTIONS)
+    if trackers:
+        raise ValueError(f"{trackers} are tracker options: give them to the tracker object, e.g. "
+                         f"trackers=[WandbTracker({trackers[0]}=...)]")
     if analyze_fn is None:
         import ww_core
 

@@ -23,6 +23,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ww_callbacks.adapter import CallbackBase, override
 from ww_callbacks.controller import WeightWatcherController
+from ww_callbacks.settings import ActionSettings, settings_from_json, settings_to_json
 
 __all__ = ["WeightWatcherCallback", "create_layer_optimizer"]
 
@@ -77,13 +78,14 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
             ``layers``, ``output_dir`` (default: a folder per run in
             ``<args.output_dir>/ww-output``), ``trackers``
             (``"auto"``: the live integrations of ``args.report_to`` plus the local record),
-            ``log_fn``, ``strict``, ``freeze``, ``freeze_options``, ``balance_lr`` (``True``
-            needs :func:`create_layer_optimizer`), ``lr_options``, ``early_stop`` (sets
-            ``control.should_training_stop``), ``early_stop_options``, ``actions``,
-            ``analyze_fn`` and ``ww_core.analyze`` options.
+            ``log_fn``, ``strict``, ``freeze``, ``balance_lr`` (``"apply"`` needs
+            :func:`create_layer_optimizer`), ``early_stop`` (``"apply"`` sets
+            ``control.should_training_stop``), each a mode or a settings object
+            (:mod:`ww_callbacks.settings`), ``actions``, ``analyze_fn`` and ``ww_core.analyze``
+            options. ``inspect.signature`` of this class lists them with their defaults.
 
     Raises:
-        ValueError: an invalid keyword (at construction); at train start, ``balance_lr=True``
+        ValueError: an invalid keyword (at construction); at train start, ``balance_lr="apply"``
             without named param groups or ``freeze="apply"`` under DDP without
             ``ddp_find_unused_parameters=True``.
 
@@ -126,6 +128,7 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
         self._optimizer: Any = None
         self._scheduler: Any = None
         self._restored = False
+        kwargs = {key: settings_from_json(value) for key, value in kwargs.items()}
         self._setup_controller(controller, kwargs, log_fn=_console)
 
     # ------------------------------------------------------------------ ExportableState
@@ -134,6 +137,8 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
         """JSON state for ``trainer_state.json``: the keywords and the controller state."""
         args = {}
         for key, value in self.init_kwargs.items():
+            if isinstance(value, ActionSettings):
+                value = settings_to_json(value)   # the Trainer rebuilds the callback from these
             try:
                 json.dumps(value)
             except (TypeError, ValueError):
@@ -237,7 +242,8 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
                                   trackers=self._trackers(args) if zero else [],
                                   is_global_zero=zero, current_step=step,
                                   base_dir=os.path.join(args.output_dir or ".", "ww-output"),
-                                  world_size=int(getattr(args, "world_size", 1) or 1))
+                                  world_size=int(getattr(args, "world_size", 1) or 1),
+                                  step_metric=HF_STEP_METRIC)
 
     @override
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

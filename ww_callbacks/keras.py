@@ -56,10 +56,11 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
             (``"auto"``: an active ``wandb.run`` plotted against ``global_step``, an active
             MLflow run, and the local record), ``log_fn``, ``strict``, ``freeze`` (``"apply"``
             sets ``layer.trainable = False`` mid-fit; on JAX it masks the layer's updates),
-            ``freeze_options``, ``balance_lr`` (``True`` scales each variable's update through
-            :class:`~ww_callbacks.keras_utils.LayerLRScaler`), ``lr_options``, ``early_stop``
-            (sets ``model.stop_training``), ``early_stop_options``, ``actions``, ``analyze_fn``
-            and ``ww_core.analyze`` options.
+            ``balance_lr`` (``"apply"`` scales each variable's update through
+            :class:`~ww_callbacks.keras_utils.LayerLRScaler`), ``early_stop`` (``"apply"`` sets
+            ``model.stop_training``), each a mode or a settings object
+            (:mod:`ww_callbacks.settings`), ``actions``, ``analyze_fn`` and ``ww_core.analyze``
+            options. ``inspect.signature`` of this class lists them with their defaults.
 
     Raises:
         ValueError: an invalid keyword.
@@ -191,7 +192,7 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
         self.controller.configure(total_steps=spe * int(epochs) if spe and epochs else None,
                                   total_epochs=epochs, trackers=self._trackers() if self._is_zero else [],
                                   is_global_zero=self._is_zero, current_step=start,
-                                  base_dir=self.BASE_DIR)
+                                  base_dir=self.BASE_DIR, step_metric=KERAS_STEP_METRIC)
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -200,7 +201,8 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
 
         self._is_zero, spec = rank_info()[0], self.controller.tracker_spec
         # (matplotlib is warmed up too when the local tracker draws its plot)
-        self._end_fit = prepare_fit(plots=spec == "auto" or "local" in (spec or ()))
+        self._end_fit = prepare_fit(plots=spec is not None and (self.controller.local_record
+                                                                or "local" in spec))
         steps = (self.params or {}).get("steps")
         self._steps_per_epoch = int(steps) if steps else None
         self._needs_configure = True  # at the first epoch, when initial_epoch is known

@@ -29,9 +29,12 @@ from ww_callbacks.warnings import warn
 
 __all__ = ["WeightWatcherCallback", "layer_param_groups"]
 
+#: The x-axis key Lightning's loggers write (W&B trackers the user left unset get it).
+PL_STEP_METRIC = "trainer/global_step"
+
 #: Lightning logger class -> (tracker name, kwargs built from the logger).
 _LOGGER_TRACKERS = {
-    "WandbLogger": ("wandb", lambda lg: {"run": lg.experiment, "step_metric": "trainer/global_step"}),
+    "WandbLogger": ("wandb", lambda lg: {"run": lg.experiment, "step_metric": PL_STEP_METRIC}),
     "MLFlowLogger": ("mlflow", lambda lg: {"client": lg.experiment, "run_id": lg.run_id}),
     "TensorBoardLogger": ("tensorboard", lambda lg: {"writer": lg.experiment}),
 }
@@ -65,13 +68,14 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
             ``max_epochs``), ``every_n_epochs``, ``every_n_steps``, ``layers``, ``output_dir``
             (default: a folder per run in ``<trainer.default_root_dir>/ww-output``), ``trackers``, ``log_fn``
             (default ``rank_zero_info``), ``strict``, ``freeze`` (``"apply"`` sets
-            ``requires_grad=False`` mid-fit), ``freeze_options``, ``balance_lr`` (``True``
-            needs named param groups, see :func:`layer_param_groups`), ``lr_options``,
-            ``early_stop`` (sets ``trainer.should_stop``), ``early_stop_options``, ``actions``,
-            ``analyze_fn`` and ``ww_core.analyze`` options.
+            ``requires_grad=False`` mid-fit), ``balance_lr`` (``"apply"`` needs named param
+            groups, see :func:`layer_param_groups`), ``early_stop`` (``"apply"`` sets
+            ``trainer.should_stop``), each a mode or a settings object
+            (:mod:`ww_callbacks.settings`), ``actions``, ``analyze_fn`` and ``ww_core.analyze``
+            options. ``inspect.signature`` of this class lists them with their defaults.
 
     Raises:
-        ValueError: an invalid keyword (at construction); at fit start, ``balance_lr=True``
+        ValueError: an invalid keyword (at construction); at fit start, ``balance_lr="apply"``
             without named param groups or ``freeze="apply"`` under DDP without
             ``find_unused_parameters=True``.
 
@@ -200,7 +204,8 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
             total_epochs=trainer.max_epochs if trainer.max_epochs not in (None, -1) else None,
             trackers=self._trackers(trainer) if zero else [], is_global_zero=zero,
             current_step=trainer.global_step, world_size=trainer.world_size,
-            base_dir=os.path.join(trainer.default_root_dir, "ww-output"), wrapper=trainer.strategy.model)
+            base_dir=os.path.join(trainer.default_root_dir, "ww-output"), wrapper=trainer.strategy.model,
+            step_metric=PL_STEP_METRIC)
 
     def _maybe_run(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch_end: bool) -> None:
         if trainer.sanity_checking:

@@ -22,7 +22,8 @@ import re
 import time
 from typing import Any, Iterable, Optional
 
-__all__ = ["AUTO", "run_folder", "new_run_dir", "latest_run_dir", "run_id_of"]
+__all__ = ["AUTO", "MEMORY_ONLY", "KEEP", "check_output_dir", "run_folder", "new_run_dir",
+           "latest_run_dir", "run_id_of"]
 
 
 class _Auto:
@@ -34,6 +35,42 @@ class _Auto:
 
 #: Sentinel default of ``output_dir``: one folder per run (see the module docstring).
 AUTO: Any = _Auto()
+
+#: ``output_dir=MEMORY_ONLY`` (the value ``False``): keep the history in memory only, no files.
+MEMORY_ONLY = False
+
+
+class _Keep:
+    """``configure(output_dir=KEEP)`` (its default): keep the constructor's ``output_dir``."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+#: The default of ``configure(output_dir=...)``: no override.
+KEEP: Any = _Keep()
+
+
+def check_output_dir(output_dir: Any) -> Optional[str]:
+    """The named folder of an ``output_dir`` argument: a path, or ``None`` for :data:`AUTO`
+    (chosen per run later) and :data:`MEMORY_ONLY`.
+
+    Raises:
+        ValueError: ``None`` (ambiguous before 0.2.0: omit it for a per-run folder, or pass
+            ``MEMORY_ONLY``) or anything else that is not a path.
+
+    Example:
+        >>> check_output_dir("out"), check_output_dir(MEMORY_ONLY), check_output_dir(AUTO)
+        ('out', None, None)
+    """
+    if output_dir is AUTO or output_dir is MEMORY_ONLY:
+        return None
+    if output_dir is None:
+        raise ValueError("output_dir=None is not accepted: omit output_dir for a folder per run, "
+                         "or pass output_dir=MEMORY_ONLY (False) to keep the history in memory only")
+    if isinstance(output_dir, bool) or not isinstance(output_dir, (str, os.PathLike)):
+        raise ValueError(f"output_dir must be a path or MEMORY_ONLY (False), got {output_dir!r}")
+    return os.fspath(output_dir)
 
 
 def run_id_of(trackers: Iterable[Any]) -> Optional[str]:

@@ -98,7 +98,7 @@ class RunState:
     def state_dict(self) -> Dict[str, Any]:
         """JSON-serialisable state for checkpoints: a pointer into the history files, the last
         analysed step and the action state; a few KB whatever the number of analyses (the rows
-        themselves only when the history is kept in memory, ``output_dir=None``, or for those a
+        themselves only when the history is kept in memory, ``output_dir=MEMORY_ONLY``, or for those a
         full or read-only disk kept out of ``history.jsonl``).
 
         Never waits for a background analysis: one in flight is not part of this state (its

@@ -24,7 +24,7 @@ from .sources import Snapshot, find_layers, snapshot
 from .spectrum import eigenvalues
 from .wrappers import unwrap_model
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # The public API (docs/architecture.md, "Public API"): everything else in ww_core is internal.
 __all__ = [

@@ -84,9 +84,14 @@ def ww_warning(alpha: float) -> str:
 
 def layer_flags(*, alpha: float, fit_ok: bool, small_n: bool, collapse: float,
                 collapse_share: float, num_traps: float) -> List[str]:
-    """The named flags of one analysed layer (see :data:`FLAGS`)."""
+    """The named flags of one analysed layer (see :data:`FLAGS`).
+
+    A fit on too few eigenvalues (``small_n``, e.g. a rank-8 LoRA update) says ``too-few-evals``
+    only: its alpha is too uncertain to call the layer over- or under-trained, whatever
+    WeightWatcher's ``warning`` column (:func:`ww_warning`, kept as is) says.
+    """
     flags: List[str] = []
-    warning = ww_warning(alpha) if fit_ok else ""
+    warning = ww_warning(alpha) if fit_ok and not small_n else ""
     if warning:
         flags.append(warning)
     if math.isfinite(collapse) and collapse > collapse_share:

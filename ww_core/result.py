@@ -171,7 +171,8 @@ class AnalysisResult:
             out[metric] = float(reduce(values)) if values.size else math.nan
         out["num_layers"] = len(self.layers)
         out["num_failed"] = sum(1 for l in self.layers if not l.ok)
-        out["num_flagged"] = sum(1 for l in self.layers if l.flags)
+        # a fit on too few eigenvalues is not judged: "too-few-evals" alone does not count
+        out["num_flagged"] = sum(1 for l in self.layers if set(l.flags) - {"too-few-evals"})
         return out
 
     def flagged(self, flag: Optional[str] = None) -> List[LayerResult]:

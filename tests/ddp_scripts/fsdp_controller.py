@@ -33,7 +33,7 @@ def main(out_dir):
     model.body[2] = FSDP(model.body[2], device_id=cpu)        # nested unit
     fsdp = FSDP(model, device_id=cpu)                          # root unit: body.0, .4, .6
     opt = torch.optim.SGD(fsdp.parameters(), lr=0.05)
-    ctl = WeightWatcherController(start_fraction=0.0, every_n_steps=2, trackers=[],
+    ctl = WeightWatcherController(start_fraction=0.0, every_n_steps=2, trackers=None,
                                   output_dir=os.path.join(out_dir, f"ww-rank{rank}"),
                                   log_fn=lines.append)
     ctl.configure(total_steps=6, is_global_zero=rank == 0, current_step=0, world_size=world)

@@ -29,6 +29,7 @@ from torch.distributed.fsdp._flat_param import FlatParamHandle  # noqa: E402
 
 import ww_core  # noqa: E402
 from common import Net, make_data  # noqa: E402
+from ww_callbacks import MEMORY_ONLY  # noqa: E402
 from ww_callbacks.controller import WeightWatcherController  # noqa: E402
 
 
@@ -64,8 +65,8 @@ def main(out_dir):
     units = {"root": fsdp, "body.0": model.body[0], "body.2": model.body[2],
              "body.4": model.body[4]}
     opt = torch.optim.SGD(fsdp.parameters(), lr=0.05)
-    ctl = WeightWatcherController(start_fraction=0.0, every_n_steps=2, trackers=[],
-                                  output_dir=None, log_fn=lambda line: None,
+    ctl = WeightWatcherController(start_fraction=0.0, every_n_steps=2, trackers=None,
+                                  output_dir=MEMORY_ONLY, log_fn=lambda line: None,
                                   precision="float64")     # compares with the reference exactly
     ctl.configure(total_steps=4, is_global_zero=rank == 0, current_step=0, world_size=world)
 

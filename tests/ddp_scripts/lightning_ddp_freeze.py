@@ -30,6 +30,7 @@ from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
 import ww_core  # noqa: E402
 from common import make_body, make_data  # noqa: E402
+from ww_callbacks import MEMORY_ONLY, Freeze  # noqa: E402
 from ww_callbacks.lightning import WeightWatcherCallback  # noqa: E402
 from ww_core.result import AnalysisResult, replace  # noqa: E402
 
@@ -72,8 +73,8 @@ class AtFreeze:
 def fit(out_dir, mode):
     lines = []
     at_freeze = AtFreeze()
-    ww = WeightWatcherCallback(start_fraction=0.0, every_n_epochs=1, trackers=[], output_dir=None,
-                               log_fn=lines.append, freeze="apply", freeze_options=LOOSE,
+    ww = WeightWatcherCallback(start_fraction=0.0, every_n_epochs=1, trackers=None, output_dir=MEMORY_ONLY,
+                               log_fn=lines.append, freeze=Freeze.apply(**LOOSE),
                                analyze_fn=constant_alphas, actions=[at_freeze])
     strategy = DDPStrategy(find_unused_parameters=True) if mode == "unused" else DDPStrategy()
     x, y = make_data()

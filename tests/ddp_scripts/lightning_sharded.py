@@ -87,7 +87,7 @@ def main(kind, out_dir):
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     shares = record_shares()
     lines = []
-    ww = WeightWatcherCallback(start_fraction=0.0, every_n_epochs=1, trackers=[],
+    ww = WeightWatcherCallback(start_fraction=0.0, every_n_epochs=1, trackers=None,
                                output_dir=os.path.join(out_dir, f"ww-rank{rank}"),
                                log_fn=lines.append)
     x, y = make_data()

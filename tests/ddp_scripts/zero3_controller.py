@@ -37,7 +37,7 @@ def main(out_dir):
     engine, _, _, _ = deepspeed.initialize(model=model, config=config,
                                            optimizer=torch.optim.SGD(model.parameters(), lr=0.05))
     params = list(engine.module.parameters())
-    ctl = WeightWatcherController(start_fraction=0.0, every_n_steps=2, trackers=[],
+    ctl = WeightWatcherController(start_fraction=0.0, every_n_steps=2, trackers=None,
                                   output_dir=os.path.join(out_dir, f"ww-rank{rank}"),
                                   log_fn=lines.append)
     ctl.configure(total_steps=6, is_global_zero=rank == 0, current_step=0, world_size=world)

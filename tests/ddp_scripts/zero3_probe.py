@@ -33,7 +33,7 @@ def watched(callback_cls, out_dir, rank):
     """``(callback, probe, log lines)``: the framework's ``WeightWatcherCallback`` as both scripts
     configure it (an analysis every 2 steps, float64, no trackers) and the probe on its controller."""
     lines = []
-    ww = callback_cls(start_fraction=0.0, every_n_steps=2, trackers=[], precision="float64",
+    ww = callback_cls(start_fraction=0.0, every_n_steps=2, trackers=None, precision="float64",
                       output_dir=os.path.join(out_dir, f"ww-rank{rank}"), log_fn=lines.append)
     return ww, Zero3Probe(ww.controller), lines
 

@@ -6,7 +6,8 @@ functions (:meth:`ActionSet.bind`), calls :meth:`ActionSet.actions` after each a
 :meth:`ActionSet.state_dict` in its own state.
 
 Example:
-    >>> spec = ActionSet(freeze="suggest", freeze_options={"preset": "vision", "window": 2})
+    >>> from ww_callbacks.settings import Freeze
+    >>> spec = ActionSet(freeze=Freeze.suggest(band="vision", window=2))
     >>> spec.freeze_policy.band, spec.lr_policy.enabled, spec.stop_policy
     ((2.0, 3.0), False, None)
 """
@@ -16,82 +17,45 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from ww_callbacks.actions.early_stop import EarlyStopPolicy
-from ww_callbacks.actions.freeze import FreezePolicy
-from ww_callbacks.actions.lr_balance import LRBalancePolicy
 from ww_callbacks.actions.runner import EarlyStopAction, FreezeAction, LRBalanceAction
 
-__all__ = ["ActionSet", "FREEZE_OPTIONS", "LR_OPTIONS", "EARLY_STOP_OPTIONS"]
-
-#: Keys accepted in ``freeze_options`` (``preset`` is an alias of ``band``).
-FREEZE_OPTIONS = ("band", "preset", "tol", "window", "max_share", "protect", "protect_head",
-                  "unfreeze", "unfreeze_margin", "metric", "exclude_flags", "order")
-#: Keys accepted in ``lr_options``.
-LR_OPTIONS = ("s1", "s2", "metric", "min_evals", "exclude_first", "exclude_last", "exclude")
-#: Keys accepted in ``early_stop_options``.
-EARLY_STOP_OPTIONS = ("patience", "min_delta", "lower_bound", "metric")
+__all__ = ["ActionSet"]
 
 _STATE_VERSION = 1
-
-
-def _options(name: str, options: Any, allowed: tuple) -> Dict[str, Any]:
-    if options is None:
-        return {}
-    if not isinstance(options, Mapping):
-        raise ValueError(f"{name} must be a dict or None, got {options!r}")
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown {name} key(s) {unknown}; accepted: {list(allowed)}")
-    return dict(options)
 
 
 class ActionSet:
     """The policies behind one callback's ``freeze`` / ``balance_lr`` / ``early_stop`` keywords.
 
     Args:
-        freeze: ``"off"`` (default), ``"suggest"`` (record and log only) or ``"apply"``.
-        freeze_options: :class:`FreezePolicy` keywords: ``band`` or ``preset`` (``"default"``
-            (2, 6), ``"vision"`` (2, 3), ``"nlp"`` (3, 4) or a ``(lo, hi)`` pair), ``tol``,
-            ``window``, ``max_share``, ``protect``, ``protect_head``, ``unfreeze``,
-            ``unfreeze_margin``, ``metric``, ``exclude_flags``.
-        balance_lr: ``False`` (default), ``"suggest"`` (log the factors only) or ``True``.
-        lr_options: :class:`LRBalancePolicy` keywords: ``s1``, ``s2``, ``metric``,
-            ``min_evals``, ``exclude_first``, ``exclude_last``, ``exclude``.
-        early_stop: ``False`` (default) or ``True``.
-        early_stop_options: :class:`EarlyStopPolicy` keywords: ``patience``, ``min_delta``,
-            ``lower_bound``, ``metric``.
+        freeze: ``None``/``False``/``"off"`` (default), ``"suggest"``, ``True``/``"apply"`` or
+            a :class:`~ww_callbacks.settings.Freeze`.
+        balance_lr: the same values, or a :class:`~ww_callbacks.settings.BalanceLR`.
+        early_stop: the same values, or an :class:`~ww_callbacks.settings.EarlyStop`.
 
     Raises:
-        ValueError: an unknown mode, an unknown option key or a bad option value.
+        ValueError: an unknown mode or a settings object of the wrong class.
     """
 
-    def __init__(self, freeze: Any = "off", freeze_options: Optional[Mapping[str, Any]] = None,
-                 balance_lr: Any = False, lr_options: Optional[Mapping[str, Any]] = None,
-                 early_stop: Any = False,
-                 early_stop_options: Optional[Mapping[str, Any]] = None) -> None:
-        fo = _options("freeze_options", freeze_options, FREEZE_OPTIONS)
-        if "preset" in fo:
-            if "band" in fo:
-                raise ValueError("freeze_options: give band or preset, not both")
-            fo["band"] = fo.pop("preset")
-        if freeze is None or freeze is False:
-            freeze = "off"
-        if freeze is True or freeze not in ("off", "suggest", "apply"):
-            raise ValueError(f"freeze must be 'off', 'suggest' or 'apply', got {freeze!r}")
-        self.freeze_policy = FreezePolicy(freeze, **fo)
-        lo = _options("lr_options", lr_options, LR_OPTIONS)
-        if not (balance_lr is None or isinstance(balance_lr, bool)
-                or (isinstance(balance_lr, str) and balance_lr in ("off", "suggest", "apply"))):
-            raise ValueError(f"balance_lr must be False, 'suggest' or True, got {balance_lr!r}")
-        self.lr_policy = LRBalancePolicy(balance_lr, **lo)
-        eo = _options("early_stop_options", early_stop_options, EARLY_STOP_OPTIONS)
-        if not isinstance(early_stop, bool):
-            raise ValueError(f"early_stop must be True or False, got {early_stop!r}")
-        if eo and not early_stop:
-            raise ValueError("early_stop_options given but early_stop=False")
-        self.stop_policy: Optional[EarlyStopPolicy] = EarlyStopPolicy(**eo) if early_stop else None
+    def __init__(self, freeze: Any = "off", balance_lr: Any = "off", early_stop: Any = "off") -> None:
+        from ww_callbacks.settings import coerce_settings
+
+        #: The settings of the three actions (:mod:`ww_callbacks.settings`).
+        self.freeze = coerce_settings("freeze", freeze)
+        self.balance_lr = coerce_settings("balance_lr", balance_lr)
+        self.early_stop = coerce_settings("early_stop", early_stop)
+        self.freeze_policy = self.freeze.make_policy()
+        self.lr_policy = self.balance_lr.make_policy()
+        self.stop_policy: Optional[EarlyStopPolicy] = (self.early_stop.make_policy()
+                                                       if self.early_stop.enabled else None)
         self.freeze_action: Optional[FreezeAction] = None
         self.lr_action: Optional[LRBalanceAction] = None
         self.stop_action: Optional[EarlyStopAction] = None
+
+    def settings(self) -> Dict[str, Any]:
+        """The three settings in their JSON form (``{"freeze": {...}, ...}``)."""
+        return {"freeze": self.freeze.to_dict(), "balance_lr": self.balance_lr.to_dict(),
+                "early_stop": self.early_stop.to_dict()}
 
     # ------------------------------------------------------------------ modes
     @property
@@ -101,6 +65,10 @@ class ActionSet:
     @property
     def lr_mode(self) -> str:
         return self.lr_policy.mode
+
+    @property
+    def stop_mode(self) -> str:
+        return self.early_stop.mode
 
     @property
     def enabled(self) -> bool:
@@ -114,7 +82,7 @@ class ActionSet:
         """(Re)create the actions around the same policies with these framework functions.
 
         ``freeze_fn(freeze, unfreeze)`` is needed for ``freeze="apply"``, ``lr_fn(factors)`` for
-        ``balance_lr=True``, ``stop_fn(reason)`` for ``early_stop=True``. Binding again (a new
+        ``balance_lr="apply"``, ``stop_fn(reason)`` for ``early_stop="apply"``. Binding again (a new
         adapter on the same controller) keeps the policies' state.
 
         Raises:
@@ -124,7 +92,7 @@ class ActionSet:
             raise ValueError("freeze='apply' needs a freeze_fn: the function that freezes layers in "
                              "your framework (the adapters bind it; see bind_actions)")
         if self.lr_mode == "apply" and lr_fn is None:
-            raise ValueError("balance_lr=True needs an lr_fn: the function that sets per-layer LR "
+            raise ValueError("balance_lr='apply' needs an lr_fn: the function that sets per-layer LR "
                              "factors in your framework (the adapters bind it; see bind_actions)")
         self.freeze_action = self.lr_action = self.stop_action = None
         if self.freeze_policy.enabled:
@@ -134,8 +102,9 @@ class ActionSet:
             self.lr_action = LRBalanceAction(self.lr_policy, lr_fn if self.lr_mode == "apply" else None,
                                              sync_fn)
         if self.stop_policy is not None:
-            self.stop_action = EarlyStopAction(self.stop_policy, stop_fn or (lambda reason: None),
-                                               sync_fn)
+            apply = self.stop_mode == "apply" and stop_fn is not None
+            self.stop_action = EarlyStopAction(self.stop_policy, stop_fn if apply else (lambda reason: None),
+                                               sync_fn, suggest=self.stop_mode == "suggest")
         return self
 
     def actions(self) -> List[Any]:
@@ -150,7 +119,7 @@ class ActionSet:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
         """JSON-serialisable state of the policies (frozen set, decisions, factors, stop)."""
-        out: Dict[str, Any] = {"version": _STATE_VERSION}
+        out: Dict[str, Any] = {"version": _STATE_VERSION, "settings": self.settings()}
         if self.freeze_policy.enabled:
             out["freeze"] = self.freeze_policy.state_dict()
         if self.lr_policy.enabled:
@@ -178,5 +147,5 @@ class ActionSet:
             self.stop_policy.load_state_dict(ss)
 
     def __repr__(self) -> str:
-        stop = "on" if self.stop_policy is not None else "off"
-        return f"ActionSet(freeze={self.freeze_mode!r}, balance_lr={self.lr_mode!r}, early_stop={stop})"
+        return (f"ActionSet(freeze={self.freeze!r}, balance_lr={self.balance_lr!r}, "
+                f"early_stop={self.early_stop!r})")

@@ -4,7 +4,7 @@ A layer is a freeze **candidate** at an analysis when all of these hold:
 
 1. its alpha has **settled**: the last ``window`` values (this analysis included) span a relative
    range ``(max - min) / |mean|`` of at most ``tol``;
-2. with a ``band`` (off by default), the latest alpha lies in it: e.g. ``"default"`` ``(2, 6)``,
+2. with a ``band`` (off by default), the latest alpha lies in it: e.g. ``"weightwatcher"`` ``(2, 6)``,
    WeightWatcher's over-/under-trained thresholds; presets in :data:`PRESETS`;
 3. the fit succeeded and the layer carries none of ``exclude_flags`` (correlation trap,
    rank collapse, failed/non-finite fit, too few eigenvalues);
@@ -44,6 +44,7 @@ The policy only *decides* and keeps the bookkeeping; applying a decision is the 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -58,11 +59,11 @@ from ww_callbacks.actions._common import (
 
 __all__ = ["FreezePolicy", "FreezeDecision", "PRESETS", "DEFAULT_EXCLUDE_FLAGS", "relative_range"]
 
-#: Well-trained alpha bands (CSN alpha) per domain. ``default`` is WeightWatcher's 2 / 6 rule;
+#: Well-trained alpha bands (CSN alpha) per domain. ``weightwatcher`` is its 2 / 6 rule;
 #: ``vision`` follows "well-trained CNN layers sit near 2", ``nlp`` the 3–4 typical of trained
 #: transformer layers. These are starting points, not validated thresholds.
 PRESETS: Dict[str, Tuple[float, float]] = {
-    "default": (2.0, 6.0),
+    "weightwatcher": (2.0, 6.0),
     "vision": (2.0, 3.0),
     "nlp": (3.0, 4.0),
 }
@@ -214,6 +215,8 @@ class FreezePolicy:
         self.head: Optional[str] = None
         #: Model position of every layer seen (first analysis first), for :attr:`frozen`'s order.
         self._order: Dict[str, int] = {}
+        #: Why no layer was a candidate, gathered at every decision (:meth:`why_nothing_froze`).
+        self._why: Dict[str, Any] = {"analyses": 0, "decided": 0}
 
     # ------------------------------------------------------------------ decisions
     @property
@@ -314,6 +317,7 @@ class FreezePolicy:
                                       f"relative range {spread:.4f} <= {self.tol:g} over "
                                       f"{self.window} analyses")
 
+        self._diagnose(layers, history_by_layer, frozen, cap)
         for n in names:  # frozen layers drop out of later analyses: remember where they were
             self._order.setdefault(n, len(self._order))
         self.frozen = sorted(frozen, key=lambda n: (self._order.get(n, len(self._order)), n))
@@ -343,6 +347,118 @@ class FreezePolicy:
             return None
         spread = relative_range(series)
         return None if spread > self.tol else spread
+
+    # ------------------------------------------------------------------ nothing froze: why
+    def _diagnose(self, layers: Sequence[Any], history_by_layer: Mapping[str, Sequence[float]],
+                  frozen: set, cap: int) -> None:
+        """Record, at one decision, why layers were not candidates (rules 1-6)."""
+        why = self._why
+        why["decided"] += 1
+        why["analyses"] = max([why["analyses"]] + [len(history_by_layer.get(l.name, ()))
+                                                   for l in layers])
+        why["cap"], why["num_layers"] = cap, len(layers)
+        protected, excluded, eligible = [], Counter(), 0
+        lo, hi = self.band
+        blocker: Optional[str] = None
+        for layer in layers:
+            name = layer.name
+            if name in frozen:
+                continue
+            flag = self._excluded_flag(layer)
+            value = getattr(layer, self.metric, math.nan)
+            ok = False
+            if self.is_protected(name):
+                protected.append(name)
+            elif flag or getattr(layer, "status", "success") != "success" or not finite(value):
+                excluded[flag or "fit-failed"] += 1
+            else:
+                eligible += 1
+                series = list(history_by_layer.get(name, ()))[-self.window:]
+                spread = relative_range(series) if len(series) >= self.window else None
+                if spread is not None and spread > self.tol:
+                    best = why.get("best_spread")
+                    if best is None or spread < best[0]:
+                        why["best_spread"] = (spread, name)
+                elif spread is not None and not lo <= value <= hi:
+                    why.setdefault("out_of_band", (name, value))
+                elif spread is not None:
+                    ok = True
+                    if blocker is not None:
+                        why.setdefault("blocked", (name, blocker))
+            if not ok and blocker is None and self.order == "prefix" and not self._passenger(layer):
+                blocker = name
+        why["protected"], why["excluded"], why["eligible"] = protected, excluded, eligible
+
+    def why_nothing_froze(self) -> Optional[str]:
+        """Why this policy froze (``"apply"``) or suggested (``"suggest"``) no layer so far, with
+        what to change; ``None`` when it is off or some layer froze.
+
+        The reasons, first match: no decision was made (no analysis reached the policy); every
+        analysed layer was protected or carried an excluded flag (e.g. a LoRA run, whose adapter
+        updates have too few eigenvalues); ``max_share`` allows no layer; fewer analyses than
+        ``window``; with ``order="prefix"``, a layer that never settled kept the ones behind it
+        training; no layer settled within ``tol`` (or, with a ``band``, in the band).
+
+        Example:
+            >>> from types import SimpleNamespace as L
+            >>> policy = FreezePolicy("suggest", window=3)
+            >>> layers = [L(name=n, alpha=3.0, flags=(), status="success") for n in ("a", "head")]
+            >>> _ = policy.decide({"a": [3.0, 3.0], "head": [3.0, 3.0]}, layers)
+            >>> print(policy.why_nothing_froze())  # doctest: +ELLIPSIS
+            freeze='suggest' suggested no layer: only 2 analyses ran, and the settle test needs window=3; ...
+        """
+        if self.mode == "off" or self.frozen or any(d.get("freeze") for d in self.decisions):
+            return None
+        why = self._why
+        head = f"freeze={self.mode!r} {'froze' if self.mode == 'apply' else 'suggested'} no layer: "
+        n, window = why["analyses"], self.window
+        if not why["decided"]:
+            return head + ("no analysis reached the freeze policy; make the schedule analyse at "
+                           f"least window={window} times (e.g. an earlier start_fraction or a "
+                           "shorter interval)")
+        protected, excluded = why["protected"], why["excluded"]
+        if not why["eligible"] and (protected or excluded):
+            parts = [f"{c} flagged {f}" for f, c in excluded.most_common()]
+            if protected:
+                parts.append(f"{len(protected)} protected ({', '.join(protected[:3])}"
+                             f"{', ...' if len(protected) > 3 else ''})")
+            fix = []
+            if excluded:
+                fix.append(f"drop {', '.join(repr(f) for f in excluded)} from exclude_flags "
+                           f"(now {list(self.exclude_flags)}) to let such layers freeze on their "
+                           f"{self.metric}")
+            if "too-few-evals" in excluded:
+                fix[-1] += (" (too-few-evals: fits on fewer than 20 eigenvalues, e.g. every "
+                            "LoRA adapter update B·A of rank r; or analyse the base layers "
+                            "instead)")
+            if protected:
+                fix.append("narrow protect / set protect_head=False")
+            return head + (f"every analysed layer was protected or excluded ({'; '.join(parts)}); "
+                           + " or ".join(fix))
+        if why.get("cap", 1) < 1:
+            return head + (f"max_share={self.max_share:g} of {why['num_layers']} analysed layers "
+                           "allows none to freeze; raise max_share")
+        if n < window:
+            return head + (f"only {n} analyses ran, and the settle test needs window={window}; "
+                           f"analyse more often (a shorter interval or an earlier start_fraction) "
+                           f"or lower window")
+        if "blocked" in why:
+            name, blocker = why["blocked"]
+            return head + (f"with order='prefix', {blocker} never met the criterion, so {name} "
+                           "and the layers after it kept training; use order='any', or protect "
+                           f"nothing before {name} that has to stay")
+        if "best_spread" in why and "out_of_band" not in why:
+            spread, name = why["best_spread"]
+            return head + (f"no layer's {self.metric} settled: the smallest relative range over "
+                           f"{window} analyses was {spread:.4f} ({name}), above tol={self.tol:g}; "
+                           "raise tol, or train (and analyse) longer")
+        if "out_of_band" in why:
+            name, value = why["out_of_band"]
+            lo, hi = self.band
+            return head + (f"the layers that settled have {self.metric} outside band "
+                           f"[{lo:g}, {hi:g}] (e.g. {name}: {value:.3f}); widen band or set "
+                           "band=None")
+        return head + "no layer met the criterion (see docs/actions.md for the rules)"
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:

@@ -8,7 +8,7 @@ gives each tuned layer the factor
 of the scheduled LR, with alpha_min/alpha_max taken over the tuned layers at this analysis.
 A **higher** alpha (lighter tail, less trained) gets a **larger** LR. The mean factor is not
 renormalised (TB does not either). Tuned layers, as in TB: every analysed layer except the first
-and the last (the classifier) and those with fewer than ``min_evals`` (50) eigenvalues; all other
+and the last (the classifier) and those with fewer than ``min_layer_evals`` (50) eigenvalues; all other
 parameters keep factor 1 (TB's "untuned" group at the global LR).
 
 TB ranks with its median Hill estimator, our ``LayerResult.alpha_hill`` (``metric="alpha_hill"``,
@@ -108,7 +108,7 @@ class LRBalancePolicy:
             nothing is applied) or ``True``/``"apply"``.
         s1, s2: factor bounds (TB defaults 0.5 / 1.5; TB uses 0.6 / 1.4 with other regularisers).
         metric: ``"alpha_hill"`` (TB's estimator, default) or ``"alpha"``.
-        min_evals: layers with fewer eigenvalues are untuned (TB ``eigs_thresh=50``).
+        min_layer_evals: layers with fewer eigenvalues are untuned (TB ``eigs_thresh=50``).
         exclude_first: leave the first analysed layer untuned (TB ``remove_first_layer``).
         exclude_last: leave the last analysed layer (the head) untuned (TB ``remove_last_layer``).
         exclude: regex or list of regexes of further layers to leave untuned.
@@ -126,17 +126,17 @@ class LRBalancePolicy:
     """
 
     def __init__(self, mode: Union[str, bool, None] = False, s1: float = 0.5, s2: float = 1.5,
-                 metric: str = "alpha_hill", min_evals: int = 50, exclude_first: bool = True,
+                 metric: str = "alpha_hill", min_layer_evals: int = 50, exclude_first: bool = True,
                  exclude_last: bool = True, exclude: Patterns = None, keep_log: int = 1000) -> None:
         self.mode = normalise_mode("balance_lr", mode, _MODES)
         _check_bounds(s1, s2)
-        if isinstance(min_evals, bool) or not isinstance(min_evals, int) or min_evals < 0:
-            raise ValueError(f"min_evals must be an int >= 0, got {min_evals!r}")
+        if isinstance(min_layer_evals, bool) or not isinstance(min_layer_evals, int) or min_layer_evals < 0:
+            raise ValueError(f"min_layer_evals must be an int >= 0, got {min_layer_evals!r}")
         if isinstance(keep_log, bool) or not isinstance(keep_log, int) or keep_log < 0:
             raise ValueError(f"keep_log must be an int >= 0, got {keep_log!r}")
         self.s1, self.s2 = float(s1), float(s2)
         self.metric = check_metric(metric)
-        self.min_evals = min_evals
+        self.min_layer_evals = min_layer_evals
         self.exclude_first = bool(exclude_first)
         self.exclude_last = bool(exclude_last)
         self.exclude = list(exclude) if isinstance(exclude, (list, tuple)) else exclude
@@ -171,8 +171,8 @@ class LRBalancePolicy:
                 decision.untuned[name] = "first layer"
             elif self.exclude_last and i == len(layers) - 1:
                 decision.untuned[name] = "last layer (head)"
-            elif int(getattr(layer, "num_evals", 0) or 0) < self.min_evals:
-                decision.untuned[name] = f"fewer than {self.min_evals} eigenvalues"
+            elif int(getattr(layer, "num_evals", 0) or 0) < self.min_layer_evals:
+                decision.untuned[name] = f"fewer than {self.min_layer_evals} eigenvalues"
             elif matches(self._exclude, name):
                 decision.untuned[name] = "excluded"
             elif not finite(value):
@@ -205,4 +205,4 @@ class LRBalancePolicy:
 
     def __repr__(self) -> str:
         return (f"LRBalancePolicy(mode={self.mode!r}, s1={self.s1}, s2={self.s2}, "
-                f"metric={self.metric!r}, min_evals={self.min_evals})")
+                f"metric={self.metric!r}, min_layer_evals={self.min_layer_evals})")

@@ -164,17 +164,20 @@ class EarlyStopAction:
             ``trainer.should_stop = True``; HF: set a flag that ``on_step_end`` copies into
             ``control.should_training_stop``; Keras ``model.stop_training = True``).
         sync_fn: makes every rank follow rank 0's decision (DDP: all ranks must stop together).
+        suggest: only log the decision (once), never call ``stop_fn``.
 
-    Event: ``"early-stop"`` with ``{"reason": ..., "mean_alpha": ...}``.
+    Event: ``"early-stop"`` (``"early-stop-suggestion"`` with ``suggest``) with
+    ``{"reason": ..., "mean_alpha": ...}``.
     """
 
     def __init__(self, policy: EarlyStopPolicy, stop_fn: Callable[[str], Any],
-                 sync_fn: Optional[SyncFn] = None) -> None:
+                 sync_fn: Optional[SyncFn] = None, suggest: bool = False) -> None:
         if not isinstance(policy, EarlyStopPolicy):
             raise ValueError(f"policy must be an EarlyStopPolicy, got {type(policy).__name__}")
         if not callable(stop_fn):
             raise ValueError("stop_fn must be callable")
         self.policy, self.stop_fn, self.sync_fn = policy, stop_fn, sync_fn
+        self.suggest = bool(suggest)
         self.last: Optional[StopDecision] = None
 
     def on_analysis(self, controller: Any, result: Any, step: int, epoch: int) -> None:
@@ -183,12 +186,13 @@ class EarlyStopAction:
         if self.sync_fn is not None:
             decision = StopDecision(**self.sync_fn(decision.to_dict()))
         self.last = decision
-        if not decision.stop:
+        if not decision.stop or (self.suggest and self.policy.stopped is not None):
             return
         self.policy.record(decision, step=step, epoch=epoch)
-        _event(controller, step, "early-stop",
+        _event(controller, step, "early-stop-suggestion" if self.suggest else "early-stop",
                {"reason": decision.reason, "mean_alpha": series[-1] if series else None})
-        self.stop_fn(decision.reason)
+        if not self.suggest:
+            self.stop_fn(decision.reason)
 
     def state_dict(self) -> Dict[str, Any]:
         return self.policy.state_dict()

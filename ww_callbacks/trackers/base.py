@@ -74,6 +74,45 @@ def flat_metrics(rows: Iterable[Dict[str, Any]], summary: Dict[str, Any], prefix
     return out
 
 
+# -- flags: what counts as flagged in the summaries, the report and the alerts ----------------
+#: A layer whose flags are all among these could not be judged (e.g. a rank-8 LoRA update fitted
+#: on 8 eigenvalues): it is shown with its flag but not counted or coloured as flagged.
+UNJUDGED_FLAGS = ("too-few-evals",)
+
+
+def flag_names(value: Any) -> List[str]:
+    """A row's ``flags`` (tuple, list or ``"a,b"`` string) as a list of names.
+
+    Example:
+        >>> flag_names("too-few-evals,fit-failed"), flag_names(("over-trained",)), flag_names(None)
+        (['too-few-evals', 'fit-failed'], ['over-trained'], [])
+    """
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [f for f in (p.strip() for p in value.split(",")) if f]
+    try:
+        return [str(f) for f in value if f]
+    except TypeError:
+        return []
+
+
+def is_flagged(flags: Any) -> bool:
+    """True when ``flags`` hold a flag beyond :data:`UNJUDGED_FLAGS` (a layer to look at).
+
+    Example:
+        >>> is_flagged(("too-few-evals",)), is_flagged("too-few-evals,fit-failed"), is_flagged(())
+        (False, True, False)
+    """
+    return any(f not in UNJUDGED_FLAGS for f in flag_names(flags))
+
+
+def is_unjudged(flags: Any) -> bool:
+    """True when ``flags`` are non-empty and all among :data:`UNJUDGED_FLAGS`."""
+    names = flag_names(flags)
+    return bool(names) and not is_flagged(names)
+
+
 # -- keys that scale: one section per metric, layers in model order --------------------------
 #: The summary section (``ww/<key>``): at most a dozen scalars per analysis.
 SUMMARY_KEYS = ("alpha_mean", "alpha_median", "alpha_min", "alpha_max", "log_norm_mean",
@@ -137,11 +176,14 @@ def summary_scalars(rows: Iterable[Dict[str, Any]], summary: Dict[str, Any]) -> 
     """The :data:`SUMMARY_KEYS` of one analysis (only those with a finite value).
 
     ``summary`` is ``AnalysisResult.summary()`` plus what the controller adds (``hook_seconds``,
-    ``analysis_seconds``, ``num_frozen``); the alpha statistics are computed from ``rows``.
+    ``analysis_seconds``, ``num_frozen``); the alpha statistics are computed from ``rows``, and so
+    are the counts of flags: ``num_flagged`` leaves out layers that could not be judged (only
+    ``too-few-evals``, see :func:`is_flagged`), ``num_over_trained``/``num_under_trained`` count the
+    ``flags`` (so a fit on too few eigenvalues is neither, whatever its ``warning`` column says).
 
     Example:
-        >>> rows = [{"alpha": 3.0, "warning": ""}, {"alpha": 7.0, "warning": "under-trained"},
-        ...         {"alpha": float("nan"), "warning": ""}]
+        >>> rows = [{"alpha": 3.0, "flags": ()}, {"alpha": 7.0, "flags": ("under-trained",)},
+        ...         {"alpha": float("nan"), "flags": ()}]
         >>> out = summary_scalars(rows, {"num_layers": 3, "num_flagged": 1, "log_norm": 1.5})
         >>> out["alpha_mean"], out["alpha_median"], out["num_under_trained"], out["log_norm_mean"]
         (5.0, 5.0, 1.0, 1.5)
@@ -156,9 +198,12 @@ def summary_scalars(rows: Iterable[Dict[str, Any]], summary: Dict[str, Any]) -> 
     summary = dict(summary or {})
     out["log_norm_mean"] = summary.get("log_norm")
     out["num_layers"] = summary.get("num_layers", len(rows))
-    out["num_flagged"] = summary.get("num_flagged")
-    out["num_under_trained"] = sum(1 for r in rows if r.get("warning") == "under-trained")
-    out["num_over_trained"] = sum(1 for r in rows if r.get("warning") == "over-trained")
+    if rows and all("flags" in r for r in rows):
+        out["num_flagged"] = sum(1 for r in rows if is_flagged(r.get("flags")))
+    else:
+        out["num_flagged"] = summary.get("num_flagged")
+    out["num_under_trained"] = sum(1 for r in rows if "under-trained" in flag_names(r.get("flags")))
+    out["num_over_trained"] = sum(1 for r in rows if "over-trained" in flag_names(r.get("flags")))
     for key in ("num_frozen", "analysis_seconds", "hook_seconds"):
         out[key] = summary.get(key)
     return {k: f for k in SUMMARY_KEYS if (f := finite_float(out.get(k))) is not None}

@@ -50,6 +50,12 @@
   var SCALE = [[0.5, [103, 0, 13]], [1, [165, 15, 21]], [1.5, [222, 45, 38]], [LO, [252, 174, 145]],
                [LO, [199, 233, 192]], [(LO + HI) / 2, [116, 196, 118]], [HI, [199, 233, 192]],
                [HI, [198, 219, 239]], [8, [107, 174, 214]], [12, [33, 113, 181]], [20, [8, 48, 107]]];
+  // a fit on too few eigenvalues (flag too-few-evals only) is not judged: purple, not red
+  var UNJUDGED = "#b9a3d6", few = {};
+  (D.unjudged || []).forEach(function (c) { few[c[0] + "," + c[1]] = true; });
+  function judged(flags) {
+    return String(flags || "").split(",").some(function (f) { return f && (D.unjudged_flags || []).indexOf(f) < 0; });
+  }
   function colour(a) {
     if (a === null || a === undefined) return "#c8c8c8";
     if (a <= SCALE[0][0]) return "rgb(" + SCALE[0][1] + ")";
@@ -95,7 +101,7 @@
     ctx.scale(dpr, dpr); ctx.font = font; ctx.textBaseline = "middle";
     for (var i = 0; i < nL; i++) {
       for (var j = 0; j < nS; j++) {
-        ctx.fillStyle = colour(D.alpha[i][j]);
+        ctx.fillStyle = few[i + "," + j] ? UNJUDGED : colour(D.alpha[i][j]);
         ctx.fillRect(labelW + j * colW, i * rowH, Math.ceil(colW), rowH);
       }
     }
@@ -139,6 +145,7 @@
       var text = D.layers[p.r] + (D.types[p.r] ? " (" + D.types[p.r] + ")" : "");
       if (p.c >= 0) {
         text += "\nstep " + D.steps[p.c] + "   alpha " + (D.alpha[p.r][p.c] === null ? "n/a" : fmt(D.alpha[p.r][p.c]));
+        if (few[p.r + "," + p.c]) text += "  (too few eigenvalues to judge)";
         (decByStep[D.steps[p.c]] || []).forEach(function (d) { if (d[1] === D.layers[p.r] || !d[1]) text += "\n" + decText(d); });
       }
       tip(evt, text);
@@ -150,7 +157,7 @@
   }
 
   function legend() {
-    var s = svg("svg", {width: 520, height: 38}), x0 = 10, w = 420, amax = 14;
+    var s = svg("svg", {width: 560, height: 38}), x0 = 10, w = 420, amax = 14;
     var X = function (a) { return x0 + w * Math.log(a / 0.5) / Math.log(amax / 0.5); };
     for (var k = 0; k < w; k += 2) {
       var a = 0.5 * Math.pow(amax / 0.5, k / w);
@@ -162,6 +169,8 @@
     });
     svg("rect", {x: x0 + w + 14, y: 2, width: 14, height: 14, fill: colour(null)}, s);
     svg("text", {x: x0 + w + 32, y: 13, "font-size": 11}, s, "no fit");
+    svg("rect", {x: x0 + w + 14, y: 20, width: 14, height: 14, fill: UNJUDGED}, s);
+    svg("text", {x: x0 + w + 32, y: 31, "font-size": 11}, s, "too few evals");
     $("heat-legend").innerHTML = ""; $("heat-legend").appendChild(s);
   }
 
@@ -283,7 +292,7 @@
       return "<th data-k='" + k + "' class='" + (TEXT[c] ? "l" : "") + "'>" + (c === "d_alpha" ? "\u0394 alpha" : esc(c)) + arrow + "</th>";
     }).join("") + "</tr>";
     $("layers").tBodies[0].innerHTML = rows.map(function (r) {
-      return "<tr data-i='" + r[0] + "' class='" + (r[fi] ? "flag" : "") + (r[0] === sticky ? " sel" : "") + "'>" + r.map(function (v, k) {
+      return "<tr data-i='" + r[0] + "' class='" + (judged(r[fi]) ? "flag" : r[fi] ? "few" : "") + (r[0] === sticky ? " sel" : "") + "'>" + r.map(function (v, k) {
         var c = cols[k], text = c === "d_alpha" && typeof v === "number" ? (v > 0 ? "+" : "") + v.toFixed(3) : fmt(v, c);
         return "<td class='" + (TEXT[c] ? "l" : "") + (c === "flags" ? " flags" : "") + "'>" + esc(text) + "</td>";
       }).join("") + "</tr>";

@@ -29,7 +29,16 @@ from collections import OrderedDict
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Sequence
 
-from ww_callbacks.trackers.base import DECISION_COLUMNS, LayerKeys, finite_float, plain_value, summary_scalars
+from ww_callbacks.trackers.base import (
+    DECISION_COLUMNS,
+    UNJUDGED_FLAGS,
+    LayerKeys,
+    finite_float,
+    is_flagged,
+    is_unjudged,
+    plain_value,
+    summary_scalars,
+)
 
 __all__ = ["TABLE_COLUMNS", "SUMMARY_COLUMNS", "by_step", "esd_data", "render_report"]
 
@@ -114,7 +123,8 @@ def esd_data(result: Any, limit: int = 12, bins: int = 40) -> List[Dict[str, Any
 
     layers = [lay for lay in getattr(result, "layers", None) or ()
               if getattr(lay, "flags", ()) and getattr(lay, "evals", None) is not None]
-    layers.sort(key=lambda lay: (-_severity(lay), -len(lay.flags)))
+    # layers that could not be judged (only too-few-evals) after the others
+    layers.sort(key=lambda lay: (is_unjudged(lay.flags), -_severity(lay), -len(lay.flags)))
     out = []
     for lay in layers[:max(int(limit), 0)]:
         ev = np.asarray(lay.evals, dtype=float).ravel()
@@ -138,7 +148,7 @@ def esd_data(result: Any, limit: int = 12, bins: int = 40) -> List[Dict[str, Any
 
 
 def _summary_row(step: int, rows: List[Dict[str, Any]], summary: Optional[Dict[str, Any]]) -> list:
-    flagged = sum(1 for r in rows if flags_of(r))
+    flagged = sum(1 for r in rows if is_flagged(r.get("flags")))
     # as AnalysisResult.summary(): the mean over the successful fits only
     ok = [r for r in rows if r.get("status") == "success" and finite_float(r.get("alpha")) is not None]
     log_norms = [v for v in (finite_float(r.get("log_norm")) for r in ok) if v is not None]
@@ -178,10 +188,13 @@ def build_data(history: Sequence[Dict[str, Any]], *, title: str = "WeightWatcher
     steps = list(groups)
     shown = [steps[i] for i in _thin(len(steps), max_steps)]
     alpha = [[None] * len(shown) for _ in names]
+    unjudged: List[List[int]] = []      # [layer, column] of fits on too few eigenvalues
     for j, step in enumerate(shown):
         for row in groups[step]:
             i = index[str(row.get("name"))]
             alpha[i][j] = _num(row.get("alpha"))
+            if is_unjudged(row.get("flags")):
+                unjudged.append([i, j])
             types[i] = types[i] or str(row.get("type") or "")
     mean = []
     for j in range(len(shown)):
@@ -215,6 +228,7 @@ def build_data(history: Sequence[Dict[str, Any]], *, title: str = "WeightWatcher
         "title": title, "updated": _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
         "band": [ALPHA_LOW, ALPHA_HIGH], "layers": names, "types": types,
         "num_analyses": len(steps), "steps": shown, "alpha": alpha, "mean": mean,
+        "unjudged": unjudged, "unjudged_flags": list(UNJUDGED_FLAGS),
         "latest_step": last_step,
         "latest_epoch": groups[last_step][0].get("epoch") if steps else None,
         "columns": ["#"] + list(TABLE_COLUMNS), "latest": latest,
@@ -239,7 +253,7 @@ def render_report(data: Dict[str, Any]) -> str:
     esc = html.escape
     title = esc(str(data.get("title", "")))
     step, epoch = data.get("latest_step"), data.get("latest_epoch")
-    n_flag = sum(1 for r in data["latest"] if r[-1])
+    n_flag = sum(1 for r in data["latest"] if is_flagged(r[-1]))
     if step is None:
         head = "<p>No analysis yet.</p>"
     else:
@@ -262,7 +276,8 @@ history.csv and alpha_over_time.png.</p></noscript>
 <a href="#s-sum">analyses</a></nav>
 <section id="s-heat"><h2>Alpha per layer and step</h2>
 <p class="hint">Layers in model order (top = first). Colour: red &lt; 2 (over-trained),
-green 2&ndash;6 (well trained), blue &gt; 6 (under-trained), grey: no fit. Dots: decisions.
+green 2&ndash;6 (well trained), blue &gt; 6 (under-trained), grey: no fit, purple: too few
+eigenvalues to judge (flag too-few-evals; e.g. a LoRA update of rank 8). Dots: decisions.
 Hover for values, click a row to highlight the layer below.</p>
 <div id="heat-legend"></div><div id="heat-wrap"><canvas id="heatmap"></canvas></div>
 <p class="meta" id="heat-note"></p></section>

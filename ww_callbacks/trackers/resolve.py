@@ -10,8 +10,8 @@ global (the Hugging Face Trainer's integrations, Keras).
 Example:
     >>> check_tracker_spec(["local", "WandB"])
     ['local', 'wandb']
-    >>> check_tracker_spec(None)
-    []
+    >>> check_tracker_spec(None) is None
+    True
 """
 
 from __future__ import annotations
@@ -32,14 +32,15 @@ log = logging.getLogger("ww_callbacks")
 TrackerSpec = Union[str, Sequence[Union[str, Tracker]], None]
 
 
-def check_tracker_spec(trackers: TrackerSpec) -> Union[str, List[Any]]:
-    """Validate ``trackers=`` up front: ``"auto"``, or a list of lower-case names and instances.
+def check_tracker_spec(trackers: TrackerSpec) -> Union[str, List[Any], None]:
+    """Validate ``trackers=`` up front: ``"auto"``, ``None`` (no trackers at all), or a list of
+    lower-case names and instances.
 
     Raises:
         ValueError: an unknown name, or an item that is neither a name nor a tracker.
     """
     if trackers is None:
-        return []
+        return None
     if isinstance(trackers, str):
         if trackers == "auto":
             return "auto"
@@ -61,7 +62,7 @@ def check_tracker_spec(trackers: TrackerSpec) -> Union[str, List[Any]]:
 
 def requested_names(spec: Union[str, List[Any]]) -> set:
     """The tracker names ``spec`` asks for explicitly (none for ``"auto"``)."""
-    return set() if spec == "auto" else {t for t in spec if isinstance(t, str)}
+    return set() if spec in ("auto", None) else {t for t in spec if isinstance(t, str)}
 
 
 def _own_tracker(name: str, output_dir: Optional[str]) -> Tracker:
@@ -75,9 +76,10 @@ def _own_tracker(name: str, output_dir: Optional[str]) -> Tracker:
     return make_tracker(name, **kwargs)
 
 
-def build_trackers(spec: Union[str, List[Any]], framework: Sequence[Tracker],
+def build_trackers(spec: Union[str, List[Any], None], framework: Sequence[Tracker],
                    output_dir: Optional[str], guard: Callable[..., Any],
-                   log_fn: Callable[[str], Any], strict: bool = False) -> List[Tracker]:
+                   log_fn: Callable[[str], Any], strict: bool = False,
+                   local_record: bool = True, step_metric: Optional[str] = None) -> List[Tracker]:
     """The trackers of a run, in order.
 
     Args:
@@ -89,19 +91,28 @@ def build_trackers(spec: Union[str, List[Any]], framework: Sequence[Tracker],
             that fails at creation is left out; the others and the local record continue).
         log_fn: where the local tracker reports its own problems.
         strict: passed to the local tracker.
+        local_record: add the local record to ``"auto"`` and to a list (``spec`` ``None``: no
+            trackers at all).
+        step_metric: the framework's x-axis key, set on each tracker whose ``step_metric`` is
+            unset (``None``).
     """
+    if spec is None:
+        return []
     named = spec != "auto"
+    explicit_local = named and "local" in spec
     if not named:
-        spec = list(framework) + ["local"]
+        spec = list(framework)
+    if local_record and "local" not in spec:
+        spec = list(spec) + ["local"]
     by_name = {getattr(t, "name", None): t for t in framework}
     out: List[Tracker] = []
     for item in spec:
         if not isinstance(item, str):
             out.append(item)
         elif item == "local":
-            if output_dir is None and named:
-                warn("trackers=[..., 'local', ...] with output_dir=None: the local record needs a "
-                     "folder and is left out", stacklevel=4)
+            if output_dir is None and named and explicit_local:
+                warn("trackers=[..., 'local', ...] with output_dir=MEMORY_ONLY: the local record "
+                     "needs a folder and is left out", stacklevel=4)
             if output_dir is not None:
                 from ww_callbacks.trackers.local import LocalTracker
 
@@ -112,6 +123,9 @@ def build_trackers(spec: Union[str, List[Any]], framework: Sequence[Tracker],
             tracker = guard(f"creating the {item!r} tracker", _own_tracker, item, output_dir)
             if tracker is not None:
                 out.append(tracker)
+    for tracker in out:
+        if step_metric and getattr(tracker, "step_metric", "") is None:
+            tracker.step_metric = step_metric
     return out
 
 

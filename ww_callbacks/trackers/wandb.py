@@ -39,6 +39,8 @@ from .base import (
     Tracker,
     decision_rows,
     finite_float,
+    is_flagged,
+    is_unjudged,
     metric_section,
     plain_value,
     scalars,
@@ -46,9 +48,16 @@ from .base import (
 
 __all__ = ["WandbTracker"]
 
+#: The heatmap colour of a fit on too few eigenvalues (as the local report's).
+UNJUDGED_COLOUR = "#b9a3d6"
+
 #: W&B's per-table row limit when the installed wandb does not say (``wandb.Table.MAX_ROWS``):
 #: a table file logged into a run keeps only its first 10,000 rows.
 DEFAULT_MAX_ROWS = 10000
+
+
+#: The x-axis key of a tracker used outside the three callbacks with no ``step_metric``.
+DEFAULT_STEP_METRIC = "global_step"
 
 
 class WandbTracker(Tracker):
@@ -57,8 +66,9 @@ class WandbTracker(Tracker):
     Args:
         run: the run to log into (e.g. ``WandbLogger.experiment``). Default: the active
             ``wandb.run``, looked up at the first analysis.
-        step_metric: the x-axis key logged with every row (``trainer/global_step`` for
-            Lightning, ``train/global_step`` for HF, ``epoch`` or anything else for your own runs).
+        step_metric: the x-axis key logged with every row. Default ``None``: the callback sets
+            the framework's (``trainer/global_step`` for Lightning, ``train/global_step`` for HF,
+            ``global_step`` for Keras); used on its own, ``global_step``.
         project: project of a run this tracker opens itself (``open_run=True`` only).
         open_run: with no run passed and none active, open one (then finished in :meth:`close`).
             When False and there is no run, the tracker raises at the first analysis, which the
@@ -88,7 +98,7 @@ class WandbTracker(Tracker):
 
     name = "wandb"
 
-    def __init__(self, run: Any = None, *, step_metric: str = "trainer/global_step",
+    def __init__(self, run: Any = None, *, step_metric: Optional[str] = None,
                  project: Optional[str] = None, open_run: bool = False,
                  log_metrics: Union[str, Sequence[str]] = ("alpha",), log_esd_images: bool = True,
                  max_images: int = 8, heatmap_steps: int = 200, alert_on_flagged: bool = False,
@@ -120,10 +130,17 @@ class WandbTracker(Tracker):
         self._defined = False
         self._warned: set = set()
         self._alphas: Dict[str, Optional[float]] = {}
+        #: Layers of the latest analysis fitted on too few eigenvalues (not judged).
+        self._unjudged: frozenset = frozenset()
         self._flagged: frozenset = frozenset()
         self._decisions: Any = None
         #: The controller keeps eigenvalues in the result when a tracker sets this.
         self.wants_evals = bool(log_esd_images and max_images > 0)
+
+    @property
+    def x_axis(self) -> str:
+        """:attr:`step_metric`, or ``global_step`` when neither the user nor an adapter set it."""
+        return self.step_metric or DEFAULT_STEP_METRIC
 
     # -- run handling ---------------------------------------------------------------------------
     @property
@@ -161,9 +178,9 @@ class WandbTracker(Tracker):
             return
         # The x-axis itself (harmless if the trainer defined it already), then our sections.
         if self._owns_run:
-            run.define_metric(self.step_metric)
+            run.define_metric(self.x_axis)
         for section in (self.prefix, *(metric_section(m, self.prefix) for m in self.log_metrics)):
-            run.define_metric(f"{section}/*", step_metric=self.step_metric)
+            run.define_metric(f"{section}/*", step_metric=self.x_axis)
         self._defined = True
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -183,9 +200,10 @@ class WandbTracker(Tracker):
             # Resumed: number the layers as the first analysis of the history did.
             first = history[0].get("step")
             self.keys.update(str(r.get("name")) for r in history if r.get("step") == first)
-        data: Dict[str, Any] = {self.step_metric: int(step)}
+        data: Dict[str, Any] = {self.x_axis: int(step)}
         data.update(scalars(rows, summary, self.keys, self.log_metrics, self.prefix))
         self._alphas = {str(r.get("name")): finite_float(r.get("alpha")) for r in rows}
+        self._unjudged = frozenset(str(r.get("name")) for r in rows if is_unjudged(r.get("flags")))
         if rows:
             data.update(self._layer_tables(wandb, rows))
         if self.heatmap_steps and rows:
@@ -231,7 +249,7 @@ class WandbTracker(Tracker):
                     self._warn_once("increments", f"{key} has more than 100 increments; the W&B "
                                     "workspace shows the latest 100 (every increment stays in "
                                     "the run's files)")
-            run.log({self.step_metric: int(step), key: table})
+            run.log({self.x_axis: int(step), key: table})
 
     def close(self) -> None:
         """Finish the run if this tracker opened it; a trainer's run is left alone."""
@@ -305,9 +323,10 @@ class WandbTracker(Tracker):
 
             return wandb.Image(fig, caption=caption)
 
-    def _heatmap(self, wandb: Any, step: int, history: Iterable[Dict[str, Any]]) -> Any:
-        """alpha, layers (model order) x the latest ``heatmap_steps`` analysed steps."""
+    def _heatmap_grid(self, step: int, history: Iterable[Dict[str, Any]]) -> tuple:
+        """``(steps, names, alpha grid, too-few-evals mask, truncated)`` of the heatmap."""
         columns: Dict[int, Dict[str, Optional[float]]] = {step: dict(self._alphas)}
+        unjudged: Dict[int, set] = {step: set(self._unjudged)}
         truncated = False
         for row in reversed(history if isinstance(history, list) else list(history or ())):
             s = row.get("step")
@@ -319,10 +338,20 @@ class WandbTracker(Tracker):
                     break
                 columns[int(s)] = {}
             columns[int(s)][str(row.get("name"))] = finite_float(row.get("alpha"))
+            if is_unjudged(row.get("flags")):
+                unjudged.setdefault(int(s), set()).add(str(row.get("name")))
         steps = sorted(columns)
         names = [name for name, _ in self.keys.items()]
         grid = np.array([[columns[s].get(n) if columns[s].get(n) is not None else np.nan
                           for s in steps] for n in names], dtype=float).reshape(len(names), len(steps))
+        few = np.array([[n in unjudged.get(s, ()) for s in steps] for n in names],
+                       dtype=bool).reshape(len(names), len(steps))
+        return steps, names, grid, few, truncated
+
+    def _heatmap(self, wandb: Any, step: int, history: Iterable[Dict[str, Any]]) -> Any:
+        """alpha, layers (model order) x the latest ``heatmap_steps`` analysed steps; a fit on too
+        few eigenvalues (flag ``too-few-evals`` only) is drawn in purple, not on the alpha scale."""
+        steps, names, grid, few, truncated = self._heatmap_grid(step, history)
         height = min(2.5 + 0.13 * len(names), 14.0)
         fig = self._figure((10.0, height), left=0.3, right=0.9, bottom=1.0 / height,
                            top=1 - 0.6 / height)
@@ -333,8 +362,12 @@ class WandbTracker(Tracker):
 
             ax = fig.add_subplot(1, 1, 1)
             cmap = matplotlib.colormaps["coolwarm"].resampled(24).with_extremes(bad="#d9d9d9")
-            im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest",
-                           cmap=cmap, vmin=1.0, vmax=7.0)
+            im = ax.imshow(np.ma.masked_invalid(np.where(few, np.nan, grid)), aspect="auto",
+                           interpolation="nearest", cmap=cmap, vmin=1.0, vmax=7.0)
+            if few.any():
+                ax.imshow(np.ma.masked_where(~few, np.ones(few.shape)), aspect="auto",
+                          interpolation="nearest", vmin=0.0, vmax=1.0,
+                          cmap=matplotlib.colors.ListedColormap([UNJUDGED_COLOUR]))
             fig.colorbar(im, cax=fig.add_axes((0.92, 0.3, 0.015, 0.4)), label="alpha (2-6: typical)")
             every = max(1, math.ceil(len(names) / max(1, int((height - 1.5) * 80 / 9))))
             ticks = list(range(0, len(names), every))
@@ -342,9 +375,11 @@ class WandbTracker(Tracker):
             xt = sorted({round(i * (len(steps) - 1) / 9) for i in range(10)}) if len(steps) > 10 \
                 else list(range(len(steps)))
             ax.set_xticks(xt, [str(steps[i]) for i in xt], fontsize=7)
-            ax.set_xlabel(self.step_metric)
+            ax.set_xlabel(self.x_axis)
             scope = f"last {len(steps)} analysed steps" if truncated else f"{len(steps)} analysed steps"
             title = f"alpha per layer ({len(names)} layers, {scope})"
+            if few.any():
+                title += "; purple: too few eigenvalues"
             ax.set_title(title, fontsize=9, y=1.0)  # a fixed y skips a costly title layout
             return self._image(wandb, fig, title)
         except Exception as exc:
@@ -381,7 +416,8 @@ class WandbTracker(Tracker):
 
     # -- alerts ---------------------------------------------------------------------------------
     def _alert(self, wandb: Any, run: Any, step: int, rows: List[Dict[str, Any]]) -> None:
-        flagged = {str(r.get("name")): r for r in rows if r.get("flags")}
+        # a layer flagged only too-few-evals could not be judged: no alert
+        flagged = {str(r.get("name")): r for r in rows if is_flagged(r.get("flags"))}
         new = [n for n in flagged if n not in self._flagged]
         self._flagged = frozenset(flagged)
         if not new or "alert" in self._warned:
@@ -399,11 +435,13 @@ class WandbTracker(Tracker):
 
 
 def _badness(layer: Any) -> tuple:
-    """Sort key, worst first: flagged, then alpha's distance from [2, 6], then from 4."""
+    """Sort key, worst first: flagged (not just too-few-evals), then alpha's distance from
+    [2, 6], then from 4."""
     alpha = finite_float(getattr(layer, "alpha", None))
+    calm = not is_flagged(layer.flags)
     if alpha is None:
-        return (not layer.flags, -math.inf, -math.inf)
-    return (not layer.flags, -max(2.0 - alpha, alpha - 6.0, 0.0), -abs(alpha - 4.0))
+        return (calm, -math.inf, -math.inf)
+    return (calm, -max(2.0 - alpha, alpha - 6.0, 0.0), -abs(alpha - 4.0))
 
 
 def _label(index: int, name: str, width: int = 44) -> str:
