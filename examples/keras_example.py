@@ -86,8 +86,10 @@ def main(argv=None) -> int:
         model.load_weights(weights)
         import json
 
-        with open(os.path.join(out_dir, WeightWatcherCallback.STATE_FILE)) as fh:
-            initial_epoch = json.load(fh)["epoch"] + 1
+        from ww_callbacks.state import STATE_FILE
+
+        with open(os.path.join(out_dir, STATE_FILE)) as fh:   # the final analysis: the last epoch
+            initial_epoch = json.load(fh)["states"][-1]["started"][1] + 1
 
     callbacks = []
     run = None

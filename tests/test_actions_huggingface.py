@@ -123,7 +123,7 @@ def test_freeze_resume_keeps_layers_frozen_and_decisions(tmp_path, restore):
     _trainer(tmp_path, [cb], num_train_epochs=2, save_strategy="steps", save_steps=8,
              restore_callback_states_from_checkpoint=restore).train()
     ckpt = os.path.join(tmp_path, "checkpoint-8")
-    assert os.path.exists(os.path.join(ckpt, "ww_state.json"))
+    assert os.path.exists(os.path.join(cb.controller.output_dir, "ww_state.json"))   # the run folder's
     seen = {}
 
     class Probe(transformers.TrainerCallback):

@@ -117,6 +117,58 @@ def test_save_state_and_load_state_round_trip_atomically(tmp_path):
 
 
 @pytest.mark.core
+def test_one_resume_mechanism_in_the_controller_redoes_a_lost_analysis(tmp_path):
+    import threading
+
+    import ww_core
+
+    gate = threading.Event()
+
+    def held(source, **options):          # the analysis of step 6 is in flight at the "crash"
+        gate.wait(30)
+        return ww_core.analyze(source, **options)
+
+    first = _ctl(tmp_path, every_n_steps=2, start_fraction=0.0, freeze="suggest")
+    first.configure(total_steps=10, current_step=0)
+    for step in range(1, 5):
+        first.maybe_run(_weights(step), step=step, epoch=0)
+    first.executor.analyze_fn, first.executor.asynchronous = held, True
+    first.maybe_run(_weights(6), step=6, epoch=1)          # submitted, never recorded
+    saved = json.load(open(tmp_path / "ww" / "ww_state.json"))["states"]
+    assert [s["started"] for s in saved] == [[2, 0], [4, 0], [6, 1]]
+    gate.set()                                              # the process "died": nothing records it
+
+    # a new process resumes from the checkpoint at step 6: only the step and the weights given
+    resumed = _ctl(tmp_path, every_n_steps=2, start_fraction=0.0, freeze="suggest")
+    resumed.configure(total_steps=10, current_step=6, model=_weights(6))
+    assert resumed.state.restored and resumed.history.steps == [2, 4, 6]
+    assert resumed.history.rows_at(6)[0]["epoch"] == 1
+    for step in range(7, 11):
+        resumed.maybe_run(_weights(step), step=step, epoch=1)
+    resumed.close()
+    lines = [json.loads(line) for line in open(tmp_path / "ww" / "history.jsonl")]
+    assert [r["step"] for r in lines] == [s for s in (2, 4, 6, 8, 10) for _ in range(2)]
+
+    # from an older checkpoint (step 4, recorded): the state of step 4, later rows dropped, no redo
+    older = _ctl(tmp_path, every_n_steps=2, start_fraction=0.0, freeze="suggest")
+    older.configure(total_steps=10, current_step=4, model=_weights(4))
+    assert older.history.steps == [2, 4] and older.last_step == 4 and older.state.started == (4, 0)
+
+
+@pytest.mark.core
+def test_adapters_hold_no_resume_logic_beyond_passing_the_step():
+    import ww_callbacks
+
+    folder = os.path.dirname(ww_callbacks.__file__)
+    for name in ("lightning.py", "huggingface.py", "keras.py"):
+        src = open(os.path.join(folder, name)).read()
+        for word in ("load_state(", "save_state(", '"ww_state', "STATE_FILE", "latest_run_dir",
+                     "checkpoint-", "state_path", "read_json", "write_json"):
+            assert word not in src, (name, word)
+        assert src.count("current_step=") == 1 and src.count("model=") >= 1, name
+
+
+@pytest.mark.core
 def test_override_rejects_a_misspelt_hook():
     class Base:
         def on_train_end(self):

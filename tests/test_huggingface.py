@@ -162,7 +162,8 @@ def test_step_schedule_and_resume(tmp_path, restore):
     active = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, WeightWatcherCallback)]
     assert len(active) == 1
     assert (active[0] is ww2) is (not restore)  # HF rebuilds a restored callback
-    assert active[0]._restored is restore  # history from trainer_state.json, else from the file
+    # the state from trainer_state.json, else from the run folder's ww_state.json
+    assert active[0].controller.state.restored
     rows = active[0].history.rows
     assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
     assert _steps(rows) == [2, 4, 6, 8]

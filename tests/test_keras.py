@@ -82,7 +82,7 @@ def test_epoch_schedule_with_wandb(tmp_path):
     assert rows[-1]["ww/log_norm_mean"] == pytest.approx(final.summary()["log_norm"], rel=1e-9)
     assert rows[-1]["ww/layers/nrows"] == 3
     state = json.load(open(tmp_path / "ww" / "ww_state.json"))
-    assert state["adapter"] == {"global_step": 32, "epoch": 3}
+    assert state["states"][-1]["last_step"] == 32     # the run folder's state, one per analysis
 
 
 def test_step_schedule_and_resume(tmp_path):

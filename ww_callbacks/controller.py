@@ -226,7 +226,7 @@ class WeightWatcherController:
                   is_global_zero: Optional[bool] = None, current_step: Optional[int] = None,
                   output_dir: Union[str, os.PathLike, bool] = KEEP,
                   world_size: Optional[int] = None, base_dir: Optional[str] = None,
-                  wrapper: Any = None, step_metric: Optional[str] = None) -> None:
+                  wrapper: Any = None, step_metric: Optional[str] = None, model: Any = None) -> None:
         """Tell the controller the training plan; call once the trainer knows it, on every rank.
 
         Args:
@@ -236,9 +236,10 @@ class WeightWatcherController:
                 by names in ``trackers``); only needed on global rank 0.
             is_global_zero: whether this process writes files, calls trackers and logs
                 (default: detected, :func:`ww_callbacks.distributed.rank_info`).
-            current_step: the trainer's global step now. On resume, history rows after it are
-                dropped, rows on disk up to it that the checkpoint missed are recovered, and the
-                files are rewritten. ``0``/``None`` with no state loaded starts the files afresh.
+            current_step: the trainer's global step now (all an adapter says about a resume;
+                :meth:`RunState.resume`). ``0``/``None`` with no state loaded starts afresh.
+            model: the model as the framework restored it; an analysis due at
+                ``current_step`` that a crash lost is redone from it here, synchronously.
             output_dir: overrides the constructor's ``output_dir`` (a path or ``MEMORY_ONLY``;
                 omitted: ``KEEP``, no override).
             base_dir: where the per-run folder goes when no ``output_dir`` was named (adapters
@@ -270,8 +271,8 @@ class WeightWatcherController:
         self.history.output_dir = self.output_dir
         self.state.is_global_zero = self.reporter.is_global_zero = self.history.write = is_global_zero
         self.misconfigured(self.schedule.configure(total_steps, total_epochs), stacklevel=3)
-        if current_step is not None:
-            self.state.resume(int(current_step))
+        if current_step is not None:   # re-freeze what a state read from the file froze
+            self.state.resume(int(current_step), reapply=self.binding.start)
         self.trackers = (build_trackers(self.tracker_spec, list(trackers or ()), self.output_dir,
                                         self.guard, self.reporter.log, self.strict, self.local_record,
                                         step_metric) if is_global_zero else [])
@@ -282,6 +283,10 @@ class WeightWatcherController:
             self.guard("writing the history files", self.history.sync)
         self.configured = True
         self.finished = False
+        redo, self.state.redo = self.executor.broadcast(self.state.redo), None
+        if redo is not None and model is not None:
+            self.log(f"ww: step {redo[0]} was not recorded when the run stopped: analysing it now")
+            self._run_now(model, *redo)       # recorded before training moves the weights
 
     # ------------------------------------------------------------------ scheduling
     def should_run(self, step: int, epoch: int, epoch_end: bool = False) -> bool:
@@ -341,17 +346,26 @@ class WeightWatcherController:
             self.log(f"ww step {step}: previous analysis still running, skipped this one "
                      f"({self.skipped_analyses} skipped so far)")
             return None
-        self.last_step = step
+        self.last_step, self.state.started = step, (step, epoch)
         t0 = time.perf_counter()
         plan = self.executor.plan(model, self.analyze_frozen, first=self.num_analyses == 0)
         done = self.executor.start(model, step, epoch, keep_evals=self.wants_evals, plan=plan)
         if done is None:                         # submitted: training waited for the copy only
             self.blocking_seconds += time.perf_counter() - t0
+            self.guard("writing the history files", self.state.write)   # a crash now: redone on resume
             return None
         self.blocking_seconds += done.hook_seconds
         if done.fallback:
             self.report("snapshot budget", f"step {step}", MemoryError(done.fallback))
         return self._record(done)
+
+    def _run_now(self, model: Any, step: int, epoch: int) -> Any:
+        """:meth:`run`, synchronously."""
+        was_async, self.executor.asynchronous = self.asynchronous, False
+        try:
+            return self.run(model, step=step, epoch=epoch)
+        finally:
+            self.executor.asynchronous = was_async
 
     def poll(self, wait: bool = False) -> Any:
         """Record a finished background analysis, if any (``wait=True`` waits for it).
@@ -396,6 +410,8 @@ class WeightWatcherController:
         for action in self.actions:
             name = type(action).__name__
             self.guard(f"action {name}", action.on_analysis, self, result, step, epoch)
+        # the run folder's state file: its disk is the history's (one report for both)
+        self.guard("writing the history files", self.state.write)
         return result
 
     def log_event(self, step: int, kind: str, payload: Dict[str, Any]) -> None:
@@ -417,11 +433,7 @@ class WeightWatcherController:
         self.poll(wait=True)
         result = None
         if model is not None and (self.last_step is None or step > self.last_step):
-            was_async, self.executor.asynchronous = self.asynchronous, False  # nothing to overlap
-            try:
-                result = self.run(model, step=step, epoch=epoch)
-            finally:
-                self.executor.asynchronous = was_async
+            result = self._run_now(model, step, epoch)    # nothing to overlap
         # auto-freeze that did nothing says why, once (the reason is something the user can change)
         policy = self.action_set.freeze_policy
         if policy.enabled:

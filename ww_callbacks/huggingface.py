@@ -27,9 +27,6 @@ from ww_callbacks.settings import ActionSettings, settings_from_json, settings_t
 
 __all__ = ["WeightWatcherCallback", "create_layer_optimizer"]
 
-#: File in each ``checkpoint-N`` folder with the controller state (actions included), for
-#: resumes without ``restore_callback_states_from_checkpoint``.
-STATE_FILE = "ww_state.json"
 #: HF's WandbCallback declares this as the x-axis of every key.
 HF_STEP_METRIC = "train/global_step"
 
@@ -94,9 +91,10 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
     callback as a **new object** from :meth:`state` (in ``trainer_state.json``) with the
     JSON-serialisable keywords only (not ``actions=``, ``log_fn=``, ``analyze_fn=``, tracker
     instances or ``controller=``); read results from ``output_dir`` or
-    ``trainer.callback_handler``. Otherwise the state comes from ``checkpoint-N/ww_state.json``
-    (written when actions are on) and the rows from ``output_dir/history.jsonl``. Rows recorded
-    after the checkpoint's step (a crashed run) are dropped either way.
+    ``trainer.callback_handler``. Otherwise the controller reads the state of the checkpoint's
+    step from the run folder (``ww_state.json``, rows from ``history.jsonl``). Rows recorded
+    after the checkpoint's step (a crashed run) are dropped either way, and an analysis due at
+    that step that the crash lost is redone from the restored weights at train begin.
 
     Example (run by ``tests/test_docstring_examples.py``; transformers prints a line at import
     under ``WANDB_MODE=offline``, so it is not a doctest)::
@@ -127,7 +125,6 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
         self._model: Any = None
         self._optimizer: Any = None
         self._scheduler: Any = None
-        self._restored = False
         kwargs = {key: settings_from_json(value) for key, value in kwargs.items()}
         self._setup_controller(controller, kwargs, log_fn=_console)
 
@@ -156,7 +153,6 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
     def controller_state(self, value: Dict[str, Any]) -> None:
         # HF's restore does ``setattr(new_callback, "controller_state", value)``
         self.controller.load_state_dict(value)
-        self._restored = True
 
     # ------------------------------------------------------------------ apply functions
     def _freeze(self, freeze: List[str], unfreeze: List[str]) -> None:
@@ -230,9 +226,6 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
         zero, step = bool(state.is_world_process_zero), int(state.global_step or 0)
         self._bind(kwargs)
         self._check_actions(args)
-        if step > 0 and not self._restored:   # resumed without restore_callback_states: the files
-            path = os.path.join(args.output_dir or ".", f"checkpoint-{step}", STATE_FILE)
-            self.controller.guard(f"reading {path}", self.controller.load_state, path)
         # an input embedding tied to lm_head is the output head too: never freeze it. LR factors
         # live in the optimizer's param groups and the scheduler's base_lrs (restored by HF).
         tied = tied_head_layers(self._model) if self._model is not None else ()
@@ -243,7 +236,7 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
                                   is_global_zero=zero, current_step=step,
                                   base_dir=os.path.join(args.output_dir or ".", "ww-output"),
                                   world_size=int(getattr(args, "world_size", 1) or 1),
-                                  step_metric=HF_STEP_METRIC)
+                                  step_metric=HF_STEP_METRIC, model=self._model)
 
     @override
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -252,14 +245,6 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
     @override
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._run(state, control, kwargs, epoch_end=True)
-
-    @override
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        folder = os.path.join(args.output_dir or ".", f"checkpoint-{state.global_step}")
-        if self.controller.action_set.enabled and state.is_world_process_zero and os.path.isdir(folder):
-            # no waiting for an analysis in flight: only decisions taken so far belong here
-            path = os.path.join(folder, STATE_FILE)
-            self.controller.guard(f"writing {path}", self.controller.save_state, path)
 
     @override
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

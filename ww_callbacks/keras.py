@@ -16,7 +16,6 @@ JAX a frozen layer keeps ``trainable = True`` with its updates masked (see
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Dict, List, Optional
 
 try:
@@ -80,10 +79,13 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
     Steps: the global step of batch ``b`` in epoch ``e`` is ``e * steps_per_epoch + b + 1`` (a
     running count when ``steps`` is unknown), so ``fit(initial_epoch=...)`` continues the count.
 
-    Resume: build the callback with the same ``output_dir`` and call ``fit(..., initial_epoch=k)``:
-    the state is reloaded from ``ww_state.json`` and rows after step ``k * steps_per_epoch`` are
-    dropped, so the history continues without gaps or duplicates. ``initial_epoch=0`` starts a
-    fresh record.
+    Resume: build the callback with the same ``output_dir`` and call ``fit(..., initial_epoch=k)``
+    (or let ``BackupAndRestore`` set it): the callback passes the step ``k * steps_per_epoch``
+    to the controller, which reloads its state from the run folder's ``ww_state.json``, drops
+    rows after that step and redoes an analysis due there that a crash lost, so the history
+    continues without gaps or duplicates. ``initial_epoch=0`` starts a fresh record. When
+    ``steps_per_epoch`` is unknown (a generator without a length), the step of a resume is only
+    known to the callback that counted it: resume with the same callback object.
 
     Example::
 
@@ -102,8 +104,6 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
         [4, 8]
     """
 
-    STATE_FILE = "ww_state.json"
-
     def __init__(self, controller: Optional[WeightWatcherController] = None, **kwargs: Any) -> None:
         super().__init__()
         self._setup_controller(controller, kwargs, log_fn=_console)
@@ -117,17 +117,6 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
 
     #: Where the per-run folders go when no ``output_dir`` is named.
     BASE_DIR = "ww-output"
-
-    @property
-    def state_path(self) -> Optional[str]:
-        """``ww_state.json`` of this run (before the first epoch of a resumed fit: of the latest
-        run folder under :attr:`BASE_DIR`)."""
-        from ww_callbacks.run_dir import latest_run_dir
-
-        out = self.controller.output_dir
-        if out is None and self.controller.per_run:
-            out = latest_run_dir(self.BASE_DIR)
-        return os.path.join(out, self.STATE_FILE) if out else None
 
     # ------------------------------------------------------------------ apply functions
     def _freeze(self, freeze: List[str], unfreeze: List[str]) -> None:
@@ -164,35 +153,19 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
         # named trackers with no live run are created by the controller under output_dir
         return [t for t in found if t is not None]
 
-    # ------------------------------------------------------------------ state file
-    def _save_state(self) -> None:
-        if self.state_path and self._is_zero:
-            self.controller.guard(f"writing {self.state_path}", self.controller.save_state,
-                                  self.state_path, global_step=self.global_step, epoch=self.epoch)
-
     def _configure(self, epoch: int) -> None:
         self._needs_configure = False
-        saved = None
-        # only a resumed fit (initial_epoch > 0) takes over the saved state and its actions
-        if epoch > 0 and self.state_path and not len(self.controller.history):
-            saved = self.controller.guard(f"reading {self.state_path}", self.controller.load_state,
-                                          self.state_path)
-        if self.controller.action_set.lr_mode == "apply":
-            self._set_lr_factors(self.controller.lr_factors)
-        # trainable flags are not in .weights.h5: re-freeze what the restored state froze
+        # trainable flags are not in .weights.h5: re-freeze what a restored state froze
         self.controller.start_actions()
         spe, epochs = self._steps_per_epoch, (self.params or {}).get("epochs")
-        if spe is not None:
-            start = epoch * spe
-        elif epoch > 0:
-            start = int((saved or {}).get("global_step", self.global_step))
-        else:
-            start = 0
+        start = epoch * spe if spe is not None else (self.global_step if epoch > 0 else 0)
         self.global_step = start
         self.controller.configure(total_steps=spe * int(epochs) if spe and epochs else None,
                                   total_epochs=epochs, trackers=self._trackers() if self._is_zero else [],
                                   is_global_zero=self._is_zero, current_step=start,
-                                  base_dir=self.BASE_DIR, step_metric=KERAS_STEP_METRIC)
+                                  base_dir=self.BASE_DIR, step_metric=KERAS_STEP_METRIC, model=self.model)
+        if self.controller.action_set.lr_mode == "apply":
+            self._set_lr_factors(self.controller.lr_factors)
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -233,7 +206,6 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
         if logs is not None:   # History, CSVLogger, EarlyStopping, WandbMetricsLogger listed after us
             # absent before the first finished analysis: a nan would be the monitors' best value
             logs.update({f"ww/{k}": v for k, v in self.controller.published_scalars().items()})
-        self._save_state()
 
     @override
     def on_train_end(self, logs: Optional[Dict[str, Any]] = None) -> None:
@@ -242,6 +214,5 @@ class WeightWatcherCallback(CallbackBase, keras.callbacks.Callback):
                 self.controller.close()
                 return
             self.controller.finish(self.model, step=self.global_step, epoch=self.epoch)
-            self._save_state()
         finally:
             self._end_fit()

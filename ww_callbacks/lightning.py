@@ -205,7 +205,7 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
             trackers=self._trackers(trainer) if zero else [], is_global_zero=zero,
             current_step=trainer.global_step, world_size=trainer.world_size,
             base_dir=os.path.join(trainer.default_root_dir, "ww-output"), wrapper=trainer.strategy.model,
-            step_metric=PL_STEP_METRIC)
+            step_metric=PL_STEP_METRIC, model=pl_module)
 
     def _maybe_run(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch_end: bool) -> None:
         if trainer.sanity_checking:

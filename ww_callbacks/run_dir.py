@@ -97,8 +97,10 @@ def new_run_dir(base: str, run_id: Optional[str] = None) -> str:
 
 
 def latest_run_dir(base: str) -> Optional[str]:
-    """The most recently written run folder under ``base`` that holds a history, else None."""
-    found = glob.glob(os.path.join(base, "*", "history.jsonl"))
+    """The most recently written run folder under ``base`` that holds a history or a state
+    file, else None."""
+    found = [p for name in ("history.jsonl", "ww_state.json")
+             for p in glob.glob(os.path.join(base, "*", name))]
     return os.path.dirname(max(found, key=os.path.getmtime)) if found else None
 
 

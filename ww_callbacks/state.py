@@ -15,14 +15,25 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ww_callbacks.atomic import read_json, write_json
 
-__all__ = ["RunState", "StateField", "delegate", "STATE_VERSION"]
+__all__ = ["RunState", "StateField", "delegate", "STATE_VERSION", "STATE_FILE"]
 
 #: Version of :meth:`RunState.state_dict`; a newer one is refused.
 STATE_VERSION = 1
+#: The run folder's state file: the latest states, one per analysis step (:meth:`RunState.write`).
+STATE_FILE = "ww_state.json"
+#: How many states the state file keeps (a resume picks the newest at or before its step).
+KEEP_STATES = 16
+
+
+def _state_step(state: Dict[str, Any]) -> int:
+    """The step a state describes: its last analysed step or the analysis it started."""
+    started = state.get("started") or [-1]
+    last = state.get("last_step")
+    return max(int(started[0]), int(last) if last is not None else -1)
 
 
 class StateField:
@@ -82,15 +93,73 @@ class RunState:
         self.is_global_zero = True
         self.configured = False
         self.finished = False
+        #: ``(step, epoch)`` of the latest analysis started (recorded or not).
+        self.started: Optional[Tuple[int, int]] = None
+        #: Whether a state was loaded (the framework's checkpoint or the state file).
+        self.restored = False
+        #: ``(step, epoch)`` of an analysis due at the resume step and lost in a crash.
+        self.redo: Optional[Tuple[int, int]] = None
+        self._saved: List[Dict[str, Any]] = []   # what the state file holds
 
-    def resume(self, current_step: int) -> None:
-        """Align the history with a resumed trainer at ``current_step`` (drop later rows,
-        recover earlier ones the checkpoint missed)."""
+    @property
+    def state_path(self) -> Optional[str]:
+        """The run folder's :data:`STATE_FILE` (``None`` without a folder)."""
+        return os.path.join(self.output_dir, STATE_FILE) if self.output_dir else None
+
+    def write(self) -> None:
+        """Add the current state to the run folder's state file, atomically (rank 0); it keeps
+        the last :data:`KEEP_STATES`, one per step, so a resume from an older checkpoint finds
+        the state of its step.
+
+        Raises:
+            OSError: the file cannot be written.
+        """
+        path = self.state_path
+        if path is None or not self.is_global_zero:
+            return
+        state = self.state_dict()
+        step = _state_step(state)
+        self._saved = [s for s in self._saved if _state_step(s) < step][-(KEEP_STATES - 1):] + [state]
+        write_json(path, {"version": STATE_VERSION, "states": self._saved})
+
+    def read(self, current_step: int) -> Optional[Dict[str, Any]]:
+        """The state file's newest state at or before ``current_step`` (the file keeps only
+        those from now on), else ``None``.
+
+        Raises:
+            OSError: the file exists but cannot be read.
+            ValueError: it is not a state file.
+        """
+        path = self.state_path
+        if path is None or not os.path.exists(path):
+            return None
+        data = read_json(path)
+        states = data.get("states", [data]) if isinstance(data, dict) else None  # [data]: one state
+        if not isinstance(states, list) or not all(isinstance(s, dict) for s in states):
+            raise ValueError(f"{path} does not hold a ww_callbacks state")
+        self._saved = [s for s in states if _state_step(s) <= current_step]
+        return self._saved[-1] if self._saved else None
+
+    def resume(self, current_step: int, reapply: Callable[[], Any] = lambda: None) -> None:
+        """Align the run with a trainer at ``current_step``: above 0, take the state file's
+        state of that step when no state was loaded (then ``reapply()`` the actions), drop
+        later rows, recover earlier ones the checkpoint missed, and note an analysis due at
+        ``current_step`` that a crash lost (:attr:`redo`)."""
+        if current_step > 0:
+            saved = self.guard("reading the state file", self.read, current_step)
+            if saved and not self.restored:
+                self.load_state_dict(saved)
+                reapply()
         dropped = self.history.truncate(current_step)
         recovered = (self.guard("reading the history file", self.history.recover, current_step) or 0) \
             if current_step > 0 and self.is_global_zero else 0
         steps = [s for s in (self.last_step, self.history.last_step) if s is not None]
         self.last_step = min(max(steps), current_step) if steps else None
+        self.redo = None
+        if self.started is not None and self.started[0] == current_step > 0 \
+                and current_step not in set(self.history.steps):
+            self.redo = self.started
+            self.last_step = self.history.last_step
         if dropped or recovered:
             self.log(f"ww: resumed at step {current_step}: dropped {dropped} history rows recorded "
                      f"after it, recovered {recovered} rows from {self.history.jsonl_path}")
@@ -107,6 +176,7 @@ class RunState:
         """
         last = self.history.last_step if self.executor.busy else self.last_step
         state = {"version": STATE_VERSION, "last_step": last, "num_analyses": self.num_analyses,
+                 "started": list(self.started) if self.started is not None else None,
                  "schedule": self.schedule.describe(), "history": self.history.state_dict()}
         if self.action_set.enabled:
             state["actions"] = self.action_set.state_dict()
@@ -134,7 +204,10 @@ class RunState:
         last = state.get("last_step")
         self.last_step = int(last) if last is not None else self.history.last_step
         self.num_analyses = int(state.get("num_analyses", len(self.history.steps)))
+        started = state.get("started")
+        self.started = (int(started[0]), int(started[1])) if started else None
         self.action_set.load_state_dict(state.get("actions"))
+        self.restored = True
         self.finished = False
         if self.configured and self.is_global_zero:
             self.guard("writing the history files", self.history.sync)
