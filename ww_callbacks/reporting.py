@@ -97,15 +97,27 @@ def format_line(result: Any, step: int, epoch: int) -> str:
         ...                 L(name="fc2", alpha=7.0, flags=("under-trained",))])
         >>> format_line(res, 120, 3)
         'ww step 120 epoch 3: mean alpha 5.00 (2 layers), flagged: fc2 under-trained'
+
+    Layers fitted on too few eigenvalues (only ``too-few-evals``, e.g. LoRA updates) are not
+    judged, so not listed as flagged: the line counts them.
+
+        >>> res = L(layers=[L(name="q.lora_BA", alpha=1.2, flags=("too-few-evals",))])
+        >>> format_line(res, 8, 0)
+        'ww step 8 epoch 0: mean alpha 1.20 (1 layers), flagged: none; 1 fitted on too few eigenvalues'
     """
+    from ww_callbacks.trackers.base import is_flagged, is_unjudged
+
     layers = list(getattr(result, "layers", ()))
     alphas = [la.alpha for la in layers
               if isinstance(la.alpha, numbers.Real) and math.isfinite(la.alpha)]
     mean = f"{sum(alphas) / len(alphas):.2f}" if alphas else "n/a"
-    flagged = [f"{la.name} {'/'.join(la.flags)}" for la in layers if la.flags]
+    flagged = [f"{la.name} {'/'.join(la.flags)}" for la in layers if is_flagged(la.flags)]
     text = ", ".join(flagged[:MAX_FLAGGED_IN_LINE]) or "none"
     if len(flagged) > MAX_FLAGGED_IN_LINE:
         text += f", +{len(flagged) - MAX_FLAGGED_IN_LINE} more"
+    unjudged = sum(1 for la in layers if is_unjudged(la.flags))
+    if unjudged:
+        text += f"; {unjudged} fitted on too few eigenvalues"
     skipped = list(getattr(result, "skipped", None) or ())
     if not layers and skipped:      # say why nothing was analysed
         reasons = sorted({str(getattr(s, "reason", "")) for s in skipped})
