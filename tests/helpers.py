@@ -219,3 +219,36 @@ def keras_classifier(keras):
                               keras.layers.Dense(32, activation="relu"), keras.layers.Dense(4)])
     model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model, x, y
+
+
+def lightning_classifier(depth=4, width=16, seed=None):
+    """A LightningModule of ``depth`` square Linear layers (``body.0`` ...) and a 4-way ``head``
+    (4 eigenvalues: below min_evals, not analysed), and a seeded loader of 64 examples.
+
+    Returns:
+        ``(module, loader)``; ``seed`` seeds the module's initialisation.
+    """
+    import torch
+    from lightning.pytorch import LightningModule
+
+    class Deep(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)])
+            self.head = torch.nn.Linear(width, 4)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            loss = torch.nn.functional.cross_entropy(self.head(torch.tanh(self.body(x))), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, width, generator=g),
+                                          torch.randint(0, 4, (64,), generator=g))
+    if seed is not None:
+        torch.manual_seed(seed)
+    return Deep(), torch.utils.data.DataLoader(data, batch_size=32)

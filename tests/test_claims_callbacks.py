@@ -13,7 +13,7 @@ import statistics
 
 import pytest
 
-from helpers import keras_classifier
+from helpers import keras_classifier, lightning_classifier
 from ww_callbacks.trackers.base import SUMMARY_KEYS
 
 pytestmark = pytest.mark.slow
@@ -60,29 +60,10 @@ def _expected_by_step(rows, key="step"):
 
 
 def _lightning_module():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pl = pytest.importorskip("lightning.pytorch")
-
-    class Net(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.body = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(3)])
-            self.head = torch.nn.Linear(16, 4)             # 4 eigenvalues: skipped (min_evals 8)
-
-        def training_step(self, batch, _):
-            x, y = batch
-            loss = torch.nn.functional.cross_entropy(self.head(torch.tanh(self.body(x))), y)
-            self.log("train_loss", loss)
-            return loss
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05)
-
-    g = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(64, 16, generator=g),
-                                          torch.randint(0, 4, (64,), generator=g))
-    torch.manual_seed(0)
-    return pl, Net(), torch.utils.data.DataLoader(data, batch_size=32)
+    module, loader = lightning_classifier(depth=3, width=16, seed=0)
+    return pl, module, loader
 
 
 def _read_tsv(path):

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from helpers import keras_classifier
+from helpers import keras_classifier, lightning_classifier
 
 torch = pytest.importorskip("torch")
 pl = pytest.importorskip("lightning.pytorch")
@@ -16,31 +16,6 @@ pl = pytest.importorskip("lightning.pytorch")
 from ww_callbacks.lightning import WeightWatcherCallback  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-class Deep(pl.LightningModule):
-    """``depth`` square Linear layers (a 100-layer model when asked)."""
-
-    def __init__(self, depth=4, width=16):
-        super().__init__()
-        self.body = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)])
-        self.head = torch.nn.Linear(width, 4)
-
-    def training_step(self, batch, _):
-        x, y = batch
-        loss = torch.nn.functional.cross_entropy(self.head(torch.tanh(self.body(x))), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-
-def _loader():
-    g = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(64, 16, generator=g),
-                                          torch.randint(0, 4, (64,), generator=g))
-    return torch.utils.data.DataLoader(data, batch_size=32)
 
 
 def _trainer(tmp_path, callbacks, **kw):
@@ -54,7 +29,7 @@ def test_csv_logger_gets_the_summary_scalars(tmp_path):
 
     cb = WeightWatcherCallback(every_n_epochs=1, start_fraction=0.0, async_analysis=False)
     logger = CSVLogger(str(tmp_path / "csv"), name="run")
-    _trainer(tmp_path, [cb], logger=logger, enable_checkpointing=False).fit(Deep(), _loader())
+    _trainer(tmp_path, [cb], logger=logger, enable_checkpointing=False).fit(*lightning_classifier())
     assert "MetricsLoggerTracker" in [type(t).__name__ for t in cb.controller.trackers]
     with open(os.path.join(logger.log_dir, "metrics.csv")) as fh:
         rows = [r for r in csv.DictReader(fh) if r.get("ww/alpha_mean")]
@@ -74,7 +49,7 @@ def test_early_stopping_on_a_ww_key_waits_for_the_first_analysis(tmp_path):
     cb = WeightWatcherCallback(every_n_epochs=1, start_fraction=0.5, async_analysis=False)
     stop = EarlyStopping(monitor="ww/alpha_mean", mode="min", patience=3)   # strict by default
     trainer = _trainer(tmp_path, [cb, stop], epochs=6, enable_checkpointing=False)
-    trainer.fit(Deep(), _loader())                  # no analysis in the first 3 epochs: no crash
+    trainer.fit(*lightning_classifier())                  # no analysis in the first 3 epochs: no crash
     assert trainer.current_epoch == 6 and cb.history.steps[0] == 6
     assert float(trainer.callback_metrics["ww/alpha_mean"]) == pytest.approx(
         cb.controller.last_scalars["alpha_mean"], rel=1e-6)
@@ -85,7 +60,7 @@ def test_early_stopping_on_a_ww_key_waits_for_the_first_analysis(tmp_path):
 def test_the_per_analysis_line_is_visible_by_default(tmp_path, caplog):
     cb = WeightWatcherCallback(every_n_epochs=1, start_fraction=0.0, async_analysis=False)
     with caplog.at_level("INFO"):
-        _trainer(tmp_path, [cb], epochs=2, enable_checkpointing=False).fit(Deep(), _loader())
+        _trainer(tmp_path, [cb], epochs=2, enable_checkpointing=False).fit(*lightning_classifier())
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ww step")]
     assert len(lines) == 2 and "mean alpha" in lines[0]
     # ... through Lightning's own logger, which has a console handler by default
@@ -99,7 +74,7 @@ def test_checkpoint_state_of_a_100_layer_model_is_small(tmp_path):
     cb = WeightWatcherCallback(every_n_steps=1, start_fraction=0.0, async_analysis=False,
                                freeze="suggest", min_evals=8)
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
-    _trainer(tmp_path, [cb, ckpt], epochs=7).fit(Deep(depth=100), _loader())
+    _trainer(tmp_path, [cb, ckpt], epochs=7).fit(*lightning_classifier(depth=100))
     assert len(cb.history.steps) == 14 and len({r["name"] for r in cb.history.rows}) == 100
     state = torch.load(str(tmp_path / "ckpt" / "last.ckpt"), weights_only=False)["callbacks"]
     (ours,) = [v for k, v in state.items() if k.startswith("WeightWatcherCallback")]
