@@ -4,7 +4,8 @@
 #   1. tests/agreement_ww_reference.py: the committed tests/data/ww077_reference.json (the
 #      reference numbers of the engine tests) is still what WeightWatcher 0.7.7 computes;
 #   2. benchmarks/ww_agreement.py: both tools on real pretrained models; every model must satisfy
-#      its line of CLAIMS in that file (per-layer alpha tolerance, number of layers).
+#      its line of CLAIMS in that file (per-layer alpha tolerance, number of layers) and of
+#      PARITY_CLAIMS in benchmarks/ww_parity.py (detX columns, describe(), distances()).
 #
 # Usage: bash benchmarks/run_agreement.sh [--write-doc] [MODEL ...]
 #   MODEL ...    only these models (see `python benchmarks/ww_agreement.py list`); skips step 1

@@ -17,16 +17,23 @@ Per model and per ``randomize`` setting the runs alternate (ours f64, ours f32, 
 ``--repeat`` times and the medians are reported:
 
 * **WW**: ``WeightWatcher(model=m).analyze(randomize=...)`` (its defaults otherwise, CPU).
-* **ours f64**: ``ww_core.analyze(m, randomize=..., seed=0)`` (defaults: precision ``auto`` =
-  float64 on CPU, same-shaped layers batched).
-* **ours f32**: the same with ``precision="float32"`` (an option, not the CPU default).
+* **ours**: ``ww_core.analyze(m, randomize=..., seed=0)`` (defaults: precision ``auto``,
+  same-shaped layers batched).
+* **ours f64**: the same with ``precision="float64"``.
 * **floor**: what the engine must at least do: the Gram products ``WᵀW`` (or ``WWᵀ``, the smaller)
-  plus ``torch.linalg.eigvalsh`` on them, in float64, on the very matrices ``ww_core`` solves (same
+  plus ``torch.linalg.eigvalsh`` on them, in float32 and float64, on the matrices ``ww_core`` solves (same
   layers, same batches; with ``randomize`` also each layer's shuffled replicas, stacked into one
   call as the engine does; the shuffles themselves are not timed). ``ours / floor`` is against
   this. Its two parts are reported too (``Gram s``, ``eigvalsh s``; informative).
 * **svd**: ``scipy.linalg.svdvals`` in float64 on every matrix slice (the eigensolver
   WeightWatcher uses on CPU), timed once, as a second reference.
+
+Two synthetic layer sets time ``precision="auto"``'s prediction (no WeightWatcher run on them):
+``llm-like`` (four trained-like layers: 2816×1024, 1024×2816 and two 1024×1024, each
+``U·diag(s)·Vᵀ`` with a power-law profile plus 30 % Gaussian noise, as ``benchmarks/llm_scale.py``
+builds them) and ``random`` (Gaussian 4096², 2048², 1024², entries 0.02). **ours prev** times
+``ww_core.analyze(m, previous=r)`` with ``r`` an earlier (untimed) result of the same model, as a
+training callback has it from the analysis before.
 
 The float32-vs-float64 check runs ``ww_core.analyze`` with ``precision="float32"`` and
 ``"float64"`` and reports the largest |Δalpha| over the layers (the fitted tail exponent).
@@ -60,8 +67,10 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import ww_agreement as wa  # noqa: E402  (the model loaders shared with the agreement harness)
 
-DEFAULT_MODELS = ["minilm-l6", "efficientnet-lite0", "linear-4096"]
-KIND = {"minilm-l6": "transformer", "efficientnet-lite0": "conv net (state dict)",
+DEFAULT_MODELS = ["minilm-l6", "efficientnet-lite0", "linear-4096", "llm-like", "random"]
+SYNTHETIC = ("llm-like", "random")
+KIND = {"llm-like": "4 trained-like LLM layers", "random": "Gaussian 4096², 2048², 1024²",
+        "minilm-l6": "transformer", "efficientnet-lite0": "conv net (state dict)",
         "crepe-full": "conv net", "crepe-tiny": "conv net", "digit-cnn": "conv net",
         "linear-4096": "one 4096×4096 Linear"}
 WIDE = 4096
@@ -123,7 +132,37 @@ def write_linear_npy(folder: Path, n: int = WIDE, seed: int = 0) -> Path:
     return path
 
 
+def trained_like(rows: int, cols: int, seed: int):
+    """``U·diag(s)·Vᵀ`` (power-law profile, alpha in [3, 4]) plus 30 % Gaussian noise, entries
+    ~0.02: the synthetic LLM layer of ``benchmarks/llm_scale.py``."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    alpha = 3.0 + float(torch.rand((), generator=g))
+    k = min(rows, cols)
+    u, _ = torch.linalg.qr(torch.randn(rows, k, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(cols, k, generator=g))
+    s = torch.arange(1, k + 1, dtype=torch.float32).pow(-1.0 / (2.0 * (alpha - 1.0)))
+    w = (u * s) @ v.T
+    w *= 0.7 / w.norm()
+    noise = torch.randn(rows, cols, generator=g)
+    w += noise * (0.3 / noise.norm())
+    return w * ((rows * cols) ** 0.5 * 0.02 / w.norm())
+
+
+def synthetic_set(name: str) -> Dict[str, Any]:
+    """The ``llm-like`` or ``random`` layer set as a state dict (float32 tensors)."""
+    import torch
+    if name == "llm-like":
+        shapes = [(2816, 1024), (1024, 2816), (1024, 1024), (1024, 1024)]
+        return {f"layers.{i}.weight": trained_like(r, c, i) for i, (r, c) in enumerate(shapes)}
+    g = torch.Generator().manual_seed(100)
+    return {f"layers.{i}.weight": torch.randn(n, n, generator=g) * 0.02
+            for i, n in enumerate((4096, 2048, 1024))}
+
+
 def load_model(name: str, npy: Optional[Path]):
+    if name in SYNTHETIC:
+        return synthetic_set(name)
     if name == "linear-4096":
         from ww_worker import linear_from_npy  # the same builder the worker uses
         return linear_from_npy(str(npy))
@@ -236,11 +275,21 @@ class Floor:
 
 # ----------------------------------------------------------------------------------- ours
 
-def ours_s(source: Any, randomize: bool, precision: str = "auto") -> float:
+def ours_s(source: Any, randomize: bool, precision: str = "auto", previous: Any = None,
+           predict: bool = True) -> float:
+    """Seconds of one ``ww_core.analyze``; ``predict=False``: ``auto`` as it was without the
+    float64 prediction (every layer solved in float32 first, rejected ones solved again)."""
     import ww_core
-    t0 = time.perf_counter()
-    ww_core.analyze(source, randomize=randomize, seed=0, precision=precision)
-    return time.perf_counter() - t0
+    from ww_core import precision as prec
+    real = prec.predict_float64
+    if not predict:
+        prec.predict_float64 = lambda *a, **k: ""
+    try:
+        t0 = time.perf_counter()
+        ww_core.analyze(source, randomize=randomize, seed=0, precision=precision, previous=previous)
+        return time.perf_counter() - t0
+    finally:
+        prec.predict_float64 = real
 
 
 def precision_check(source: Any) -> Dict[str, Dict[str, Any]]:
@@ -274,6 +323,9 @@ def precision_check(source: Any) -> Dict[str, Dict[str, Any]]:
         out[prec] = {"layers": n, "max_dalpha": worst, "worst_layer": worst_name,
                      "one_side_failed": one_failed, "max_rel_dxmin": dxmin_rel, "max_rel_dother": dother,
                      "resolved_f64": sum(l.precision == "float64" for l in layers),
+                     "solved_twice": sum(getattr(l, "solves", 1) == 2 for l in layers),
+                     "predicted_f64": sum(getattr(l, "precision_reason", "").startswith("predicted")
+                                          for l in layers),
                      "rank_differs": sum(l.matrix_rank != r64[l.name].matrix_rank
                                          for l in layers if l.name in r64)}
     return out
@@ -301,6 +353,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ww", action="store_true", help="skip WeightWatcher (quick engine checks)")
     ap.add_argument("--no-svd", action="store_true", help="skip the scipy svdvals reference column")
     ap.add_argument("--no-precision", action="store_true", help="skip the float32/float64 check")
+    ap.add_argument("--unpredicted", action="store_true",
+                    help="also time auto without the float64 prediction (float32 first everywhere)")
     ap.add_argument("--wait-load", type=float, default=2.5,
                     help="wait until the 1-min load average is below this before starting")
     ap.add_argument("--wait-max", type=float, default=1200.0, help="give up waiting after this many s")
@@ -345,32 +399,44 @@ def main(argv=None) -> int:
         src = load_model(name, npy)
         our_load = time.perf_counter() - t0
         ww_load = math.nan
-        if worker:
+        use_ww = worker is not None and name not in SYNTHETIC
+        if use_ww:
             npy_arg = str(npy) if npy and name == "linear-4096" else None
             ww_load = worker.ask(op="load", model=name, npy=npy_arg)["load_s"]
         for rnd in settings:
             floor = Floor(src, rnd)
+            prev = ww_core.analyze(src, randomize=rnd, seed=0)          # (untimed)
             t_ours, t_f64, t_gram, t_eig, t_floor, t_floor64, t_ww, ww_rows = [], [], [], [], [], [], [], None
+            t_prev: List[float] = []
+            t_old: List[float] = []
             for k in range(max(1, args.repeat)):
                 t_ours.append(ours_s(src, rnd))
+                t_prev.append(ours_s(src, rnd, previous=prev))
+                if args.unpredicted:
+                    t_old.append(ours_s(src, rnd, predict=False))
                 t_f64.append(ours_s(src, rnd, precision="float64"))
                 g, e = floor.time_s("float32")
                 t_gram.append(g)
                 t_eig.append(e)
                 t_floor.append(g + e)
                 t_floor64.append(sum(floor.time_s("float64")))
-                if worker:
+                if use_ww:
                     r = worker.ask(op="analyze", model=name, randomize=rnd)
                     t_ww.append(r["s"])
                     ww_rows = r["rows"]
                 loads.append(loadavg())
                 print(f"[speed] {name} randomize={rnd} run {k + 1}: ours {t_ours[-1]:.2f} s, "
-                      f"f64 {t_f64[-1]:.2f} s, floor f32 {t_floor[-1]:.2f} s, f64 {t_floor64[-1]:.2f} s"
+                      f"prev {t_prev[-1]:.2f} s, " + (f"unpredicted {t_old[-1]:.2f} s, " if t_old else "")
+                      + f"f64 {t_f64[-1]:.2f} s, floor f32 {t_floor[-1]:.2f} s, f64 {t_floor64[-1]:.2f} s"
                       + (f", WW {t_ww[-1]:.2f} s" if t_ww else "") + f" (load {loads[-1]:.2f})", flush=True)
             svd = math.nan if args.no_svd else floor.svdvals_s()
             row = {"model": name, "kind": KIND.get(name, ""), "randomize": rnd,
                    "layers": floor.n_layers, "solves": floor.n_solves, "ww_rows": ww_rows,
                    "ww_s": _med(t_ww), "ours_s": _med(t_ours), "ours_f64_s": _med(t_f64),
+                   "ours_prev_s": _med(t_prev), "runs_ours_prev": t_prev,
+                   "ours_unpredicted_s": _med(t_old), "runs_ours_unpredicted": t_old,
+                   "solved_twice": sum(l.solves == 2 for l in prev.layers),
+                   "predicted_f64": sum(l.precision_reason.startswith("predicted") for l in prev.layers),
                    "floor_s": _med(t_floor), "floor_f64_s": _med(t_floor64), "gram_s": _med(t_gram),
                    "eigvalsh_s": _med(t_eig), "svd_s": svd, "runs_ours": t_ours, "runs_ours_f64": t_f64,
                    "runs_ww": t_ww, "runs_floor": t_floor, "runs_floor_f64": t_floor64,
@@ -379,6 +445,11 @@ def main(argv=None) -> int:
             row["ratio_f64"] = row["ww_s"] / row["ours_f64_s"]
             row["over_floor"] = row["ours_s"] / row["floor_s"]
             row["over_floor_f64"] = row["ours_f64_s"] / row["floor_f64_s"]
+            row["over_f64"] = row["ours_s"] / row["ours_f64_s"]
+            row["prev_over_f64"] = row["ours_prev_s"] / row["ours_f64_s"]
+            row["prev_over_floor"] = row["ours_prev_s"] / row["floor_s"]
+            row["unpredicted_over_f64"] = row["ours_unpredicted_s"] / row["ours_f64_s"]
+            row["unpredicted_over_floor"] = row["ours_unpredicted_s"] / row["floor_s"]
             rows.append(row)
             del floor
         if not args.no_precision:
@@ -443,23 +514,43 @@ def render(rows, prec, mach, ww_hello, args, started, load_start, load_end, load
           "float32 (for the default) or float64; *Gram s* and *eigensolve s* are the float32 floor's "
           "two parts. *scipy svdvals*: float64 singular values of every slice, the solver "
           "WeightWatcher uses on CPU, timed once.", ""]
+    L += ["## `precision=\"auto\"`: first solve predicted", "",
+          "| model | randomize | ours s | ours prev s | ours f64 s | floor f32 s | ours / ours f64 | "
+          "prev / ours f64 | ours / floor f32 | prev / floor f32 | unpredicted / ours f64 | "
+          "unpredicted / floor f32 | predicted f64 | solved twice |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        L.append(f"| `{r['model']}` | {'on' if r['randomize'] else 'off'} | {_f(r['ours_s'])} "
+                 f"| {_f(r['ours_prev_s'])} | {_f(r['ours_f64_s'])} | {_f(r['floor_s'])} "
+                 f"| **{_f(r['over_f64'])}** | {_f(r['prev_over_f64'])} | **{_f(r['over_floor'])}** "
+                 f"| {_f(r['prev_over_floor'])} | {_f(r['unpredicted_over_f64'])} "
+                 f"| {_f(r['unpredicted_over_floor'])} | {r['predicted_f64']} of {r['layers']} "
+                 f"| {r['solved_twice']} |")
+    L += ["", "*ours prev*: `analyze(m, previous=r)` with `r` an earlier result (what a training "
+          "callback has). *unpredicted*: `auto` without the prediction (`--unpredicted`: every "
+          "layer solved in float32 first, rejected ones solved again). *predicted f64*, "
+          "*solved twice*: layers of one default analysis solved in "
+          "float64 directly, and solved in float32, rejected and solved again in float64.", ""]
     L += ["Individual runs (s):", ""]
     for r in rows:
         L.append(f"* `{r['model']}` randomize={'on' if r['randomize'] else 'off'}: ours "
-                 + ", ".join(f"{x:.2f}" for x in r["runs_ours"]) + "; ours f64 "
+                 + ", ".join(f"{x:.2f}" for x in r["runs_ours"]) + "; ours prev "
+                 + ", ".join(f"{x:.2f}" for x in r["runs_ours_prev"]) + "; ours f64 "
                  + ", ".join(f"{x:.2f}" for x in r["runs_ours_f64"]) + "; floor f32 "
                  + ", ".join(f"{x:.2f}" for x in r["runs_floor"]) + "; floor f64 "
                  + ", ".join(f"{x:.2f}" for x in r["runs_floor_f64"])
                  + ("; WW " + ", ".join(f"{x:.2f}" for x in r["runs_ww"]) if r["runs_ww"] else ""))
     if prec:
         L += ["", "## Default (auto) and plain float32 against float64", "",
-              "| model | precision | layers fitted | re-solved in f64 | max \\|Δalpha\\| | worst layer | "
+              "| model | precision | layers fitted | f64 (predicted, solved twice) | "
+              "max \\|Δalpha\\| | worst layer | "
               "max rel. Δxmin | max rel. Δ(log_norm, log_spectral_norm, stable_rank, alpha_hill) | "
               "fit failed on one side only | matrix_rank differs |",
               "|---|---|---|---|---|---|---|---|---|---|"]
         for name, per in prec.items():
             for p_name, p in per.items():
-                L.append(f"| `{name}` | {p_name} | {p['layers']} | {p['resolved_f64']} | "
+                L.append(f"| `{name}` | {p_name} | {p['layers']} | {p['resolved_f64']} "
+                         f"({p['predicted_f64']}, {p['solved_twice']}) | "
                          f"{p['max_dalpha']:.1e} | `{p['worst_layer']}` | {p['max_rel_dxmin']:.1e} | "
                          f"{p['max_rel_dother']:.1e} | {p['one_side_failed']} | {p['rank_differs']} |")
     L.append("")

@@ -10,7 +10,8 @@ Two sides, two Python environments (WeightWatcher is never imported by ``ww_core
   its defaults, joins the rows on the module path (WeightWatcher's ``longname``, our ``name``),
   writes ``ours_<model>.csv`` and ``agreement_<model>.csv`` next to the reference CSVs, checks
   every model against its line of :data:`CLAIMS` (what README.md and docs/ww-agreement.md state)
-  and exits 1 when any claim fails. ``--doc`` also renders docs/ww-agreement.md.
+  and exits 1 when any claim fails. ``--doc`` also renders docs/ww-agreement.md. Both sides also
+  run the detX / ``describe()`` / ``distances()`` checks of ``benchmarks/ww_parity.py``.
 * ``esd`` (reference python): dumps WeightWatcher's eigenvalues of one layer (``get_ESD``, with the
   conv2d ×0.5 factor re-applied so they match ``analyze``) to a ``.npy`` file, for investigations.
 
@@ -43,6 +44,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import ww_parity  # noqa: E402  (benchmarks/ww_parity.py: detX, describe, distances)
 
 
 @dataclass(frozen=True)
@@ -101,13 +104,14 @@ WW_COLUMNS = (
     "layer_id", "name", "longname", "layer_type", "N", "M", "rf", "Q", "num_evals", "alpha", "xmin",
     "xmax", "D", "sigma", "num_pl_spikes", "lambda_max", "log_norm", "log_spectral_norm",
     "alpha_weighted", "log_alpha_norm", "stable_rank", "entropy", "matrix_rank", "sv_max", "sv_min",
-    "status", "warning",
+    "status", "warning", "detX_num", "detX_val", "ERG_gap",
 )
 #: Columns kept from ww_core's records.
 OUR_COLUMNS = (
     "name", "type", "N", "M", "rf", "num_evals", "alpha", "xmin", "xmax", "D", "sigma",
     "num_pl_spikes", "spectral_norm", "log_norm", "log_spectral_norm", "alpha_weighted",
     "log_alpha_norm", "stable_rank", "entropy", "matrix_rank", "status", "warning", "flags",
+    "detX_num", "detX_val", "ERG_gap",
 )
 
 
@@ -429,11 +433,12 @@ def cmd_reference(args) -> None:
         for _ in range(max(1, args.repeat)):
             t0 = time.perf_counter()
             watcher = ww.WeightWatcher(model=source)
-            details = watcher.analyze(**info.get("analyze", {}))
+            details = watcher.analyze(detX=True, **info.get("analyze", {}))
             times.append(time.perf_counter() - t0)
         t_ww = min(times)  # best of --repeat: the machine may be shared
         rows = details.to_dict(orient="records")
         _write_csv(out / f"ww_{name}.csv", rows, WW_COLUMNS)
+        ww_parity.reference_extra(ww, name, source, info, out)
         meta["models"][name] = dict(info, ww_rows=len(rows), load_s=round(t_load, 2),
                                     ww_analyze_s=round(t_ww, 2), repeat=max(1, args.repeat),
                                     loadavg_1min=round(os.getloadavg()[0], 2), cpu=meta["machine"]["cpu"],
@@ -564,7 +569,7 @@ def check_claim(summary: Dict[str, Any]) -> List[str]:
     if one_side != claim.one_side:
         bad.append(f"layers present on one side only: {one_side or 'none'}; "
                    f"claimed: {claim.one_side or 'none'}")
-    return bad
+    return bad + ww_parity.check(summary["model"], summary["parity"])
 
 
 def check_totals(summaries: List[Dict[str, Any]]) -> List[str]:
@@ -592,7 +597,7 @@ def compare_model(name: str, results: Path, repeat: int = 1) -> Dict[str, Any]:
     source, info = MODELS[name]()
     facts = weight_facts(source)
     t0 = time.perf_counter()
-    options = info.get("analyze", {})
+    options = dict(info.get("analyze", {}), detX=True)
     res = ww_core.analyze(source, **options)
     t_ours = time.perf_counter() - t0
     for _ in range(max(0, repeat - 1)):
@@ -602,8 +607,8 @@ def compare_model(name: str, results: Path, repeat: int = 1) -> Dict[str, Any]:
     ours = [_ours_record(l) for l in res.layers]
     _write_csv(results / f"ours_{name}.csv", ours, OUR_COLUMNS)
     # the exact mode too: |Δα| against WW with precision="float64", same join
-    ours64 = {layer.name: layer.alpha for layer in ww_core.analyze(source, precision="float64",
-                                                                   **options).layers}
+    res64 = ww_core.analyze(source, precision="float64", **options)
+    ours64 = {layer.name: layer.alpha for layer in res64.layers}
     max_d64 = 0.0
     n_f64 = sum(l.precision == "float64" for l in res.layers)
     skipped = {s.name: s for s in getattr(res, "skipped", [])}
@@ -675,7 +680,9 @@ def compare_model(name: str, results: Path, repeat: int = 1) -> Dict[str, Any]:
     small_n = sum(1 for r in ww_rows if 0 < _f(r["num_evals"]) < 20)
     q_lt1 = [r["longname"] for r in ww_rows if 0 < _f(r["Q"]) < 1]
     union = len(rows)
-    return {"model": name, "info": info, "tol": tol, "tol64": tol64, "rows": rows, "ww_rows": len(ww_rows),
+    parity = ww_parity.compare_parity(name, results, source, info, ww_rows, res, res64)
+    return {"parity": parity,
+            "model": name, "info": info, "tol": tol, "tol64": tol64, "rows": rows, "ww_rows": len(ww_rows),
             "ww_dup_rows": dup_ww,
             "our_rows": len(ours), "our_skipped": len(skipped), "joined": joined, "union": union,
             "agree": n_ok, "share_joined": n_ok / joined if joined else math.nan,
@@ -808,6 +815,7 @@ def render_doc(summaries: List[Dict[str, Any]], meta: Dict[str, Any], doc: Path)
         lines += ["None: every layer is present on both sides and agrees.", ""]
     unexplained = [r for s in summaries for r in s["issues"] if "UNEXPLAINED" in r["explanation"]]
     lines += [f"Unexplained layers: **{len(unexplained)}**.", ""]
+    lines += ww_parity.doc_lines(summaries, _md_table)
     ww_ver = meta.get("versions", {})
     mach = meta.get("machine", {})
     lines += [
@@ -820,7 +828,7 @@ def render_doc(summaries: List[Dict[str, Any]], meta: Dict[str, Any], doc: Path)
         f"* Machine (last reference run): {mach.get('cpu', '?')}, {mach.get('cpu_count', '?')} cores, "
         f"{mach.get('platform', '?')}, no GPU (WW's CUDA fp16 path is not exercised).",
         "* Timings: best of the `--repeat` runs of `analyze()` (weights already loaded), wall clock. "
-        "The machine was shared with other jobs (1-min load average at the reference runs: "
+        "Measured with other work running on the machine; noisy (1-min load average at the reference runs: "
         + ", ".join(f"{k} {v.get('loadavg_1min', '?')}" for k, v in sorted(meta['models'].items()))
         + "; at the ww_core runs: " + ", ".join(f"{s['model']} {s['loadavg']}" for s in summaries)
         + "), so they are indicative only, not a speed claim.",

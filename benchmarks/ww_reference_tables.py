@@ -25,6 +25,8 @@ What is recorded (full float64 precision, WeightWatcher's own column names):
 * ``summary``: ``get_summary()`` of that run;
 * ``clip_xmax``: ``analyze(fix_fingers="clip_xmax")``;
 * ``mp_fit``: ``analyze(mp_fit=True)``, the Marchenko–Pastur columns;
+* ``detX``: ``analyze(detX=True)``, the detX / ERG columns;
+* ``describe``: ``describe()`` (no eigensolve), per layer;
 * ``randomize``: ``analyze(randomize=True)`` after ``numpy.random.seed(s)`` for each seed of
   ``--seeds`` (WeightWatcher shuffles with numpy's global generator), per seed and layer.
 
@@ -58,6 +60,8 @@ ANALYZE_COLUMNS = ("N", "M", "rf", "Q", "num_evals", "alpha", "xmin", "xmax", "D
                    "matrix_rank", "sv_max", "sv_min", "rank_loss", "status", "warning")
 CLIP_COLUMNS = ("alpha", "raw_alpha", "num_fingers", "xmin", "xmax", "D", "num_pl_spikes", "warning")
 MP_COLUMNS = ("W_scale", "sigma_mp", "bulk_max", "bulk_min", "mp_softrank", "num_spikes")
+DETX_COLUMNS = ("detX_num", "detX_val", "detX_val_unrescaled", "num_ERG_spikes", "ERG_gap")
+DESCRIBE_COLUMNS = ("N", "M", "rf", "Q", "num_evals", "layer_type")
 RANDOM_COLUMNS = ("rand_num_spikes", "num_traps", "rand_distance", "ww_softrank", "rand_sigma_mp",
                   "max_rand_eval")
 
@@ -106,6 +110,8 @@ def generate(seeds: List[int]) -> Dict[str, Any]:
     summary = {k: _plain(v) for k, v in watcher.get_summary(details).items()}
     clip = watcher.analyze(fix_fingers="clip_xmax")
     mp = watcher.analyze(mp_fit=True)
+    detx = watcher.analyze(detX=True)
+    described = watcher.describe()
     randomized: Dict[str, Any] = {}
     for s in seeds:
         np.random.seed(s)
@@ -126,6 +132,8 @@ def generate(seeds: List[int]) -> Dict[str, Any]:
         "summary": summary,
         "clip_xmax": _rows(clip, CLIP_COLUMNS),
         "mp_fit": _rows(mp, MP_COLUMNS),
+        "detX": _rows(detx, DETX_COLUMNS),
+        "describe": _rows(described, DESCRIBE_COLUMNS),
         "randomize": {"seeds": list(seeds), "by_seed": randomized},
     }
 

@@ -1,9 +1,10 @@
 """ww-analyze: every command-line option checked for its effect on the output.
 
 One test (or parametrised group) per option of ``ww_core.cli.build_parser``:
-PATH (.safetensors, .pt, a folder of shards, a Hugging Face model id in the local cache),
---peft, --base-model, --layers, --types, --csv, --plots, --randomize,
---seed, --fix-fingers, --min-evals, --max-evals, --progress/--no-progress, and the torchrun path
+PATH (.safetensors, .pt, a folder of shards, a Hugging Face model id in the local cache; several
+PATHs rank models), --peft, --base-model, --layers, --types, --csv, --plots, --randomize,
+--seed, --fix-fingers, --min-evals, --max-evals, --progress/--no-progress, and the torchrun path;
+--json, --compare-to, --fail-on, --format, --top and --rank-by are tested in test_compare_cli.py
 (WORLD_SIZE > 1, a real 2-process subprocess run). ``test_every_option_has_a_test`` fails when an
 option is added to the parser without a test here.
 
@@ -107,7 +108,8 @@ def analyse_csv(model_path, tmp_path, capsys, *extra, name="out.csv"):
 
 # --------------------------------------------------------------------------- the option inventory
 TESTED_OPTIONS = {"path", "layers", "types", "csv", "plots", "randomize", "seed", "fix_fingers",
-                  "min_evals", "max_evals", "progress", "peft", "base_model"}
+                  "min_evals", "max_evals", "progress", "peft", "base_model", "json", "compare_to",
+                  "fail_on", "format", "top", "rank_by"}
 
 
 def test_every_option_has_a_test():
@@ -438,3 +440,4 @@ def test_torchrun_two_processes_match_single_process(model_path, tmp_path, capsy
         for col in ("alpha", "alpha_hill", "D", "log_norm", "rand_distance"):
             assert as_float(r[col]) == pytest.approx(as_float(single[r["name"]][col]),
                                                      rel=1e-6, abs=1e-9, nan_ok=True), col
+

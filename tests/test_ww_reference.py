@@ -39,7 +39,7 @@ def test_committed_tables_describe_the_test_weights():
     A, B, C = spec_matrices()
     assert data["weights_sha256"] == {"fc1": _sha256(A), "fc2": _sha256(B), "conv": _sha256(C)}
     assert data["analyzed"] == ["conv", "fc1", "fc2"]
-    for table in ("analyze", "clip_xmax", "mp_fit"):
+    for table in ("analyze", "clip_xmax", "mp_fit", "detX", "describe"):
         assert sorted(data[table]) == ["conv", "fc1", "fc2"], table
     assert len(data["randomize"]["seeds"]) >= 5
     assert set(data["randomize"]["by_seed"]) == {str(s) for s in data["randomize"]["seeds"]}

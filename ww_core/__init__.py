@@ -12,19 +12,24 @@ Example:
 """
 
 from .analyze import analysis_layers, analyze, analyze_layer
+from .compare import Comparison, LayerChange, compare
+from .compare_policy import Regression, RegressionPolicy
+from .describe import ModelDescription, describe
+from .distances import DistanceResult, distances
 from .distributed import analyze_distributed
 from .errors import SourceError, failing_layer
 from .gather import gather_snapshot
 from .layer_matrices import LayerMatrices
 from .powerlaw import PowerLawFit, fit_powerlaw, hill_alpha
+from .ranking import Ranking, rank_models
 from .result import COLUMNS, AnalysisResult, LayerResult, SkippedLayer
+from .result_io import load_result
 from .selection import LAYER_TYPES, LayerSelector, check_layer_patterns, check_layer_types
 from .snapshot_memory import SnapshotBudgetError, check_budget
 from .sources import Snapshot, find_layers, snapshot
 from .spectrum import eigenvalues
+from .version import __version__
 from .wrappers import unwrap_model
-
-__version__ = "0.2.0"
 
 # The public API (docs/architecture.md, "Public API"): everything else in ww_core is internal.
 __all__ = [
@@ -33,4 +38,7 @@ __all__ = [
     "fit_powerlaw", "hill_alpha", "LayerMatrices", "find_layers", "LAYER_TYPES", "LayerSelector",
     "check_layer_patterns", "check_layer_types", "Snapshot", "snapshot", "SnapshotBudgetError",
     "check_budget", "gather_snapshot", "unwrap_model", "eigenvalues", "__version__",
+    "describe", "ModelDescription", "distances", "DistanceResult",
+    "load_result", "compare", "Comparison", "LayerChange", "RegressionPolicy", "Regression",
+    "rank_models", "Ranking",
 ]

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import zlib
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from . import detx as _detx
 from . import metrics as _metrics
 from . import peft as _peft
 from . import precision as _precision
 from .batching import shuffled_replicas, with_eigenvalues
 from .errors import in_layer
 from .layer_matrices import LayerMatrices
-from .powerlaw import fit_powerlaw, hill_alpha
+from .powerlaw import check_fit, fit_powerlaw, hill_alpha
 from .result import AnalysisResult, LayerResult, SkippedLayer
 from .selection import LayerSelector
 from .sources import Snapshot, find_layers
@@ -137,6 +139,9 @@ def analyze_layer(
     rank_tol: float = 1e-6,
     rank_collapse_share: float = 0.1,
     hill_xmin_pos: float = 2.0,
+    detX: bool = False,
+    plan: Optional[Tuple[str, str]] = None,
+    previous: Optional[LayerResult] = None,
 ) -> LayerResult:
     """Analyse one layer (weights loaded here and released on return). See :func:`analyze`.
 
@@ -145,7 +150,9 @@ def analyze_layer(
 
     ``batch`` (the loaded ``(rf, rows, cols)`` stack), ``raw_evals`` (its unscaled eigenvalues)
     and ``rand_raw`` (those of :func:`~ww_core.batching.shuffled_replicas`) may be passed when
-    the caller already has them from a batched eigensolve in :func:`solve_precision`.
+    the caller already has them from a batched eigensolve in ``plan``'s precision (``plan``:
+    :func:`ww_core.precision.first_precision`'s answer; asked here, with ``previous``, when
+    not given).
     """
     if precision not in PRECISIONS or solver not in SOLVERS:
         raise ValueError(f"precision must be one of {PRECISIONS} and solver one of {SOLVERS}, "
@@ -154,7 +161,9 @@ def analyze_layer(
                       num_evals=lm.num_evals, scale=lm.scale)
     if batch is None:
         batch = lm.load()
-    used = solve_precision(precision, fix_fingers)
+    used, why64 = plan if plan is not None else _precision.first_precision(
+        precision, fix_fingers, lm.N, lm.M, batch, previous)
+    res.solves = 1
     fit_options = dict(fix_fingers=fix_fingers, max_fingers=max_fingers, finger_thresh=finger_thresh)
     checked = precision == "auto" and used == "float32"
     try:
@@ -162,15 +171,19 @@ def analyze_layer(
             raw_evals = eigenvalues(batch, used, solver)
         evals = _top(np.sort(raw_evals.ravel()) * lm.scale, lm)
         fit = fit_powerlaw(evals, **fit_options)
-        failed, redo = False, checked and _precision.float32_disagreement(
-            evals, fit, lm.N, lm.M, rank_tol=rank_tol,
-            rank_collapse_share=rank_collapse_share) is not None
+        if precision == "auto" and not fix_fingers:    # (on a float64 spectrum: for the next time)
+            res.float32_check = _precision.float32_disagreement(
+                evals, fit, lm.N, lm.M, rank_tol=rank_tol,
+                rank_collapse_share=rank_collapse_share) or ""
+        failed, redo = False, checked and bool(res.float32_check)
     except SOLVE_ERRORS:
         # e.g. squares beyond float32's range: float64 may still hold them
         failed, redo = True, checked
+        res.float32_check = "the float32 solve failed" if checked else None
     try:
         if redo:
-            used = "float64"
+            used, res.solves = "float64", 2
+            why64 = "float32 rejected: " + str(res.float32_check)
             evals = _top(np.sort(eigenvalues(batch, used, solver).ravel()) * lm.scale, lm)
             fit = fit_powerlaw(evals, **fit_options)
         elif failed:
@@ -181,7 +194,7 @@ def analyze_layer(
         res.status = "failed"
         res.flags = ("non-finite",) if not _all_finite(batch) else ("fit-failed",)
         return res
-    res.precision = used
+    res.precision, res.precision_reason = used, why64
     res.alpha, res.xmin, res.xmax, res.D, res.sigma = fit.alpha, fit.xmin, fit.xmax, fit.D, fit.sigma
     res.num_pl_spikes, res.num_fingers, res.raw_alpha = fit.num_pl_spikes, fit.num_fingers, fit.raw_alpha
     res.status = fit.status
@@ -218,6 +231,10 @@ def analyze_layer(
     res.flags = tuple(_metrics.layer_flags(
         alpha=fit.alpha, fit_ok=fit.ok, small_n=fit.small_n or not fit.ok and fit.n_fit < 20,
         collapse=res.rank_collapse, collapse_share=rank_collapse_share, num_traps=res.num_traps))
+    if detX:
+        for key, value in _detx.detx_columns(
+                evals, fit.num_pl_spikes if fit.ok else math.nan).items():
+            setattr(res, key, value)
     if keep_evals:
         res.evals = evals
     return res
@@ -250,6 +267,9 @@ def analyze(
     peft: Union[bool, str] = False,
     base_model: Any = None,
     trainable: Optional[bool] = None,
+    fit: str = "PL",
+    detX: bool = False,
+    previous: Optional[AnalysisResult] = None,
 ) -> AnalysisResult:
     """Spectral diagnostics of every analysable layer of ``source``.
 
@@ -275,8 +295,9 @@ def analyze(
         precision: ``"auto"`` (default): solve in float32 and keep it only where the checks of
             :mod:`ww_core.precision` show float64 would report the same fit (alpha within
             ~1e-3, same flags), else re-solve that layer in float64 (``LayerResult.precision``
-            says which); ``"float64"``: WeightWatcher's values to rounding; ``"float32"``:
-            float32 throughout, unchecked.
+            says which); layers predicted to fail the checks are solved in float64 directly;
+            ``"float64"``: WeightWatcher's values to rounding; ``"float32"``: float32
+            throughout, unchecked.
         solver: ``"gram"`` (eigvalsh of the smaller Gram matrix, default) or ``"svd"``.
         keep_evals: keep each layer's eigenvalues on ``LayerResult.evals`` (for plots).
         batch_elements: consecutive in-memory layers whose matrices have the same shape share one
@@ -294,6 +315,13 @@ def analyze(
             (a missing or differently shaped counterpart makes the layer a skip, with reason).
         trainable: ``True``: only layers whose weights require grad, or whose state is unknown
             (state dicts, files); ``False``: only layers known to be frozen; ``None``: all.
+        fit: ``"PL"`` (the power law; WeightWatcher's truncated ``"TPL"`` / ``"E_TPL"``
+            are refused: see :func:`ww_core.powerlaw.check_fit`).
+        detX: also compute WeightWatcher's detX / ERG columns (``detX_num``, ``detX_val``,
+            ``ERG_gap``; :mod:`ww_core.detx`).
+        previous: an earlier result of the same model: with ``precision="auto"``, a layer whose
+            previous spectrum failed the float32 check is solved in float64 directly, and one
+            that passed it in float32 (see :func:`ww_core.precision.first_precision`).
 
     Returns:
         An :class:`~ww_core.result.AnalysisResult`.
@@ -314,6 +342,7 @@ def analyze(
         ['0', '2']
     """
     check_options(min_evals, max_evals, max_N, fix_fingers, precision, solver)
+    check_fit(fit)
     selector = LayerSelector(layers, layer_types)
     if hill_xmin_pos <= 1.0:
         raise ValueError(f"hill_xmin_pos must be > 1, got {hill_xmin_pos}")
@@ -329,7 +358,7 @@ def analyze(
         precision=precision, solver=solver, rank_tol=rank_tol,
         rank_collapse_share=rank_collapse_share, hill_xmin_pos=hill_xmin_pos,
         peft=_peft.check_peft(peft), base_model=_peft.describe_base(base_model),
-        trainable=_peft.check_trainable(trainable))
+        trainable=_peft.check_trainable(trainable), fit="PL", detX=bool(detX))
     result = AnalysisResult(options=options)
     todo: List[LayerMatrices] = []
     for lm in selector.select(analysis_layers(source, conv2d_norm, split_qkv, peft, base_model, trainable)):
@@ -346,18 +375,25 @@ def analyze(
         return np.random.default_rng(layer_seed(seed, lm.name)) if seed is not None else shared_rng
 
     bar = _progress(len(todo), progress)
+    before = {l.name: l for l in previous.layers} if previous is not None else {}
+
+    def plan_for(lm: LayerMatrices, batch: Any) -> Tuple[str, str]:
+        return _precision.first_precision(precision, fix_fingers, lm.N, lm.M, batch,
+                                          before.get(lm.name))
+
     layers = with_eigenvalues(todo, solve_precision(precision, fix_fingers), solver,
-                              batch_elements, rng_for if randomize else None)
+                              batch_elements, rng_for if randomize else None, plan_for)
     try:
-        for lm, batch, raw, rand_raw in layers:
+        for lm, batch, raw, rand_raw, plan in layers:
             with in_layer(lm.name):
                 result.layers.append(analyze_layer(
-                    lm, batch=batch, raw_evals=raw, rand_raw=rand_raw,
+                    lm, batch=batch, raw_evals=raw, rand_raw=rand_raw, plan=plan,
                     fix_fingers=fix_fingers or None, max_fingers=max_fingers,
                     finger_thresh=finger_thresh, mp_fit=mp_fit, randomize=randomize,
                     rng=rng_for(lm) if raw is None else None, precision=precision, solver=solver,
                     keep_evals=keep_evals, rank_tol=rank_tol,
-                    rank_collapse_share=rank_collapse_share, hill_xmin_pos=hill_xmin_pos))
+                    rank_collapse_share=rank_collapse_share, hill_xmin_pos=hill_xmin_pos,
+                    detX=detX))
             if bar is not None:
                 bar.update(1)
     finally:                     # release the loaded batches and the bar even on an error

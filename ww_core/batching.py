@@ -2,7 +2,9 @@
 
 In-memory layers whose Gram matrices have the same size are solved together, with their shuffled
 replicas when ``randomize`` is on (:func:`shuffled_replicas`); a layer read from a file is always
-alone, so one streamed layer is in memory at a time.
+alone, so one streamed layer is in memory at a time. Within a group, the layers planned for float64
+(:func:`ww_core.precision.first_precision`) share one float64 call, the others (and every shuffled
+replica) one call in the group's precision.
 """
 
 from __future__ import annotations
@@ -51,15 +53,21 @@ def group_layers(todo: List[LayerMatrices], max_elements: int) -> List[List[int]
     return groups
 
 
+Plan = Tuple[str, str]
+
+
 def with_eigenvalues(todo: List[LayerMatrices], precision: str, solver: str, max_elements: int,
-                      rng_for: Optional[Callable[[LayerMatrices], Any]] = None):
-    """Yield ``(layer, batch, raw_evals, rand_raw)`` in model order, solving groups together.
+                     rng_for: Optional[Callable[[LayerMatrices], Any]] = None,
+                     plan_for: Optional[Callable[[LayerMatrices, Any], Plan]] = None):
+    """Yield ``(layer, batch, raw_evals, rand_raw, plan)`` in model order, solving groups together.
 
     Each group (see :func:`group_layers`) is solved when its first layer comes up, in one eigensolver
     call in ``precision`` (which splits it over the cores), with each layer's shuffled replicas
     when ``rng_for`` is given (``randomize``). ``raw_evals`` is ``None`` when the layer is alone
     with nothing to batch, or when its group's solve failed (NaN weights in one layer, say):
-    :func:`ww_core.analyze_layer` then solves (and flags) that layer on its own.
+    :func:`ww_core.analyze_layer` then solves (and flags) that layer on its own. ``plan`` is
+    ``plan_for(layer, batch)`` (the precision ``raw_evals`` was solved in, and why), or
+    ``(precision, "")`` without ``plan_for``.
     """
     groups = group_layers(todo, max_elements)
     group_of = {i: g for g, members in enumerate(groups) for i in members}
@@ -69,29 +77,54 @@ def with_eigenvalues(todo: List[LayerMatrices], precision: str, solver: str, max
             members = groups[group_of[i]]
             with in_layer(lm.name):       # (a member's own load/shuffle error names that member)
                 ready.update(zip(members, _solve_group([todo[j] for j in members], precision,
-                                                       solver, rng_for)))
-        batch, raw, rand_raw = ready.pop(i)
-        yield lm, batch, raw, rand_raw
+                                                       solver, rng_for, plan_for)))
+        batch, raw, rand_raw, plan = ready.pop(i)
+        yield lm, batch, raw, rand_raw, plan
 
 
 def _solve_group(group: List[LayerMatrices], precision: str, solver: str,
-                 rng_for: Optional[Callable[[LayerMatrices], Any]]):
+                 rng_for: Optional[Callable[[LayerMatrices], Any]],
+                 plan_for: Optional[Callable[[LayerMatrices, Any], Plan]] = None):
     batches = [_load(lm) for lm in group]
+    plans = [_plan(plan_for, lm, b) for lm, b in zip(group, batches)] if plan_for else (
+        [(precision, "")] * len(group))
     rands: List[Any] = [None] * len(group)
     if rng_for is not None:
         rngs = [rng_for(lm) for lm in group]          # drawn in model order, on this thread
         on_cpu = all(not is_torch_tensor(b) or b.device.type == "cpu" for b in batches)
         jobs = list(zip(group, batches, rngs))
         rands = (parallel_map(_shuffle, jobs) if on_cpu else [_shuffle(job) for job in jobs])
-    parts = [p for b, r in zip(batches, rands) for p in (b, r) if p is not None]
-    if len(parts) == 1:
-        return [(batches[0], None, None)]
-    try:
-        evals = eigenvalues(parts, precision, solver)
-    except SOLVE_ERRORS:
-        return [(b, None, None) for b in batches]  # analyze_layer retries each layer alone
-    pieces = iter(np.split(evals, np.cumsum([p.shape[0] for p in parts])[:-1]))
-    return [(b, next(pieces), next(pieces) if r is not None else None) for b, r in zip(batches, rands)]
+    if len(group) == 1 and rands[0] is None:
+        return [(batches[0], None, None, plans[0])]
+    raws: List[Any] = [None] * len(group)
+    rand_raws: List[Any] = [None] * len(group)
+    # one call per precision; the shuffled replicas go with the group's own precision
+    for wanted in sorted({p for p, _ in plans} | ({precision} if rng_for else set())):
+        idx = [k for k in range(len(group)) if plans[k][0] == wanted]
+        parts = [(k, False, batches[k]) for k in idx]
+        if wanted == precision:
+            parts += [(k, True, rands[k]) for k in range(len(group)) if rands[k] is not None]
+        if not parts:
+            continue
+        try:
+            evals = eigenvalues([p for _, _, p in parts], wanted, solver)
+        except SOLVE_ERRORS:          # analyze_layer retries these layers alone
+            for k, _, _ in parts:
+                raws[k] = rand_raws[k] = None
+            continue
+        pieces = np.split(evals, np.cumsum([p.shape[0] for _, _, p in parts])[:-1])
+        for (k, is_rand, _), piece in zip(parts, pieces):
+            (rand_raws if is_rand else raws)[k] = piece
+    for k in range(len(group)):
+        if rands[k] is not None and rand_raws[k] is None:
+            raws[k] = None             # (alone, its shuffles are redrawn from the same seed)
+    return [(b, raws[k], rand_raws[k] if raws[k] is not None else None, plans[k])
+            for k, b in enumerate(batches)]
+
+
+def _plan(plan_for: Callable[[LayerMatrices, Any], Plan], lm: LayerMatrices, batch: Any) -> Plan:
+    with in_layer(lm.name):
+        return plan_for(lm, batch)
 
 
 def _load(lm: LayerMatrices) -> Any:

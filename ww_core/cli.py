@@ -8,15 +8,20 @@ Example:
         ww-analyze lora_adapter_dir/ --peft          # each LoRA update B·A (WeightWatcher's peft=True)
         ww-analyze finetuned/ --base-model sentence-transformers/all-MiniLM-L6-v2   # W − W₀
         python -m ww_core.cli model.pt --randomize --seed 0
+        ww-analyze model.safetensors --json baseline.json           # save the analysis
+        ww-analyze retrained/ --compare-to baseline.json --format markdown   # exit 3: regression
+        ww-analyze ckpt-100/ ckpt-200/ ckpt-300/                    # rank several models
 
         torchrun --nproc-per-node 4 -m ww_core.cli checkpoint_dir/ --csv layers.csv
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the layers are sharded across the processes (gloo) with
 :func:`ww_core.distributed.analyze_distributed`; only rank 0 prints and writes files.
 
-Prints one row per analysed layer (an aligned table) and the summary. Exit codes: 0 success,
-1 error (missing file, unknown or corrupt format, missing optional dependency), 2 bad
-arguments or no analysable layer in the file.
+Prints one row per analysed layer (an aligned table) and the summary; with ``--compare-to``
+the differences from a baseline, worst first (:mod:`ww_core.cli_modes`); with several PATHs one
+row per model and a ranking. Exit codes: 0 success, 1 error (missing file, unknown or corrupt
+format, missing optional dependency), 2 bad arguments or no analysable layer in the file, 3 the
+candidate regressed against the ``--compare-to`` baseline (and only that).
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ import inspect
 import io
 import math
 import os
-import re
 import sys
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, TextIO
 
+from . import cli_modes
 from .analyze import analyze
+from .model_source import resolve_path
 from .selection import LAYER_TYPES, check_layer_patterns
 
 PROG = "ww-analyze"
@@ -45,6 +51,7 @@ _FLOAT_FORMATS = {"alpha": ".3f", "alpha_hill": ".3f", "D": ".4f", "xmin": ".4g"
                   "log_norm": ".3f", "stable_rank": ".2f"}
 _TEXT_COLUMNS = {"name", "type", "warning", "flags"}
 EXIT_OK, EXIT_ERROR, EXIT_NO_LAYERS = 0, 1, 2
+EXIT_REGRESSION = cli_modes.EXIT_REGRESSION
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="alpha: about 2-6 is the well-trained range (~2 vision, 3-4 NLP); > 6 suggests an "
                "under-trained layer, < 2 an over-fit layer or a correlation trap.",
     )
-    p.add_argument("path", metavar="PATH",
-                   help="a .safetensors / .pt / .pth / .bin file, a folder of shards, or a Hugging "
-                        "Face model id in the local cache (never downloaded)")
+    p.add_argument("path", metavar="PATH", nargs="+",
+                   help="a .safetensors / .pt / .pth / .bin file, a folder of shards, a Hugging "
+                        "Face model id in the local cache (never downloaded), or an analysis saved "
+                        "with --json; several PATHs: one row per model and a ranking")
     p.add_argument("--layers", metavar="REGEX", action="append",
                    help="analyse only layers whose name matches REGEX (re.search); repeatable")
     p.add_argument("--types", metavar="TYPE", nargs="+",
@@ -98,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="show a progress bar on stderr (default: when stderr is a terminal)")
     progress.add_argument("--no-progress", dest="progress", action="store_false",
                           help="never show a progress bar")
+    cli_modes.add_arguments(p)
     return p
 
 
@@ -202,32 +211,6 @@ def _error(message: Any, stderr: TextIO) -> int:
     return EXIT_ERROR
 
 
-_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-
-
-def resolve_path(spec: str) -> str:
-    """``spec`` itself when it exists, else the local snapshot folder of the Hugging Face model id.
-
-    Raises:
-        FileNotFoundError: neither a path nor a model id in the local cache (one-line message).
-    """
-    if os.path.exists(spec):
-        return spec
-    if not _HF_ID.match(spec) or spec.lower().endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt")):
-        raise FileNotFoundError(f"no such file or directory: {spec}")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise FileNotFoundError(f"no such file or directory: {spec} (to read it as a Hugging Face "
-                                f"model id: pip install huggingface_hub)") from None
-    try:
-        return snapshot_download(spec, local_files_only=True)
-    except Exception:  # noqa: BLE001 - LocalEntryNotFoundError, a bad id, a broken cache entry
-        raise FileNotFoundError(f"{spec}: no such file or directory, and not a model in the local "
-                                f"Hugging Face cache (nothing is downloaded; fetch it first, e.g. "
-                                f"`huggingface-cli download {spec}`)") from None
-
-
 def _world() -> tuple:
     """``(rank, world_size)`` from torchrun's environment variables (``(0, 1)`` otherwise)."""
     try:
@@ -255,18 +238,9 @@ def _analyze_torchrun(path: str, **kwargs: Any):
             dist.destroy_process_group()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``ww-analyze`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help or a usage error: return the code instead of exiting
-        return int(exc.code or 0)
-    stdout, stderr = sys.stdout, sys.stderr
-    rank, world = _world()
-    if rank != 0:                      # under torchrun only rank 0 prints and writes files
-        stdout, stderr = io.StringIO(), io.StringIO()
-
+def _analysis_options(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                      stderr: TextIO) -> Any:
+    """The :func:`ww_core.analyze` keywords the options ask for, or an exit code (an int)."""
     try:
         check_layer_patterns(args.layers, option="--layers")
     except ValueError as exc:
@@ -286,12 +260,55 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if hi < lo:
         stderr.write(f"{PROG}: error: max_evals ({hi}) must be >= min_evals ({lo})\n")
         return EXIT_NO_LAYERS
+    kwargs: Dict[str, Any] = {}
+    if args.layers:
+        kwargs["layers"] = args.layers[0] if len(args.layers) == 1 else list(args.layers)
+    if types:
+        kwargs["layer_types"] = types
+    for opt in ("min_evals", "max_evals", "seed"):
+        if getattr(args, opt) is not None:
+            kwargs[opt] = getattr(args, opt)
+    if args.fix_fingers:
+        kwargs["fix_fingers"] = "clip_xmax"
+    if args.randomize:
+        kwargs["randomize"] = True
+    if args.plots:
+        kwargs["keep_evals"] = True
+    if args.peft:
+        kwargs["peft"] = args.peft
+    return kwargs
 
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``ww-analyze`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
     try:
-        path = resolve_path(args.path)
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help or a usage error: return the code instead of exiting
+        return int(exc.code or 0)
+    stdout, stderr = sys.stdout, sys.stderr
+    rank, world = _world()
+    if rank != 0:                      # under torchrun only rank 0 prints and writes files
+        stdout, stderr = io.StringIO(), io.StringIO()
+
+    kwargs = _analysis_options(args, parser, stderr)
+    if isinstance(kwargs, int):
+        return kwargs
+    mode_error = cli_modes.check_mode(args)
+    if mode_error:
+        stderr.write(f"{PROG}: error: {mode_error}\n")
+        return EXIT_NO_LAYERS
+    try:
+        paths = [resolve_path(p) for p in args.path]
         base_model = resolve_path(args.base_model) if args.base_model else None
     except FileNotFoundError as exc:
         return _error(exc, stderr)
+    if base_model:
+        kwargs["base_model"] = base_model
+    progress = args.progress if args.progress is not None else stderr.isatty()
+    if args.compare_to or len(paths) > 1:
+        return cli_modes.run(args, paths, kwargs, progress, stdout, stderr)
+    path = paths[0]
 
     plots = None
     if args.plots:
@@ -307,31 +324,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ImportError as exc:  # pragma: no cover - broken install
         return _error(exc, stderr)
 
-    kwargs: Dict[str, Any] = {}
-    if args.layers:
-        kwargs["layers"] = args.layers[0] if len(args.layers) == 1 else list(args.layers)
-    if types:
-        kwargs["layer_types"] = types
-    if args.min_evals is not None:
-        kwargs["min_evals"] = args.min_evals
-    if args.max_evals is not None:
-        kwargs["max_evals"] = args.max_evals
-    if args.fix_fingers:
-        kwargs["fix_fingers"] = "clip_xmax"
-    if args.randomize:
-        kwargs["randomize"] = True
-    if args.seed is not None:
-        kwargs["seed"] = args.seed
-    if args.plots:
-        kwargs["keep_evals"] = True
-    if args.peft:
-        kwargs["peft"] = args.peft
-    if base_model:
-        kwargs["base_model"] = base_model
-    progress = args.progress if args.progress is not None else stderr.isatty()
-
     try:
-        if world > 1:
+        if cli_modes.is_saved_analysis(path):
+            result = cli_modes.load_saved(path, kwargs, args)
+        elif world > 1:
             result = _analyze_torchrun(path, progress=progress, **kwargs)
         else:
             result = ww_core.analyze(path, progress=progress, **kwargs)
@@ -344,13 +340,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
     if len(result.layers) == 0:
-        stderr.write(_no_layers_message(args.path, result))
+        stderr.write(_no_layers_message(args.path[0], result))
         return EXIT_NO_LAYERS
 
-    stdout.write(format_table(result) + "\n\n" + format_summary(result) + "\n")
+    if args.format == "json":
+        stdout.write(cli_modes.result_json_text(result, args.path[0]) + "\n")
+    else:
+        stdout.write(format_table(result) + "\n\n" + format_summary(result) + "\n")
     if rank != 0:
         return EXIT_OK
 
+    if args.json:
+        try:
+            cli_modes.save_analysis(result, path, args.path[0], args.json)
+        except OSError as exc:
+            return _error(f"cannot write {args.json}: {exc}", stderr)
+        if args.format != "json":
+            stdout.write(f"wrote {args.json}\n")
     if args.csv:
         try:
             write_csv(result, args.csv)

@@ -205,3 +205,38 @@ def hill_alpha(evals: np.ndarray, xmin_pos: float = 2.0) -> float:
         return math.nan
     S = float(np.sum(np.log(x[i:]) - math.log(x[i])))   # logs first: ratios may overflow
     return 1.0 + (n - i) / S if S > 0 else math.nan
+
+
+#: ``fit=`` values :func:`ww_core.analyze` accepts (WeightWatcher's names of the power law).
+FITS = ("PL", "power_law")
+#: WeightWatcher 0.7.7's truncated power laws, which have no reference to agree with.
+TRUNCATED_FITS = ("TPL", "E_TPL", "truncated_power_law")
+
+
+def check_fit(fit: str) -> str:
+    """Validate :func:`ww_core.analyze`'s ``fit`` option.
+
+    WeightWatcher 0.7.7 fits its truncated power laws (``"TPL"``, ``"E_TPL"``) only through the
+    ``powerlaw`` package, and with the ``powerlaw`` 2.x its pins install, every such fit fails
+    (``alpha`` −1 on every layer), so those values have no reference to agree with and are refused.
+
+    Args:
+        fit: ``"PL"`` (or ``"power_law"``).
+
+    Returns:
+        ``"PL"``.
+
+    Raises:
+        ValueError: a truncated power law, or an unknown value.
+
+    Example:
+        >>> check_fit("PL")
+        'PL'
+    """
+    if fit in FITS:
+        return "PL"
+    if fit in TRUNCATED_FITS:
+        raise ValueError(f"fit={fit!r} is not supported: WeightWatcher 0.7.7 computes truncated "
+                         "power laws only through the powerlaw package, whose 2.x releases fail "
+                         "every such fit (alpha -1), so there is nothing to agree with; use fit='PL'")
+    raise ValueError(f"fit must be 'PL', got {fit!r}")

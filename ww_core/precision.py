@@ -21,18 +21,36 @@ In float32, ``matrix_rank`` counts eigenvalues above ``λ_max·N·eps32`` (float
 uses it) may be lower than WeightWatcher's for nearly square layers, whose smallest eigenvalues
 sit below float32's resolution. ``precision="float64"`` reproduces WeightWatcher's values exactly.
 
+**Prediction** (:func:`first_precision`): a layer the check is likely to reject is solved in
+float64 directly, so that no layer is solved twice when the prediction is right:
+
+* **The previous analysis of the layer**, when the caller passes it (``analyze(previous=...)``):
+  its :attr:`~ww_core.LayerResult.float32_check` (the check's verdict on that spectrum, also
+  computed for float64-solved layers) decides.
+* **Cheap facts otherwise**, for matrices with at least :data:`MANY_EVALS` eigenvalues (smaller
+  ones cost little to re-solve): the stable-rank share ``‖W‖²_F / (λ_max·M)``, estimated with
+  :data:`POWER_STEPS` power steps, against a random matrix's (Marchenko–Pastur:
+  ``1/(1+√(M/N))²``). Below :data:`HEAVY_TAIL_SHARE` of it the layer is heavy-tailed, and with
+  that many KS candidates near-ties between different alphas are likely: float64. A random-like
+  bulk gets float64 when the alpha-shift bound of its expected tail fit (alpha about
+  ``0.5·√M``) exceeds :data:`ALPHA_SHIFT_BOUND`.
+
+A float32 result is still kept only where the checks above accept it, so the prediction changes
+the cost, never the result.
+
 The measurements behind the constants (how far below ν the real errors are, how far KS distances
-move) are in ``docs/precision.md``.
+move, how often each kind of layer is rejected) are in ``docs/precision.md``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
 from .powerlaw import PowerLawFit
+from .spectrum import is_torch_tensor
 
 EPS = {"float32": float(np.finfo(np.float32).eps), "float64": float(np.finfo(np.float64).eps)}
 #: Resolved candidates whose float32 KS distance is within this of the best could win in float64.
@@ -44,6 +62,14 @@ UNRESOLVED_KS_MARGIN = 0.1
 #: Bound on the winner's own alpha shift, ``(α-1)²·ν/xmin`` (relative errors δ of the tail values
 #: move ``α - 1 = m / Σ ln(λ/xmin)`` by about ``(α-1)²·δ``); see docs/precision.md.
 ALPHA_SHIFT_BOUND = 0.05
+#: Matrices with fewer eigenvalues than this are always tried in float32 first.
+MANY_EVALS = 1024
+#: Heavy-tailed: a stable-rank share below this fraction of a random matrix's.
+HEAVY_TAIL_SHARE = 0.6
+#: Power-iteration steps of the ``λ_max`` estimate behind the stable-rank share.
+POWER_STEPS = 4
+#: ``λ_max / xmin`` of a random bulk's tail fit (measured 1.12-1.19).
+BULK_XMIN_RATIO = 1.2
 
 
 def resolution(lambda_max: float, N: int, M: int, precision: str = "float32") -> float:
@@ -100,3 +126,104 @@ def float32_disagreement(evals: np.ndarray, fit: PowerLawFit, N: int, M: int, *,
     if np.any(np.abs(alpha[near] - fit.alpha) > ALPHA_TOL):
         return "KS near-tie between different alphas"
     return None
+
+
+def mp_stable_rank_share(N: int, M: int) -> float:
+    """``‖W‖²_F / (λ_max·M)`` of a large random ``N×M`` matrix (Marchenko–Pastur edge).
+
+    Example:
+        >>> mp_stable_rank_share(1000, 1000)
+        0.25
+    """
+    return 1.0 / (1.0 + math.sqrt(M / N)) ** 2
+
+
+def stable_rank_share(batch: Any, steps: int = POWER_STEPS) -> float:
+    """``Σ‖W_i‖²_F / (rf·M·λ_max)`` of a ``(rf, rows, cols)`` stack, ``λ_max`` (the largest over
+    the slices) estimated from below by ``steps`` power steps from a fixed start; ``nan`` for
+    non-finite weights. It costs about ``2·steps`` products with the weights (no Gram matrix).
+
+    Example:
+        >>> round(stable_rank_share(np.diag([4.0, 1.0, 1.0, 1.0])[None]), 4)   # 19 / (4·16)
+        0.2969
+    """
+    if is_torch_tensor(batch):
+        import torch
+
+        w = batch.detach()
+        w = w if w.dtype in (torch.float32, torch.float64) else w.float()
+        w = w if w.shape[-2] >= w.shape[-1] else w.mT
+        gen = torch.Generator(device=w.device).manual_seed(0)
+        v = torch.randn(w.shape[0], w.shape[-1], 1, generator=gen, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            for _ in range(steps):
+                v = w.mT @ (w @ v)
+                v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            lmax = float((w @ v).norm(dim=1).max()) ** 2
+            fro2 = float(torch.linalg.vector_norm(w)) ** 2
+    else:
+        w = np.asarray(batch)
+        w = w if w.dtype in (np.float32, np.float64) else w.astype(np.float32)
+        w = w if w.shape[-2] >= w.shape[-1] else np.swapaxes(w, -1, -2)
+        v = np.random.default_rng(0).standard_normal((w.shape[0], w.shape[-1], 1)).astype(w.dtype)
+        with np.errstate(all="ignore"):
+            for _ in range(steps):
+                v = np.swapaxes(w, -1, -2) @ (w @ v)
+                v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-30)
+            lmax = float(np.linalg.norm(w @ v, axis=1).max()) ** 2
+            fro2 = float(np.linalg.norm(w.ravel())) ** 2
+    if not (math.isfinite(lmax) and math.isfinite(fro2)) or lmax <= 0.0:
+        return math.nan
+    return fro2 / (w.shape[0] * w.shape[-1] * lmax)
+
+
+def predict_float64(N: int, M: int, batch: Any = None, previous: Any = None) -> str:
+    """Why the float32 check is likely to reject this layer (solve it in float64 directly), or
+    ``""`` (try float32 first). See the module docstring for the rules.
+
+    Args:
+        N, M: the larger and smaller side of one matrix.
+        batch: the loaded ``(rf, rows, cols)`` weights (only read when ``M >= MANY_EVALS``).
+        previous: the layer's :class:`~ww_core.LayerResult` from an earlier analysis, if any.
+
+    Example:
+        >>> predict_float64(4096, 4096)          # a random-like bulk of this size
+        'random-like bulk: alpha too sensitive to float32 rounding'
+        >>> predict_float64(1536, 384)
+        ''
+    """
+    known = getattr(previous, "float32_check", None)
+    if known is not None and (previous.N, previous.M) == (N, M):
+        return f"the previous analysis' spectrum failed the float32 check ({known})" if known else ""
+    if M < MANY_EVALS:
+        return ""
+    share = stable_rank_share(batch) / mp_stable_rank_share(N, M) if batch is not None else 1.0
+    if share < HEAVY_TAIL_SHARE:
+        return "heavy-tailed with many eigenvalues: KS near-ties likely"
+    if math.isnan(share):
+        return ""
+    alpha = 0.5 * math.sqrt(M)
+    if (alpha - 1.0) ** 2 * resolution(BULK_XMIN_RATIO, N, M) > ALPHA_SHIFT_BOUND:
+        return "random-like bulk: alpha too sensitive to float32 rounding"
+    return ""
+
+
+def first_precision(precision: str, fix_fingers: Any, N: int, M: int, batch: Any = None,
+                    previous: Any = None) -> Tuple[str, str]:
+    """``(precision of the layer's first eigensolve, why float64)`` for ``analyze(precision=...)``.
+
+    ``"auto"`` asks :func:`predict_float64` (``why`` is its reason, ``""`` for float32);
+    ``clip_xmax`` refits are not checked, so ``"auto"`` with ``fix_fingers`` is float64.
+
+    Example:
+        >>> first_precision("auto", None, 1536, 384)
+        ('float32', '')
+    """
+    if precision == "float32":
+        return "float32", ""
+    if precision == "float64":
+        return "float64", ""
+    if fix_fingers:
+        return "float64", "fix_fingers refits are not checked"
+    why = predict_float64(N, M, batch, previous)
+    return ("float64", "predicted: " + why) if why else ("float32", "")

@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .result_json import layer_identity, save_result
+
 #: Columns of :meth:`AnalysisResult.to_dataframe`, in order. Names follow WeightWatcher where the
 #: quantity is the same.
 COLUMNS: Tuple[str, ...] = (
@@ -16,7 +18,7 @@ COLUMNS: Tuple[str, ...] = (
     "log_norm", "log_spectral_norm", "spectral_norm", "stable_rank", "entropy", "xmin", "xmax", "D",
     "sigma", "num_pl_spikes", "warning", "alpha_hill", "matrix_rank", "rank_collapse", "num_fingers",
     "raw_alpha", "num_spikes", "sigma_mp", "mp_softrank", "bulk_max", "rand_distance",
-    "max_rand_eval", "num_traps", "status", "flags", "precision",
+    "max_rand_eval", "num_traps", "detX_num", "detX_val", "ERG_gap", "status", "flags", "precision",
 )
 
 #: Metrics that :meth:`AnalysisResult.summary` averages (WeightWatcher's ``get_summary`` set).
@@ -67,10 +69,21 @@ class LayerResult:
     rand_distance: float = math.nan
     max_rand_eval: float = math.nan
     num_traps: float = math.nan
+    #: ``detX=True`` (:mod:`ww_core.detx`): the detX tail size, its lowest eigenvalue, and
+    #: ``detX_num - num_pl_spikes``; ``nan`` otherwise.
+    detX_num: float = math.nan
+    detX_val: float = math.nan
+    ERG_gap: float = math.nan
     status: str = "success"
     flags: Tuple[str, ...] = ()
     #: The precision the reported spectrum was solved in (``float32`` or ``float64``).
     precision: str = ""
+    #: Eigensolves of this layer's matrices: 1, or 2 when ``precision="auto"`` rejected a float32 solve.
+    solves: int = field(default=0, compare=False)
+    #: Why float64 was used under ``precision="auto"`` ("predicted: ...", "float32 rejected: ...").
+    precision_reason: str = field(default="", compare=False)
+    #: The float32 check's verdict on this spectrum ("" accepted; ``None`` not checked).
+    float32_check: Optional[str] = field(default=None, compare=False)
     #: The eigenvalues (ascending, scaled) when ``keep_evals=True``; not part of the table.
     evals: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
     #: Randomised eigenvalues when ``randomize=True`` and ``keep_evals=True``.
@@ -120,6 +133,10 @@ class AnalysisResult:
     layers: List[LayerResult] = field(default_factory=list)
     skipped: List[SkippedLayer] = field(default_factory=list)
     options: Dict[str, Any] = field(default_factory=dict)
+    #: What is known about the analysis besides its options: ``source`` (a path or class name),
+    #: ``model_layers`` (``[name, type, N, M, rf]`` of every layer of the model, when recorded),
+    #: and, for a loaded result, ``engine_version``, ``created`` and ``identity``.
+    meta: Dict[str, Any] = field(default_factory=dict)
 
     def __iter__(self):
         return iter(self.layers)
@@ -178,6 +195,28 @@ class AnalysisResult:
     def flagged(self, flag: Optional[str] = None) -> List[LayerResult]:
         """Layers carrying any flag, or the given one."""
         return [l for l in self.layers if (flag in l.flags if flag else bool(l.flags))]
+
+    @property
+    def identity(self) -> str:
+        """A SHA-256 of the model's layer names, types and shapes (not its weights): the saved one
+        for a loaded result, else from ``meta["model_layers"]`` when recorded, else from the
+        analysed and skipped layers."""
+        if isinstance(self.meta.get("identity"), str):
+            return self.meta["identity"]
+        listed = self.meta.get("model_layers")
+        if listed:
+            return layer_identity(tuple(entry) for entry in listed)
+        return layer_identity([(l.name, l.type, l.N, l.M, l.rf) for l in self.layers]
+                              + [(s.name, s.type, s.N, s.M, 1) for s in self.skipped])
+
+    def save(self, path: Any) -> None:
+        """Write this result to ``path`` as JSON (every column, skipped layers, options, engine
+        version, model identity); :func:`ww_core.load_result` reads it back.
+
+        Raises:
+            OSError: the file cannot be written.
+        """
+        save_result(self, path)
 
 
 def replace(layer: LayerResult, **changes: Any) -> LayerResult:
