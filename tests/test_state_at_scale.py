@@ -48,10 +48,10 @@ def test_state_stays_small_whatever_the_number_of_analyses(tmp_path):
             sizes[step] = len(text)
             shapes[step] = len(NUMBER.sub("0", text))   # the size with every number cut to one digit
     assert ctl.history.steps == list(range(1, 151)) and len(ctl.history) == 150 * 120
-    # README: "36 KB for 120 layers whether after 12 or 150 analyses"; measured 35,103 / 35,108 bytes
-    # (~560 numbers, 4.8 kB of their digits). The bound is the quoted figure + 25 %; even if every
-    # number were printed at its longest (24 characters) the state would stay below it.
-    assert sizes[150] <= 45_000, sizes
+    # Measured 35,103 / 35,108 bytes before the layer rotation's per-layer state (two values per
+    # layer, ~15 kB at 120 layers) joined it: 49,416 / 50,610 bytes. The bound is that + 25 %; what
+    # matters is below: the size does not grow with the analyses.
+    assert sizes[150] <= 63_000, sizes
     assert shapes[150] == shapes[12], (shapes, sizes)    # does not grow with the analyses
     # every decision is on disk even though the state keeps only the latest ones
     with open(os.path.join(out, "decisions.jsonl")) as fh:
@@ -148,8 +148,14 @@ def test_a_resumed_report_keeps_the_earlier_decisions(tmp_path):
     resumed = controller(out, trackers=["local"])
     resumed.load_state_dict(ctl.state_dict())
     resumed.configure(total_steps=20, current_step=5)
-    (local,) = resumed.trackers
-    assert sorted({d["step"] for d in local._decisions}) == sorted(set(first))
+    resumed.maybe_run({"step": 6}, step=6, epoch=0)
+    resumed.close()
+    decided = set()
+    with open(os.path.join(out, "report-data.js"), encoding="utf-8") as fh:
+        for line in fh:                   # ww_report.decide([[step, layer, action, ...], ...]);
+            if line.startswith("ww_report.decide("):
+                decided |= {d[0] for d in json.loads(line[len("ww_report.decide("):-3])}
+    assert decided == set(first) | {6}
 
 
 @pytest.mark.usefixtures("wandb_offline")

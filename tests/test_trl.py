@@ -24,6 +24,7 @@ trl = pytest.importorskip("trl")
 
 from ww_callbacks.history import read_jsonl  # noqa: E402
 from ww_callbacks.huggingface import WeightWatcherCallback  # noqa: E402
+from ww_callbacks.trackers.report_live import read_report_data  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
@@ -125,7 +126,7 @@ def test_sft_trainer_with_lora(tmp_path):
     assert all(by_step[6][n]["status"] == "success" and math.isfinite(by_step[6][n]["alpha"])
                for n in updates), [by_step[6][n] for n in updates]
     assert ww.controller.num_analyses == 3
-    data = _report_data((out / "report.html").read_text())
+    data = read_report_data(str(out))   # the live report's data files
     assert data["steps"] == [2, 4, 6] and updates <= set(data["layers"]), data["layers"]
     with open(out / "history.csv", newline="") as fh:
         csv_rows = list(csv.DictReader(fh))

@@ -1,4 +1,4 @@
-"""The analysis history: one row per analysed layer per analysis, kept in memory and on disk.
+"""The analysis history: one row per analysed layer per analysis, on disk (in memory until written).
 
 Each row holds every ``ww_core.COLUMNS`` field plus ``step`` (the trainer's global step),
 ``epoch`` (0-based) and ``time`` (Unix time of the analysis). Rows are appended to
@@ -11,76 +11,66 @@ them back as ``nan``.
 Writes that fail (full disk, read-only or vanished folder, file-size limit):
 
 * **Whole rows or nothing.** Appends go through :func:`ww_callbacks.atomic.append_bytes` (written,
-  fsynced, and on any error truncated back to the size before), rewrites through an fsynced temp
-  file renamed over the target: the files only ever hold whole lines.
-* **Kept and retried.** Unwritten rows are the tail of :attr:`History.rows`, which holds every row
-  anyway (no copy, no memory beyond the history itself). Every later write (the next analysis,
-  :meth:`History.sync` at ``configure``) writes them first, oldest first, one append per
-  analysis, as many as the disk takes, then the new ones.
+  fsynced for ``history.jsonl``, and on any error truncated back to the size before), rewrites
+  through an fsynced temp file renamed over the target: the files only ever hold whole lines.
+  ``history.csv``, a copy for spreadsheets, is appended without fsync (one fsync per analysis,
+  not two) and rewritten when its size is not the one this process left.
+* **Kept and retried.** Unwritten rows stay in memory (at most ``max_pending_rows``; beyond it
+  the oldest unwritten rows are dropped, counted in :attr:`History.dropped_rows` and warned
+  about once). Every later write (the next analysis, :meth:`History.sync` at ``configure``)
+  writes them first, oldest first, one append per analysis, as many as the disk takes, then
+  the new ones.
 * **Reported once.** The first failure warns once per :class:`History` (:class:`HistoryWarning`)
   and raises; the controller logs it once (``writing the history files``), training continues.
 * **In checkpoints.** :meth:`History.state_dict` carries the unwritten rows (at most
   :data:`MAX_PENDING_STATE_ROWS`, oldest first): a run resumed once the disk takes writes again
   writes them, and continues with every row once.
 
+Memory: once both files hold a row, it leaves memory. :attr:`History.rows` reads the written rows
+back from ``history.jsonl`` when iterated; what the actions and the latest view need is kept in
+a :class:`~ww_callbacks.history_view.RecentIndex` (:attr:`History.steps`, :meth:`History.latest`,
+:meth:`History.series`, :meth:`History.mean_series`): one row per layer plus a short window,
+whatever the number of analyses. A history with no output folder, or in a process that does not
+write (ranks other than 0), keeps its rows in memory (the latter at most ``max_pending_rows``,
+the newest).
+
 Resume: :meth:`History.state_dict` carries a pointer into ``history.jsonl`` (plus the unwritten
 rows); :meth:`History.load_state_dict` restores them, :meth:`History.truncate` drops rows after
 the resumed step (written by a run that then crashed), :meth:`History.recover` takes back from
 disk the rows analysed after the checkpoint was saved but at or before its step (same weights),
-and the files are rewritten from memory the first time this process writes, so the curves
-continue with no gap and no duplicate step. An output directory therefore belongs to one run: a
-fresh run (no state loaded) starts new files.
+and the files are rewritten the first time this process writes (the rows a resume read back stay
+in memory until then), so the curves continue with no gap and no duplicate step. An output
+directory therefore belongs to one run: a fresh run (no state loaded) starts new files.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import itertools
 import json
 import logging
-import math
 import os
 import warnings
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional
 
 from ww_callbacks.atomic import append_bytes, atomic_open
-from ww_callbacks.values import plain_value
-from ww_callbacks.warnings import WeightWatcherWarning
+from ww_callbacks.history_files import HISTORY_KEYS, HistoryFiles, HistoryWarning, _from_json_value
+from ww_callbacks.history_view import HistoryRows, RecentIndex
 
-__all__ = ["History", "HistoryWarning", "HISTORY_KEYS", "MAX_PENDING_STATE_ROWS", "read_jsonl"]
+__all__ = ["History", "HistoryWarning", "HISTORY_KEYS", "MAX_PENDING_ROWS", "MAX_PENDING_STATE_ROWS",
+           "read_jsonl"]
 
 logger = logging.getLogger("ww_callbacks")
 
-#: Keys the history adds in front of the engine's columns.
-HISTORY_KEYS = ("step", "epoch", "time")
 
 #: At most this many rows not yet on disk go into :meth:`History.state_dict` (about 1 KB each as
 #: JSON); the oldest are kept, a resume reports any beyond as missing.
 MAX_PENDING_STATE_ROWS = 10_000
 
+#: Rows kept in memory while the files cannot take them (about 1 KB each); the oldest unwritten
+#: rows beyond it are dropped (and counted) so that a full disk cannot exhaust memory.
+MAX_PENDING_ROWS = 20_000
+
 #: Decision lines kept for a retry when ``decisions.jsonl`` cannot be written (oldest dropped).
 MAX_PENDING_DECISIONS = 1_000
-
-
-class HistoryWarning(WeightWatcherWarning, RuntimeWarning):
-    """The history files could not be written (rows kept in memory), or a history file holds a
-    line cut short that was skipped when reading it. Filter with
-    ``warnings.filterwarnings("ignore", category=HistoryWarning)`` (or with
-    :class:`~ww_callbacks.warnings.WeightWatcherWarning`, its base, with every other warning of
-    ``ww_callbacks``); still a ``RuntimeWarning``."""
-
-
-def _engine_columns() -> Sequence[str]:
-    try:
-        from ww_core import COLUMNS
-    except Exception:  # pragma: no cover - ww_core is part of this project
-        return ()
-    return COLUMNS
-
-
-def _from_json_value(value: Any) -> Any:
-    return math.nan if value is None else value
 
 
 def read_jsonl(path: str, skip_bad_lines: bool = False) -> List[Dict[str, Any]]:
@@ -121,13 +111,23 @@ def read_jsonl(path: str, skip_bad_lines: bool = False) -> List[Dict[str, Any]]:
     return rows
 
 
-class History:
+class History(HistoryFiles):
     """Per-layer metrics of every analysis, oldest first.
 
     Args:
         output_dir: where ``history.jsonl`` and ``history.csv`` go; ``None`` keeps the history in
             memory only.
         write: whether this process writes the files (only global rank 0 should).
+        recent_window: analyses per layer kept in memory for :meth:`series` (the actions' view).
+        max_pending_rows: rows kept in memory while the files cannot be written (see the module
+            docstring); ``None``: :data:`MAX_PENDING_ROWS`.
+
+    Example:
+        >>> h = History()                                   # memory only
+        >>> h.append([{"step": 1, "name": "fc", "alpha": 3.0}])
+        >>> h.append([{"step": 2, "name": "fc", "alpha": 2.9}])
+        >>> h.steps, h.series("alpha"), h.latest()["fc"]["step"]
+        ([1, 2], {'fc': [3.0, 2.9]}, 2)
     """
 
     JSONL = "history.jsonl"
@@ -135,10 +135,22 @@ class History:
     #: Every action decision (freeze, LR factors, stop), one JSON object a line.
     DECISIONS = "decisions.jsonl"
 
-    def __init__(self, output_dir: Optional[str] = None, write: bool = True) -> None:
+    def __init__(self, output_dir: Optional[str] = None, write: bool = True, recent_window: int = 32,
+                 max_pending_rows: Optional[int] = None) -> None:
         self.output_dir = os.fspath(output_dir) if output_dir is not None else None
         self.write = write
-        self.rows: List[Dict[str, Any]] = []
+        self.index = RecentIndex(recent_window)
+        self.max_pending_rows = MAX_PENDING_ROWS if max_pending_rows is None else int(max_pending_rows)
+        if self.max_pending_rows < 1:
+            raise ValueError(f"max_pending_rows must be >= 1, got {max_pending_rows!r}")
+        # rows [0, _base) are only on disk (the first _base lines of history.jsonl); _mem holds
+        # rows _base onwards
+        self._mem: List[Dict[str, Any]] = []
+        self._base = 0
+        self._base_last_step: Optional[int] = None
+        #: Unwritten rows dropped because more than ``max_pending_rows`` waited for the disk.
+        self.dropped_rows = 0
+        self._warned_drop = False
         self._fieldnames: Optional[List[str]] = None   # the header of history.csv on disk
         # per file: rewrite it from memory before appending (once per process, after a resume)
         self._stale = {self.JSONL: True, self.CSV: True}
@@ -159,25 +171,59 @@ class History:
         return os.path.join(self.output_dir, self.CSV) if self.output_dir else None
 
     @property
+    def rows(self) -> HistoryRows:
+        """Every row, oldest first: a list-like view (``len`` is free; iterating reads the rows
+        already written back from ``history.jsonl``). Assigning a list replaces the rows."""
+        return HistoryRows(self._iter_disk, self._mem, self._base)
+
+    @rows.setter
+    def rows(self, rows: Iterable[Dict[str, Any]]) -> None:
+        self._set_rows([dict(r) for r in rows])
+
+    @property
+    def rows_in_memory(self) -> int:
+        """How many rows this history holds in memory (the unwritten ones, once files are written)."""
+        return len(self._mem)
+
+    @property
     def steps(self) -> List[int]:
         """The analysed steps that produced rows, ascending, without repeats."""
-        return sorted({int(r["step"]) for r in self.rows})
+        return list(self.index.steps)
 
     @property
     def last_step(self) -> Optional[int]:
-        return max((int(r["step"]) for r in self.rows), default=None)
+        return self.index.steps[-1] if self.index.steps else None
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self._base + len(self._mem)
+
+    def latest(self) -> Dict[str, Dict[str, Any]]:
+        """Each layer's most recent row (first-seen order); with layer rotation a layer missing
+        from the last analyses keeps its last row, whose ``step`` says when it was measured."""
+        return dict(self.index.latest)
+
+    def series(self, metric: str = "alpha") -> Dict[str, List[float]]:
+        """Per layer, the last ``recent_window`` values of ``metric`` (nan: no fit), oldest first:
+        ``series_from_rows(rows)`` limited to the window, at no cost per analysis."""
+        return self.index.series(metric)
+
+    def mean_series(self, metric: str = "alpha") -> List[float]:
+        """The mean of the finite ``metric`` values per analysed step: ``mean_series_from_rows(rows)``
+        kept as the analyses come (one float per analysis)."""
+        return self.index.mean_series(metric)
 
     def rows_at(self, step: int) -> List[Dict[str, Any]]:
-        return [r for r in self.rows if r["step"] == step]
+        disk = ([r for r in self._iter_disk() if r["step"] == step]
+                if self._base and step <= (self._base_last_step if self._base_last_step is not None else step)
+                else [])
+        return disk + [r for r in self._mem if r["step"] == step]
 
     def to_dataframe(self):
         """The rows as a pandas DataFrame (needs pandas)."""
         import pandas as pd
 
-        return pd.DataFrame(self.rows, columns=self._columns(self.rows) if self.rows else None)
+        rows = list(self.rows)
+        return pd.DataFrame(rows, columns=self._columns(rows) if rows else None)
 
     # ------------------------------------------------------------------ mutation
     def append(self, rows: Iterable[Dict[str, Any]]) -> None:
@@ -186,9 +232,16 @@ class History:
         Raises:
             OSError: a file could not be written; the rows stay in memory for the next write.
         """
-        self.rows.extend(dict(r) for r in rows)
-        if self._can_write():
+        new = [dict(r) for r in rows]
+        self._mem.extend(new)
+        self.index.add(new)
+        if not self._can_write():
+            self._bound_memory()
+            return
+        try:
             self._flush()
+        finally:
+            self._bound_memory()
 
     def append_decision(self, step: int, kind: str, payload: Dict[str, Any]) -> None:
         """Append an action's decision to ``decisions.jsonl`` (when this process writes), whole or
@@ -232,13 +285,17 @@ class History:
         """Drop rows (and decisions) with ``step > after_step``; returns how many rows were dropped."""
         self._truncate_decisions(after_step)
         self._pending_decisions = [d for d in self._pending_decisions if json.loads(d)["step"] <= after_step]
-        before = len(self.rows)
-        on_disk = {id(r) for r in self.rows[:self._on_disk[self.JSONL]]}
-        self.rows = [r for r in self.rows if r["step"] <= after_step]
-        dropped = before - len(self.rows)
+        if self.last_step is None or self.last_step <= after_step:
+            return 0                                  # nothing to drop: no need to read the rows
+        self._materialise()
+        before = len(self._mem)
+        on_disk = {id(r) for r in self._mem[:self._on_disk[self.JSONL]]}
+        self._mem = [r for r in self._mem if r["step"] <= after_step]
+        self.index.rebuild(self._mem)
+        dropped = before - len(self._mem)
         if dropped:
-            self._mark_stale(known=next((i for i, r in enumerate(self.rows) if id(r) not in on_disk),
-                                        len(self.rows)))
+            self._mark_stale(known=next((i for i, r in enumerate(self._mem) if id(r) not in on_disk),
+                                        len(self._mem)))
         return dropped
 
     def recover(self, up_to_step: int) -> int:
@@ -252,14 +309,16 @@ class History:
         path = self.jsonl_path
         if path is None or not os.path.exists(path):
             return 0
-        last = self.last_step if self.rows else -1
+        last = self.last_step if len(self) else -1
         try:
             found = [r for r in read_jsonl(path, skip_bad_lines=True)
                      if isinstance(r.get("step"), int) and last < r["step"] <= up_to_step]
         except OSError:
             return 0
         if found:
-            self.rows.extend(sorted(found, key=lambda r: r["step"]))
+            found.sort(key=lambda r: r["step"])
+            self._mem.extend(found)
+            self.index.add(found)
             self._mark_stale(known=self._on_disk[self.JSONL])
         return len(found)
 
@@ -293,12 +352,12 @@ class History:
         list per row (non-finite -> None).
         """
         if self.output_dir is None:
-            return self._encode_rows(self.rows)
+            return self._encode_rows(self._mem)
         state = {"version": 2, "output_dir": os.path.abspath(self.output_dir), "file": self.JSONL,
-                 "last_step": self.last_step, "num_rows": len(self.rows)}
-        if self._can_write() and len(self.rows) > self._on_disk[self.JSONL]:
+                 "last_step": self.last_step, "num_rows": len(self)}
+        if self._can_write() and len(self) > self._on_disk[self.JSONL]:
             state["pending"] = self._encode_rows(
-                self.rows[self._on_disk[self.JSONL]:][:MAX_PENDING_STATE_ROWS])
+                self._mem[self._on_disk[self.JSONL] - self._base:][:MAX_PENDING_STATE_ROWS])
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> int:
@@ -310,7 +369,7 @@ class History:
             How many rows the state named that could not be found (0 when all were).
         """
         if "rows" in state or "output_dir" not in state:
-            self.rows = self._decode_rows(state)
+            self._set_rows(self._decode_rows(state))
             self._mark_stale(known=0)
             return 0
         folder = state["output_dir"]
@@ -329,120 +388,6 @@ class History:
                 if wanted(r) and r["step"] not in file_steps]
         merged = sorted([(r["step"], 0, i, r) for i, r in enumerate(on_file)]
                         + [(r["step"], 1, i, r) for i, r in enumerate(kept)], key=lambda t: t[:3])
-        self.rows = [t[3] for t in merged]
+        self._set_rows([t[3] for t in merged])
         self._mark_stale(known=next((i for i, t in enumerate(merged) if t[1]), len(merged)))
-        return max(int(state.get("num_rows", 0)) - len(self.rows), 0)
-
-    # ------------------------------------------------------------------ internals
-    def _can_write(self) -> bool:
-        return self.write and self.output_dir is not None
-
-    def _mark_stale(self, known: int) -> None:
-        """The files must be rewritten from memory; the first ``known`` rows are in the JSONL."""
-        self._stale = {self.JSONL: True, self.CSV: True}
-        self._on_disk = {self.JSONL: known, self.CSV: 0}
-
-    def _columns(self, rows: Sequence[Dict[str, Any]]) -> List[str]:
-        cols = list(HISTORY_KEYS) + [c for c in _engine_columns() if c not in HISTORY_KEYS]
-        seen = set(cols)
-        for row in rows:
-            for key in row:
-                if key not in seen:
-                    seen.add(key)
-                    cols.append(key)
-        return cols
-
-    def _encode_rows(self, rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-        columns = self._columns(rows)
-        return {"version": 1, "columns": columns,
-                "rows": [[plain_value(r.get(c, None)) for c in columns] for r in rows]}
-
-    @staticmethod
-    def _decode_rows(state: Dict[str, Any]) -> List[Dict[str, Any]]:
-        columns = list(state.get("columns", ()))
-        return [{c: _from_json_value(v) for c, v in zip(columns, values)}
-                for values in state.get("rows", ())]
-
-    @staticmethod
-    def _json_line(row: Dict[str, Any]) -> str:
-        return json.dumps({k: plain_value(v) for k, v in row.items()}, allow_nan=False,
-                          default=str) + "\n"
-
-    @staticmethod
-    def _csv_row(row: Dict[str, Any]) -> Dict[str, Any]:
-        return {k: (",".join(map(str, v)) if isinstance(v, tuple) else v) for k, v in row.items()}
-
-    def _csv_text(self, rows: Sequence[Dict[str, Any]], fieldnames: List[str], header: bool) -> str:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=fieldnames, extrasaction="ignore")
-        if header:
-            writer.writeheader()
-        writer.writerows(self._csv_row(r) for r in rows)
-        return buf.getvalue()
-
-    def _flush(self) -> None:
-        """Bring both files up to :attr:`rows`; warn once and raise the first error on failure."""
-        errors = []
-        for name in (self.JSONL, self.CSV):
-            try:
-                self._flush_file(name)
-            except OSError as exc:
-                errors.append((name, exc))
-        if not errors:
-            if self._failing:
-                self._failing = False
-                logger.info("ww: the history files in %s are written again; no row is missing",
-                            self.output_dir)
-            return
-        self._failing = True
-        name, exc = errors[0]
-        kept = (f"{len(self.rows) - self._on_disk[name]} rows not in {name} yet, kept in memory and "
-                f"checkpoints until the folder takes them")
-        if not self._warned:
-            self._warned = True
-            warnings.warn(f"ww_callbacks: the history files in {self.output_dir} could not be written "
-                          f"({type(exc).__name__}: {exc}); {kept} (not warned again)",
-                          HistoryWarning, stacklevel=3)
-        if exc.errno is None:
-            raise exc
-        path = exc.filename or os.path.join(self.output_dir, name)
-        raise OSError(exc.errno, f"{exc.strerror} ({kept})", path) from exc
-
-    def _flush_file(self, name: str) -> None:
-        path = os.path.join(self.output_dir, name)
-        if not self._stale[name]:
-            if self._on_disk[name] == len(self.rows):
-                return
-            try:
-                size = os.path.getsize(path)
-            except OSError:
-                size = -1
-            if size != self._size.get(name):    # a tail left by a failed rollback, or not ours
-                self._stale[name] = True
-        if self._stale[name]:
-            self._rewrite_file(name)
-            return
-        rows = self.rows[self._on_disk[name]:]
-        if name == self.CSV and any(k not in self._fieldnames for r in rows for k in r):
-            self._rewrite_file(name)             # a new column: a new header
-            return
-        # one append per analysis, oldest first: as many whole analyses as the disk takes
-        for _, group in itertools.groupby(rows, key=lambda r: r["step"]):
-            group = list(group)
-            data = ("".join(self._json_line(r) for r in group) if name == self.JSONL
-                    else self._csv_text(group, self._fieldnames, header=False))
-            self._size[name] = append_bytes(path, data.encode("utf-8"))
-            self._on_disk[name] += len(group)
-
-    def _rewrite_file(self, name: str) -> None:
-        path = os.path.join(self.output_dir, name)
-        fieldnames = self._columns(self.rows)
-        data = ("".join(self._json_line(r) for r in self.rows) if name == self.JSONL
-                else self._csv_text(self.rows, fieldnames, header=True)).encode("utf-8")
-        with atomic_open(path, "wb", fsync=True) as fh:
-            fh.write(data)
-        if name == self.CSV:
-            self._fieldnames = fieldnames
-        self._size[name] = len(data)
-        self._stale[name] = False
-        self._on_disk[name] = len(self.rows)
+        return max(int(state.get("num_rows", 0)) - len(self), 0)

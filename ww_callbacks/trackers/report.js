@@ -1,9 +1,60 @@
-/* WeightWatcher local report: draws the JSON block #ww-data. Vanilla JS, no network. */
+/* WeightWatcher local report: draws the JSON block #ww-data, or the data that report-data.js and
+   report-latest.js handed to window.ww_report. Vanilla JS, no network. */
 (function () {
   "use strict";
   var errors = [];
   window.addEventListener("error", function (e) { errors.push(String(e.message)); });
-  var D = JSON.parse(document.getElementById("ww-data").textContent);
+
+  // the live report: one chunk per analysis (alphas of the layers it measured), assembled here
+  function fromChunks(W) {
+    var layers = [], types = [], byStep = {}, order = [];
+    W.chunks.forEach(function (c) {
+      (c.n || []).forEach(function (nt) { layers.push(nt[0]); types.push(nt[1]); });
+      if (!(c.s in byStep)) order.push(c.s);
+      byStep[c.s] = c;
+    });
+    order.sort(function (a, b) { return a - b; });
+    var n = order.length, keep = W.max_steps, idx = [], seen = {};
+    for (var k = 0; k < (n <= keep ? n : keep); k++) {
+      var v = n <= keep ? k : Math.round(k * (n - 1) / (keep - 1));
+      if (!seen[v]) { seen[v] = 1; idx.push(v); }
+    }
+    var shown = idx.map(function (q) { return order[q]; }), unjudged = [], mean = [];
+    // undefined: the layer was not analysed at that step (layer rotation); null: no fit
+    var alpha = layers.map(function () { return shown.map(function () { return undefined; }); });
+    shown.forEach(function (s, j) {
+      var c = byStep[s], sum = 0, cnt = 0;
+      c.a.forEach(function (a, q) {
+        var i = c.i ? c.i[q] : q;
+        alpha[i][j] = a;
+        if (a !== null) { sum += a; cnt++; }
+      });
+      (c.u || []).forEach(function (i) { unjudged.push([i, j]); });
+      mean.push(cnt ? +(sum / cnt).toPrecision(4) : null);
+    });
+    var L = W.latest || {latest: [], esd: [], latest_step: null, latest_epoch: null, esd_note: ""};
+    var perStep = {}, stepsOf = [];
+    W.decisions.forEach(function (d) {
+      if (!(d[0] in perStep)) { perStep[d[0]] = {}; stepsOf.push(d[0]); }
+      perStep[d[0]][d[2]] = (perStep[d[0]][d[2]] || 0) + 1;
+    });
+    stepsOf.sort(function (a, b) { return a - b; });
+    return {title: W.title, updated: L.updated || "", band: W.band, layers: layers, types: types,
+      num_analyses: n, steps: shown, alpha: alpha, mean: mean, unjudged: unjudged,
+      unjudged_flags: W.unjudged_flags, latest_step: L.latest_step, latest_epoch: L.latest_epoch,
+      columns: W.columns, latest: L.latest, summary_columns: W.summary_columns,
+      summary: order.map(function (s) { return byStep[s].m; }), decision_columns: W.decision_columns,
+      decisions: W.max_decisions > 0 ? W.decisions.slice(-W.max_decisions) : [],
+      num_decisions: W.decisions.length,
+      decision_steps: stepsOf.map(function (s) {
+        var kinds = perStep[s], total = 0, text = [];
+        for (var a in kinds) { total += kinds[a]; text.push(a + " x" + kinds[a]); }
+        return [s, total, text.join(", ")];
+      }),
+      esd: L.esd || [], esd_step: L.esd_step === undefined ? null : L.esd_step, esd_note: L.esd_note || ""};
+  }
+  var block = document.getElementById("ww-data");
+  var D = block ? JSON.parse(block.textContent) : fromChunks(window.ww_report);
   var NS = "http://www.w3.org/2000/svg", LO = D.band[0], HI = D.band[1];
   var nL = D.layers.length, nS = D.steps.length, sticky = -1, hoverI = -1, matches = null;
   var paths = [];
@@ -57,7 +108,8 @@
     return String(flags || "").split(",").some(function (f) { return f && (D.unjudged_flags || []).indexOf(f) < 0; });
   }
   function colour(a) {
-    if (a === null || a === undefined) return "#c8c8c8";
+    if (a === undefined) return "#ececec";
+    if (a === null) return "#c8c8c8";
     if (a <= SCALE[0][0]) return "rgb(" + SCALE[0][1] + ")";
     for (var k = 1; k < SCALE.length; k++) {
       var p = SCALE[k - 1], q = SCALE[k];
@@ -144,7 +196,8 @@
       if (!p.ok) { untip(); return; }
       var text = D.layers[p.r] + (D.types[p.r] ? " (" + D.types[p.r] + ")" : "");
       if (p.c >= 0) {
-        text += "\nstep " + D.steps[p.c] + "   alpha " + (D.alpha[p.r][p.c] === null ? "n/a" : fmt(D.alpha[p.r][p.c]));
+        text += "\nstep " + D.steps[p.c] + "   alpha " + (D.alpha[p.r][p.c] === undefined ? "not analysed" :
+          D.alpha[p.r][p.c] === null ? "n/a" : fmt(D.alpha[p.r][p.c]));
         if (few[p.r + "," + p.c]) text += "  (too few eigenvalues to judge)";
         (decByStep[D.steps[p.c]] || []).forEach(function (d) { if (d[1] === D.layers[p.r] || !d[1]) text += "\n" + decText(d); });
       }
@@ -182,7 +235,7 @@
     var m = {l: 48, r: 16, t: 12, b: 62}, pw = W - m.l - m.r, ph = H - m.t - m.b;
     s.setAttribute("viewBox", "0 0 " + W + " " + H);
     var all = [];
-    D.alpha.forEach(function (row) { row.forEach(function (a) { if (a !== null) all.push(a); }); });
+    D.alpha.forEach(function (row) { row.forEach(function (a) { if (a !== null && a !== undefined) all.push(a); }); });
     all.sort(function (a, b) { return a - b; });
     var p99 = all.length ? all[Math.floor(0.99 * (all.length - 1))] : 8;
     var top = Math.max(8, Math.min(20, p99 * 1.05)), s0 = D.steps[0], s1 = D.steps[nS - 1];
@@ -208,6 +261,7 @@
     function line(vals) {
       var d = "", pen = false;
       vals.forEach(function (a, j) {
+        if (a === undefined) return;           // not analysed then: the line goes on to the next value
         if (a === null) { pen = false; return; }
         d += (pen ? "L" : "M") + X(D.steps[j]).toFixed(1) + " " + Y(a).toFixed(1);
         pen = true;
@@ -237,7 +291,7 @@
       var bi = -1, bd = 24;
       for (var i = 0; i < nL; i++) {
         var a = D.alpha[i][j];
-        if (a === null || (matches && !matches[i])) continue;
+        if (a === null || a === undefined || (matches && !matches[i])) continue;
         var dy = Math.abs(Y(a) - py);
         if (dy < bd) { bd = dy; bi = i; }
       }
@@ -386,7 +440,9 @@
       heatmap: [$("heatmap").width, $("heatmap").height], esd: document.querySelectorAll("#esd svg.esd").length,
       esd_fit: document.querySelectorAll("#esd line.fit").length, esd_xmin: document.querySelectorAll("#esd line.xmin").length,
       rows: $("layers").tBodies[0].rows.length, decisions: $("decisions").tBodies[0].rows.length,
-      summary: $("summary").tBodies[0].rows.length};
+      summary: $("summary").tBodies[0].rows.length, analyses: D.num_analyses, latest_step: D.latest_step,
+      head: $("latest-head") ? $("latest-head").textContent : null,
+      gaps: D.alpha.reduce(function (t, a) { return t + a.filter(function (v) { return v === null || v === undefined; }).length; }, 0)};
     var f = $("filter");
     f.value = filterText; f.dispatchEvent(new Event("input"));
     out.filter = filterText; out.filtered_rows = $("layers").tBodies[0].rows.length;
@@ -401,7 +457,7 @@
     out.sorted_desc = desc.every(function (v, k) { return !k || desc[k - 1] >= v; });
     // hover the chart at the last step of layer 0: the tooltip must name it
     var j = nS - 1, i = 0;
-    while (i < nL && D.alpha[i][j] === null) i++;
+    while (i < nL && (D.alpha[i][j] === null || D.alpha[i][j] === undefined)) i++;
     if (i < nL && chartGeom) {
       var s = $("chart"), b = s.getBoundingClientRect(), sc = b.width / s.viewBox.baseVal.width;
       var evt = new MouseEvent("mousemove", {bubbles: true, clientX: b.left + chartGeom.X(D.steps[j]) * sc - 1,
@@ -414,8 +470,18 @@
     return out;
   }
 
+  function head() {  // the live page's heading (the embedded page has its own)
+    var box = $("head");
+    if (!box || D.latest_step === null || D.latest_step === undefined) return;
+    var fi = D.columns.indexOf("flags"), flagged = D.latest.filter(function (r) { return judged(r[fi]); }).length;
+    box.innerHTML = "<h2 id='latest-head'>Latest analysis: step " + esc(D.latest_step) + ", epoch " +
+      esc(D.latest_epoch) + "</h2><p class='meta'>Updated " + esc(D.updated) + " &middot; " + D.latest.length +
+      " layers, " + flagged + " flagged &middot; " + D.num_analyses + " analyses &middot; " +
+      D.num_decisions + " decisions</p>";
+  }
+
   function main() {
-    cards();
+    head(); cards();
     if (!nL) return;
     wireTable(); heatmap(); chart(); table(); esd(); decisions(); summary();
     var timer = null;

@@ -1,14 +1,15 @@
 """The self-contained HTML report of the local tracker, made for hundreds of layers.
 
-The page embeds the data once, as one JSON block, and draws it with the small vanilla script
-``report.js`` (read from this package at render time, inlined with ``report.css``): no network,
-no JavaScript library. It shows
+:func:`render_report` embeds the data once, as one JSON block; the local tracker's live page
+(:mod:`ww_callbacks.trackers.report_live`) instead loads them from two files beside it. Either
+way the small vanilla script ``report.js`` (read from this package, inlined with ``report.css``)
+draws them: no network, no JavaScript library. It shows
 
 * a layer x step heatmap of alpha (layers in model order, rows labelled; a diverging colour scale
   around the well-trained band 2-6; hover names the layer, step and alpha);
 * alpha against the step, one line per layer (hover names and highlights a layer), the mean
   in bold, the action decisions as markers under the step axis;
-* a sortable, filterable table of the latest analysis;
+* a sortable, filterable table of each layer's latest measurement (with its step);
 * ESD histograms (log-log, fitted tail and xmin marked) of the worst flagged layers, when the
   eigenvalues were kept;
 * the decisions table and one summary row per analysis.
@@ -40,10 +41,12 @@ from ww_callbacks.trackers.base import (
     summary_scalars,
 )
 
-__all__ = ["TABLE_COLUMNS", "SUMMARY_COLUMNS", "by_step", "esd_data", "render_report"]
+__all__ = ["TABLE_COLUMNS", "SUMMARY_COLUMNS", "build_data", "by_step", "esd_data", "json_text",
+           "latest_cells", "page", "render_report", "summary_row"]
 
-#: Columns of the per-layer table (``d_alpha``: change since the previous analysis).
-TABLE_COLUMNS = ("name", "type", "N", "M", "alpha", "d_alpha", "alpha_hill", "D", "stable_rank",
+#: Columns of the per-layer table (``step``: the analysis that measured the layer, earlier than the
+#: latest one for a layer it skipped; ``d_alpha``: change since the layer's previous measurement).
+TABLE_COLUMNS = ("name", "step", "type", "N", "M", "alpha", "d_alpha", "alpha_hill", "D", "stable_rank",
                  "log_norm", "num_evals", "warning", "flags")
 #: Columns of the per-analysis summary table (the ``summary_scalars`` keys after the first three).
 SUMMARY_COLUMNS = ("step", "epoch", "time", "num_layers", "alpha_mean", "alpha_median",
@@ -147,6 +150,26 @@ def esd_data(result: Any, limit: int = 12, bins: int = 40) -> List[Dict[str, Any
     return out
 
 
+def latest_cells(index: int, row: Dict[str, Any], before: Optional[float]) -> list:
+    """One row of the latest table: the layer's index, then :data:`TABLE_COLUMNS` of ``row``
+    (``d_alpha`` against ``before``, the layer's previous alpha)."""
+    cur = finite_float(row.get("alpha"))
+    cells: list = [index]
+    for col in TABLE_COLUMNS:
+        if col == "d_alpha":
+            cells.append(_num(cur - before) if cur is not None and before is not None else None)
+        elif col == "flags":
+            cells.append(flags_of(row))
+        else:
+            cells.append(_cell(row.get(col)))
+    return cells
+
+
+def summary_row(step: int, rows: List[Dict[str, Any]], summary: Optional[Dict[str, Any]]) -> list:
+    """The :data:`SUMMARY_COLUMNS` of one analysis (its rows and its stored summary, if any)."""
+    return _summary_row(step, rows, summary)
+
+
 def _summary_row(step: int, rows: List[Dict[str, Any]], summary: Optional[Dict[str, Any]]) -> list:
     flagged = sum(1 for r in rows if is_flagged(r.get("flags")))
     # as AnalysisResult.summary(): the mean over the successful fits only
@@ -201,23 +224,17 @@ def build_data(history: Sequence[Dict[str, Any]], *, title: str = "WeightWatcher
         vals = [a[j] for a in alpha if a[j] is not None]
         mean.append(_num(sum(vals) / len(vals)) if vals else None)
 
-    latest: List[list] = []
     last_step = steps[-1] if steps else None
-    if steps:
-        prev = {str(r.get("name")): finite_float(r.get("alpha"))
-                for r in groups[steps[-2]]} if len(steps) > 1 else {}
-        for row in groups[last_step]:
+    newest: Dict[str, Dict[str, Any]] = {}      # each layer's latest row and the alpha before it
+    before: Dict[str, Optional[float]] = {}
+    for rows in groups.values():
+        for row in rows:
             name = str(row.get("name"))
-            cur, before = finite_float(row.get("alpha")), prev.get(name)
-            cells = [index[name]]
-            for col in TABLE_COLUMNS:
-                if col == "d_alpha":
-                    cells.append(_num(cur - before) if cur is not None and before is not None else None)
-                elif col == "flags":
-                    cells.append(flags_of(row))
-                else:
-                    cells.append(_cell(row.get(col)))
-            latest.append(cells)
+            if name in newest:
+                before[name] = finite_float(newest[name].get("alpha"))
+            newest[name] = row
+    latest = [latest_cells(index[name], row, before.get(name)) for name, row in newest.items()]
+    latest.sort(key=lambda cells: cells[0])
     summaries = summaries or {}
     per_step: "OrderedDict[int, Dict[str, int]]" = OrderedDict()
     for d in decisions:
@@ -243,7 +260,8 @@ def build_data(history: Sequence[Dict[str, Any]], *, title: str = "WeightWatcher
     }
 
 
-def _json_script(data: Dict[str, Any]) -> str:
+def json_text(data: Any) -> str:
+    """Compact, strict JSON that is also safe inside an HTML ``<script>`` element."""
     text = json.dumps(data, separators=(",", ":"), allow_nan=False, ensure_ascii=True)
     return text.replace("</", "<\\/").replace("<!--", "<\\!--")
 
@@ -251,7 +269,6 @@ def _json_script(data: Dict[str, Any]) -> str:
 def render_report(data: Dict[str, Any]) -> str:
     """The HTML page for :func:`build_data`'s ``data`` (static frame, data, inline CSS and JS)."""
     esc = html.escape
-    title = esc(str(data.get("title", "")))
     step, epoch = data.get("latest_step"), data.get("latest_epoch")
     n_flag = sum(1 for r in data["latest"] if is_flagged(r[-1]))
     if step is None:
@@ -261,11 +278,20 @@ def render_report(data: Dict[str, Any]) -> str:
                 f"{esc(str(epoch))}</h2><p class='meta'>{len(data['latest'])} layers, {n_flag} "
                 f"flagged &middot; {data['num_analyses']} analyses &middot; "
                 f"{data['num_decisions']} decisions</p>")
+    scripts = f'<script type="application/json" id="ww-data">{json_text(data)}</script>'
+    return page(str(data.get("title", "")), head, scripts, data["updated"])
+
+
+def page(title: str, head: str, scripts: str, updated: str = "") -> str:
+    """The report's static frame around ``head`` (HTML) and the ``scripts`` that bring its data."""
+    esc = html.escape
+    title = esc(title)
+    updated = f"Updated {esc(updated)} &middot; " if updated else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <title>{title}</title><style>{_asset("report.css")}</style></head>
 <body><h1>{title}</h1>
-<p class="meta">Updated {esc(data['updated'])} &middot; data:
+<p class="meta">{updated}data:
 <a href="history.csv">history.csv</a>, <a href="history.jsonl">history.jsonl</a>,
 <a href="alpha_over_time.png">alpha_over_time.png</a></p>
 {head}<div id="cards"></div>
@@ -276,7 +302,8 @@ history.csv and alpha_over_time.png.</p></noscript>
 <a href="#s-sum">analyses</a></nav>
 <section id="s-heat"><h2>Alpha per layer and step</h2>
 <p class="hint">Layers in model order (top = first). Colour: red &lt; 2 (over-trained),
-green 2&ndash;6 (well trained), blue &gt; 6 (under-trained), grey: no fit, purple: too few
+green 2&ndash;6 (well trained), blue &gt; 6 (under-trained), grey: no fit, light grey: not
+analysed at that step (layer rotation), purple: too few
 eigenvalues to judge (flag too-few-evals; e.g. a LoRA update of rank 8). Dots: decisions.
 Hover for values, click a row to highlight the layer below.</p>
 <div id="heat-legend"></div><div id="heat-wrap"><canvas id="heatmap"></canvas></div>
@@ -299,7 +326,7 @@ highlighted. Triangles under the axis: decisions (hover for details).</p>
 <section id="s-sum"><h2>Summary per analysis</h2><div class="scroll"><table id="summary" class="grid">
 <thead></thead><tbody></tbody></table></div></section>
 <div id="tip"></div><pre id="selfcheck" hidden></pre>
-<script type="application/json" id="ww-data">{_json_script(data)}</script>
+{scripts}
 <script>{_asset("report.js")}</script>
 </body></html>
 """

@@ -13,11 +13,15 @@ Keys (``prefix="ww"``, N analysed layers), one committed row per analysis:
   min/max, flagged and frozen counts, timings).
 * ``ww/layers``: a table of this analysis only (every column, ``layer_key`` and the name).
 * ``ww/alpha_heatmap``: one image, layers (model order) x analysed steps (the last
-  ``heatmap_steps``), redrawn each analysis at a bounded size.
+  ``heatmap_steps``), redrawn each analysis at a bounded size from a bounded buffer (one float32
+  and one flag per layer and step; a layer an analysis skipped, e.g. with layer rotation, is a
+  grey gap at that step, not a value).
 * ``ww/esd``: a list of ESD images, worst layers first, at most ``max_images``.
 * ``ww/decisions``: the decisions table, logged at each action event with only the new rows.
 
 By default that is N + 16 keys, whatever the number of analyses, and nothing re-uploads history.
+A partial analysis logs only the layers it measured (the charts of the others have no point at
+that step) and its summary keys describe those layers.
 
 Step semantics: the trainers that share the run define their own x-axis metric
 (``trainer/global_step`` for Lightning, ``train/global_step`` for HF) and never pass ``step=`` to
@@ -27,9 +31,11 @@ Step semantics: the trainers that share the run define their own x-axis metric
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from collections import deque
+from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -134,6 +140,10 @@ class WandbTracker(Tracker):
         self._unjudged: frozenset = frozenset()
         self._flagged: frozenset = frozenset()
         self._decisions: Any = None
+        # the heatmap's last ``heatmap_steps`` columns: (step, alpha per layer index, unjudged mask)
+        self._heat: Deque[Tuple[int, np.ndarray, np.ndarray]] = deque(maxlen=max(self.heatmap_steps, 1))
+        self._heat_total = 0
+        self._heat_started = False
         #: The controller keeps eigenvalues in the result when a tracker sets this.
         self.wants_evals = bool(log_esd_images and max_images > 0)
 
@@ -196,10 +206,12 @@ class WandbTracker(Tracker):
 
         run = self.run
         self._define_metrics(run)
-        if not len(self.keys) and history:
-            # Resumed: number the layers as the first analysis of the history did.
-            first = history[0].get("step")
-            self.keys.update(str(r.get("name")) for r in history if r.get("step") == first)
+        if not self._heat_started:
+            # once per process (a resumed run: number the layers as the history's analyses did)
+            self._start_heat(history if history is not None and len(history) else rows)
+        else:
+            self.keys.update(str(r.get("name")) for r in rows)
+            self._remember(int(step), rows)
         data: Dict[str, Any] = {self.x_axis: int(step)}
         data.update(scalars(rows, summary, self.keys, self.log_metrics, self.prefix))
         self._alphas = {str(r.get("name")): finite_float(r.get("alpha")) for r in rows}
@@ -207,7 +219,7 @@ class WandbTracker(Tracker):
         if rows:
             data.update(self._layer_tables(wandb, rows))
         if self.heatmap_steps and rows:
-            image = self._heatmap(wandb, int(step), history)
+            image = self._heatmap(wandb, int(step))
             if image is not None:
                 data[f"{self.prefix}/alpha_heatmap"] = image
         if self.log_esd_images and self.max_images > 0 and result is not None:
@@ -323,32 +335,47 @@ class WandbTracker(Tracker):
 
             return wandb.Image(fig, caption=caption)
 
-    def _heatmap_grid(self, step: int, history: Iterable[Dict[str, Any]]) -> tuple:
-        """``(steps, names, alpha grid, too-few-evals mask, truncated)`` of the heatmap."""
-        columns: Dict[int, Dict[str, Optional[float]]] = {step: dict(self._alphas)}
-        unjudged: Dict[int, set] = {step: set(self._unjudged)}
-        truncated = False
-        for row in reversed(history if isinstance(history, list) else list(history or ())):
-            s = row.get("step")
-            if s is None or int(s) == step:
-                continue
-            if int(s) not in columns:
-                if len(columns) >= self.heatmap_steps:
-                    truncated = True
-                    break
-                columns[int(s)] = {}
-            columns[int(s)][str(row.get("name"))] = finite_float(row.get("alpha"))
-            if is_unjudged(row.get("flags")):
-                unjudged.setdefault(int(s), set()).add(str(row.get("name")))
-        steps = sorted(columns)
-        names = [name for name, _ in self.keys.items()]
-        grid = np.array([[columns[s].get(n) if columns[s].get(n) is not None else np.nan
-                          for s in steps] for n in names], dtype=float).reshape(len(names), len(steps))
-        few = np.array([[n in unjudged.get(s, ()) for s in steps] for n in names],
-                       dtype=bool).reshape(len(names), len(steps))
-        return steps, names, grid, few, truncated
+    def _start_heat(self, history: Iterable[Dict[str, Any]]) -> None:
+        """Fill the heatmap buffer (and the layer keys) from the rows so far, streamed once."""
+        self._heat_started = True
+        for s, group in itertools.groupby(history, key=lambda r: int(r["step"])):
+            rows = list(group)
+            self.keys.update(str(r.get("name")) for r in rows)
+            self._remember(s, rows)
 
-    def _heatmap(self, wandb: Any, step: int, history: Iterable[Dict[str, Any]]) -> Any:
+    def _remember(self, step: int, rows: Sequence[Dict[str, Any]]) -> None:
+        """One heatmap column: alpha by layer index (nan: not analysed or no fit)."""
+        if not self.heatmap_steps:
+            return
+        column = np.full(len(self.keys), np.nan, dtype=np.float32)
+        few = np.zeros(len(self.keys), dtype=bool)
+        index = {name: i for i, (name, _) in enumerate(self.keys.items())} if rows else {}
+        for r in rows:
+            i = index[str(r.get("name"))]
+            a = finite_float(r.get("alpha"))
+            column[i] = np.nan if a is None else a
+            few[i] = is_unjudged(r.get("flags"))
+        if self._heat and self._heat[-1][0] == step:
+            self._heat.pop()
+        else:
+            self._heat_total += 1
+        self._heat.append((int(step), column, few))
+
+    def _heatmap_grid(self, step: int, history: Optional[Iterable[Dict[str, Any]]] = None) -> tuple:
+        """``(steps, names, alpha grid, too-few-evals mask, truncated)`` of the heatmap: the
+        buffer's columns (filled from ``history`` first if this tracker has none yet)."""
+        if not self._heat_started and history is not None:
+            self._start_heat(history)
+        names = [name for name, _ in self.keys.items()]
+        cols = list(self._heat)
+        grid = np.full((len(names), len(cols)), np.nan)
+        few = np.zeros((len(names), len(cols)), dtype=bool)
+        for j, (_, column, mask) in enumerate(cols):
+            grid[:len(column), j] = column
+            few[:len(mask), j] = mask
+        return [c[0] for c in cols], names, grid, few, self._heat_total > len(cols)
+
+    def _heatmap(self, wandb: Any, step: int, history: Optional[Iterable[Dict[str, Any]]] = None) -> Any:
         """alpha, layers (model order) x the latest ``heatmap_steps`` analysed steps; a fit on too
         few eigenvalues (flag ``too-few-evals`` only) is drawn in purple, not on the alpha scale."""
         steps, names, grid, few, truncated = self._heatmap_grid(step, history)
