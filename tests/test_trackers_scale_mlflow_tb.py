@@ -47,7 +47,10 @@ def analyses():
         res = ww_core.analyze(_state_dict(i))
         rows = [dict(r, step=step, epoch=i) for r in res.to_records()]
         history = history + rows
-        summary = dict(res.summary(), hook_seconds=0.01, analysis_seconds=0.1, num_frozen=min(i, 2))
+        summary = dict(res.summary(), hook_seconds=0.01, analysis_seconds=0.1, num_frozen=min(i, 2),
+                       overhead=0.02, drift_newly_flagged=0, drift_regressions=0,
+                       drift_max_abs_delta_alpha=0.1 * i, drift_max_spectrum_change=0.01 * i,
+                       drift_delta_alpha_weighted=0.0)
         out.append((step, i, res, rows, summary, list(history)))
     assert len(out[0][3]) == N_LAYERS
     return out

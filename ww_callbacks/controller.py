@@ -37,15 +37,19 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from ww_callbacks.actions.binding import ActionBinding
 from ww_callbacks.actions.build import ActionSet
+from ww_callbacks.budget import OverheadBudget, check_max_overhead
+from ww_callbacks.drift import DriftMonitor
 from ww_callbacks.distributed import rank_info
-from ww_callbacks.executor import AnalysisExecutor, Finished, check_analyze_options
+from ww_callbacks.executor import AnalysisExecutor, check_analyze_options
 from ww_callbacks.history import History
+from ww_callbacks.recording import Recording
 from ww_callbacks.reporting import ErrorReporter, format_line
+from ww_callbacks.rotation import LayerRotation, plan_analysis
 from ww_callbacks.run_dir import AUTO, KEEP, MEMORY_ONLY, check_output_dir, run_folder  # noqa: F401
 from ww_callbacks.schedule import Schedule
 from ww_callbacks.settings import BalanceLR, EarlyStop, Freeze
 from ww_callbacks.state import RunState, StateField, delegate
-from ww_callbacks.trackers.base import Tracker, summary_scalars
+from ww_callbacks.trackers.base import Tracker
 from ww_callbacks.trackers.fanout import DEFAULT_TIMEOUT, TrackerFanout
 from ww_callbacks.trackers.resolve import build_trackers, check_tracker_spec
 from ww_callbacks.warnings import warn
@@ -53,7 +57,7 @@ from ww_callbacks.warnings import warn
 __all__ = ["WeightWatcherController", "MEMORY_ONLY"]
 
 
-class WeightWatcherController:
+class WeightWatcherController(Recording):
     """Schedules spectral analyses during training, records them and acts on them.
 
     Args:
@@ -97,6 +101,19 @@ class WeightWatcherController:
             analysis runs synchronously, one layer at a time (:func:`ww_core.snapshot`'s ``budget``).
         tracker_timeout: seconds a tracker call may take before the tracker is dropped (each
             tracker runs in its own thread, :mod:`ww_callbacks.trackers.fanout`); ``None`` waits.
+        max_overhead: the share of the training's time the analyses and their record may take
+            (``0.05``: 5 %; CPU time on a CPU, wall time on a GPU); analyses falling due beyond
+            it are skipped. ``None`` (default): no cap. Either way the realised share is
+            reported (``overhead``). An :class:`~ww_callbacks.budget.OverheadBudget` sets its
+            clock and the background thread's priority.
+        layers_per_analysis: ``k``: each analysis covers ``k`` layers in a deterministic
+            rotation that visits every layer within ``ceil(n / k)`` analyses
+            (:mod:`ww_callbacks.rotation`); ``None`` (default): every layer each time.
+        reference: a baseline to compare each analysis with (drift): the pretrained model (analysed
+            once, here, before training changes it), a saved analysis (``.json``), a weights path
+            or an :class:`~ww_core.AnalysisResult`. Each analysis then logs ``drift_*`` summary
+            keys and a ``drift`` event naming newly flagged or regressed layers
+            (:mod:`ww_callbacks.drift`). ``None`` (default): no comparison.
         **analyze_options: passed to ``ww_core.analyze`` (``min_evals``, ``fix_fingers``, ...).
 
     Raises:
@@ -117,6 +134,8 @@ class WeightWatcherController:
                  analyze_fn: Optional[Callable[..., Any]] = None,
                  async_analysis: Union[bool, str] = "auto", analyze_frozen: str = "once",
                  snapshot_budget: Any = "auto", tracker_timeout: Optional[float] = DEFAULT_TIMEOUT,
+                 max_overhead: Union[None, float, OverheadBudget] = None,
+                 layers_per_analysis: Optional[int] = None, reference: Any = None,
                  **analyze_options: Any) -> None:
         from ww_core import check_layer_patterns
 
@@ -143,10 +162,16 @@ class WeightWatcherController:
             raise ValueError(f"analyze_frozen must be 'once', 'always' or 'never', got {analyze_frozen!r}")
         self.analyze_frozen = analyze_frozen
         self.executor = AnalysisExecutor(analyze_fn, self.layers, analyze_options, snapshot_budget)
+        #: The overhead budget (:mod:`ww_callbacks.budget`) and the layer rotation.
+        self.budget = check_max_overhead(max_overhead)
+        self.rotation = LayerRotation(layers_per_analysis)
+        self.drift = None if reference is None else DriftMonitor(
+            reference, analyze_options={"layers": self.layers, **analyze_options})
 
         self.history = History(named_dir, write=True)
         self.state = RunState(self.history, self.schedule, self.action_set, self.executor,
-                              named_dir, output_dir is AUTO, self.log, self.guard)
+                              named_dir, output_dir is AUTO, self.log, self.guard,
+                              parts={"rotation": self.rotation, "budget": self.budget})
         self.trackers: List[Tracker] = []
         self.last_result: Any = None
         self.last_scalars: Dict[str, float] = {}
@@ -262,6 +287,7 @@ class WeightWatcherController:
             self.bind_actions()
         self.executor.configure(world_size, (world_size == 1 and self.executor.default_engine)
                                 if self.async_analysis == "auto" else bool(self.async_analysis), wrapper)
+        self.budget.start()
         if output_dir is not KEEP:
             self.output_dir, self.state.per_run = check_output_dir(output_dir), False
         elif self.per_run:
@@ -346,10 +372,17 @@ class WeightWatcherController:
             self.log(f"ww step {step}: previous analysis still running, skipped this one "
                      f"({self.skipped_analyses} skipped so far)")
             return None
+        admit = self.budget.admit(self.executor, model, step, self.rotation.per_analysis, self.log)
+        if not self.executor.broadcast(admit):   # sharded: every rank follows rank 0's clock
+            return None
         self.last_step, self.state.started = step, (step, epoch)
         t0 = time.perf_counter()
-        plan = self.executor.plan(model, self.analyze_frozen, first=self.num_analyses == 0)
-        done = self.executor.start(model, step, epoch, keep_evals=self.wants_evals, plan=plan)
+        sources = [self.action_set.freeze_policy, self.action_set.lr_policy, self.action_set.stop_policy,
+                   *self.actions]
+        plan, names = plan_analysis(self.rotation, self.executor, model, self.analyze_frozen,
+                                    self.num_analyses == 0, sources)
+        done = self.executor.start(model, step, epoch, keep_evals=self.wants_evals, plan=plan,
+                                   layers=names)
         if done is None:                         # submitted: training waited for the copy only
             self.blocking_seconds += time.perf_counter() - t0
             self.guard("writing the history files", self.state.write)   # a crash now: redone on resume
@@ -377,51 +410,6 @@ class WeightWatcherController:
             return None
         self.blocking_seconds += done.waited      # training waited here too: count it
         return self._record(done)
-
-    def _record(self, done: Finished) -> Any:
-        """Record and fan out one analysis; never raises into training unless ``strict``."""
-        if done.error is not None:
-            self.report("analysis", done.failure(), done.error)
-            return None
-        try:
-            return self._record_result(done.result, done.step, done.epoch, done.started,
-                                       done.hook_seconds)
-        except Exception as exc:
-            self.report("recording", f"recording the analysis of step {done.step} failed", exc)
-            return None
-
-    def _record_result(self, result: Any, step: int, epoch: int, started: float,
-                       hook: float) -> Any:
-        self.num_analyses += 1
-        self.last_result = result
-        rows = [{"step": step, "epoch": epoch, "time": started, **rec} for rec in result.to_records()]
-        self.guard("writing the history files", self.history.append, rows)
-        summary = dict(self.guard("summarising", result.summary) or {})
-        summary.update(hook_seconds=hook, analysis_seconds=time.time() - started)
-        if self.action_set.freeze_policy.enabled:
-            summary["num_frozen"] = len(self.action_set.freeze_policy.frozen)
-        #: ``{summary key: value}`` of the latest analysis, on every rank (adapters publish it).
-        self.last_scalars = self.guard("summarising", summary_scalars, rows, summary) or {}
-        self.last_scalars_step = step
-        if self.is_global_zero:
-            self._fan_out(self.trackers, f"at step {step}", "log_analysis", step=step, epoch=epoch,
-                          rows=rows, summary=summary, result=result, history=self.history.rows)
-            self.log(format_line(result, step, epoch) + f" [training waited {hook:.3f} s]")
-        for action in self.actions:
-            name = type(action).__name__
-            self.guard(f"action {name}", action.on_analysis, self, result, step, epoch)
-        # the run folder's state file: its disk is the history's (one report for both)
-        self.guard("writing the history files", self.state.write)
-        return result
-
-    def log_event(self, step: int, kind: str, payload: Dict[str, Any]) -> None:
-        """Report an action's event (freeze, LR factors, stop) to the log and the trackers."""
-        if not self.is_global_zero:
-            return
-        self.log(f"ww step {step}: {kind} {payload}")
-        self.guard("writing the decisions file", self.history.append_decision, step, kind, payload)
-        self._fan_out(self.trackers, f"on event {kind!r}", "log_event", step=step, kind=kind,
-                      payload=payload)
 
     # ------------------------------------------------------------------ end of training
     def finish(self, model: Any, step: int, epoch: int) -> Any:

@@ -41,7 +41,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 #: The factors of a LoRA adapter, analysed as their product ``lora_BA`` instead.
 _LORA_FACTOR = r"\.lora_(A|B|embedding_A|embedding_B)\."
@@ -136,6 +136,11 @@ class Finished:
         error: the exception it raised, else ``None``.
         fallback: why an asynchronous analysis ran synchronously (the copy would have exceeded
             ``snapshot_budget``), else ``None``.
+        work_seconds: the analysis' own cost on the executor's clocks (:attr:`AnalysisExecutor.
+            thread_clock` in the worker thread, :attr:`~AnalysisExecutor.process_clock` when
+            synchronous), without the copy.
+        num_layers: how many layers it was asked to cover (``None``: every selected layer).
+        copy_seconds: the background copy's cost on :attr:`~AnalysisExecutor.process_clock`.
     """
 
     step: int
@@ -146,6 +151,9 @@ class Finished:
     result: Any = None
     error: Optional[Exception] = None
     fallback: Optional[str] = None
+    work_seconds: float = 0.0
+    num_layers: Optional[int] = None
+    copy_seconds: float = 0.0
 
     def failure(self) -> str:
         """What failed, naming the layer the engine was working on (when it says)."""
@@ -183,8 +191,18 @@ class AnalysisExecutor:
         self.outer: Any = None
         self._group: Any = None
         self._pool: Optional[ThreadPoolExecutor] = None
-        self._pending: Optional[tuple] = None     # (future, step, epoch, started, hook_seconds)
+        self._pending: Optional[tuple] = None     # (future, step, epoch, started, hook s, copy cost)
         self._peft: Optional[bool] = None         # the model has LoRA adapters (found at first use)
+        #: The last result of the default engine: passed back as ``previous=`` so that
+        #: ``precision="auto"`` solves a layer whose float32 spectrum failed last time in float64
+        #: directly (:func:`ww_core.analyze`).
+        self.previous: Any = None
+        #: Clocks of an analysis' cost: in the worker thread, and while training waits.
+        self.thread_clock: Callable[[], float] = time.thread_time
+        self.process_clock: Callable[[], float] = time.process_time
+        #: Called once in the worker thread before its first analysis (priority, threads).
+        self.worker_setup: Optional[Callable[[], Any]] = None
+        self._setup_done = False
 
     @property
     def default_engine(self) -> bool:
@@ -231,13 +249,14 @@ class AnalysisExecutor:
         dist.broadcast_object_list(box, src=0, group=self._group)
         return box[0]
 
-    def snapshot(self, model: Any) -> Any:
+    def snapshot(self, model: Any, layers: Any = None) -> Any:
         """What the engine analyses: the unwrapped model, or a CPU copy gathered piece by piece
-        from a sharded one (:func:`ww_core.gather_snapshot`; every rank must call this)."""
+        from a sharded one (:func:`ww_core.gather_snapshot`; every rank must call this).
+        ``layers``: a narrower selection than ``layers=`` (:meth:`start`)."""
         import ww_core
 
         opts = self.options
-        return ww_core.gather_snapshot(sharding_root(model, self.outer), layers=self.layers,
+        return ww_core.gather_snapshot(sharding_root(model, self.outer), layers=layers or self.layers,
                                        layer_types=opts.get("layer_types"),
                                        conv2d_norm=opts.get("conv2d_norm", True),
                                        split_qkv=opts.get("split_qkv", True))
@@ -265,48 +284,82 @@ class AnalysisExecutor:
             return plan
         return [{**extra, "trainable": True} for extra in plan]
 
-    def _analyze(self, model: Any, options: Dict[str, Any], plan: List[Dict[str, Any]]) -> Any:
-        return self._run_plan(self.snapshot(model), options, plan)
-
-    def _run_plan(self, source: Any, options: Dict[str, Any], plan: List[Dict[str, Any]]) -> Any:
-        """One analysis per plan entry (extra options; ``drop_layers``: a regex of names to
-        leave out of that entry's result), merged into one result in plan order."""
+    def candidates(self, model: Any, plan: List[Dict[str, Any]]) -> List[Tuple[str, bool]]:
+        """``(name, trainable)`` of every layer the analysis of ``plan`` could cover, in model
+        order, under the names of its result (nothing is loaded; layers outside the size bounds
+        left out): what :class:`~ww_callbacks.rotation.LayerRotation` rotates over."""
         import ww_core
 
+        opts = self.options
+        sel = ww_core.LayerSelector(self.layers, opts.get("layer_types"))
+        defaults = inspect.signature(ww_core.analyze).parameters   # the engine's size bounds
+        lo, hi, max_n = (opts.get(k, defaults[k].default) for k in ("min_evals", "max_evals", "max_N"))
+
+        def skip_reason(lm: Any) -> bool:
+            return bool(lm.unusable) or not lo <= lm.num_evals <= hi or lm.N > max_n
+
+        seen: Dict[str, bool] = {}
+        for extra in plan:
+            merged = {**opts, **extra}
+            drop = re.compile(merged["drop_layers"]) if "drop_layers" in merged else None
+            for lm in sel.select(ww_core.analysis_layers(
+                    model, merged.get("conv2d_norm", True), merged.get("split_qkv", True),
+                    merged.get("peft", False), merged.get("base_model"), merged.get("trainable"))):
+                if (drop is None or not drop.search(lm.name)) and not skip_reason(lm):
+                    seen.setdefault(lm.name, lm.trainable is not False)
+        return list(seen.items())
+
+    def _analyze(self, model: Any, options: Dict[str, Any], plan: List[Dict[str, Any]],
+                 layers: Any = None) -> Any:
+        return self._run_plan(self.snapshot(model, layers), options, plan, layers)
+
+    def _run_plan(self, source: Any, options: Dict[str, Any], plan: List[Dict[str, Any]],
+                  layers: Any = None) -> Any:
+        """One analysis per plan entry (extra options; ``drop_layers``: a regex of names to
+        leave out of that entry's result), merged into one result in plan order. ``layers``:
+        a narrower selection than ``layers=`` (the exact names of :meth:`start`)."""
+        import ww_core
+
+        layers = layers or self.layers
         results = []
         for extra in plan:
             extra = dict(extra)
             drop = re.compile(extra.pop("drop_layers")) if "drop_layers" in extra else None
             if self._group is None:
-                res = self.analyze_fn(source, layers=self.layers, **options, **extra)
+                if self.analyze_fn is default_analyze and "previous" not in options:
+                    extra.setdefault("previous", self.previous)
+                res = self.analyze_fn(source, layers=layers, **options, **extra)
             else:   # every rank gets here at the same step (the schedule is a pure function of it)
-                res = ww_core.analyze_distributed(source, group=self._group, layers=self.layers,
+                res = ww_core.analyze_distributed(source, group=self._group, layers=layers,
                                                   **options, **extra)
             if drop is not None:
                 res = ww_core.AnalysisResult(layers=[la for la in res.layers if not drop.search(la.name)],
                                              skipped=[s for s in res.skipped if not drop.search(s.name)])
             results.append(res)
-        if len(results) == 1:
-            return results[0]
-        return ww_core.AnalysisResult(layers=[la for r in results for la in r.layers],
-                                      skipped=[s for r in results for s in r.skipped])
+        merged = results[0] if len(results) == 1 else ww_core.AnalysisResult(
+            layers=[la for r in results for la in r.layers], skipped=[s for r in results for s in r.skipped])
+        now = set(merged.names)        # (a subset of the layers: the others keep their last result)
+        self.previous = ww_core.AnalysisResult(layers=[
+            *(la for la in getattr(self.previous, "layers", ()) if la.name not in now), *merged.layers])
+        return merged
 
-    def _copy(self, model: Any, trainable: Optional[bool] = None) -> Any:
+    def _copy(self, model: Any, trainable: Optional[bool] = None, layers: Any = None) -> Any:
         """A private copy within ``snapshot_budget`` (raises ``SnapshotBudgetError`` before
         copying anything when it would not fit)."""
         import ww_core
 
-        source = self.snapshot(model)
+        source = self.snapshot(model, layers)
         if isinstance(source, ww_core.Snapshot) and source is not model:
             return source                 # gathered from a sharded model: already a CPU copy
         opts = self.options
-        return ww_core.snapshot(source, layers=self.layers, layer_types=opts.get("layer_types"),
+        return ww_core.snapshot(source, layers=layers or self.layers, layer_types=opts.get("layer_types"),
                                 conv2d_norm=opts.get("conv2d_norm", True),
                                 split_qkv=opts.get("split_qkv", True),
                                 budget=self.snapshot_budget, trainable=trainable)
 
     def start(self, model: Any, step: int, epoch: int, keep_evals: bool = False,
-              plan: Optional[List[Dict[str, Any]]] = None) -> Optional[Finished]:
+              plan: Optional[List[Dict[str, Any]]] = None,
+              layers: Optional[List[str]] = None) -> Optional[Finished]:
         """Analyse ``model``: the :class:`Finished` analysis when synchronous (or when the copy
         failed), ``None`` once submitted to the background.
 
@@ -317,6 +370,8 @@ class AnalysisExecutor:
             plan: extra ``ww_core.analyze`` options per analysis call, merged into one result
                 (default one call, ``[{}]``); e.g. the adapters of a PEFT model, then its frozen
                 base once (:meth:`WeightWatcherController.plan`).
+            layers: the exact names to analyse (a part of the selected layers, e.g. the
+                rotation's, :mod:`ww_callbacks.rotation`); ``None``: every selected layer.
 
         Raises:
             RuntimeError: asynchronous and an analysis is still pending (check :attr:`busy`).
@@ -332,35 +387,44 @@ class AnalysisExecutor:
         only_trainable = all(e.get("trainable") is True and dict(options, **e).get("peft") != "with_base"
                              for e in plan)
         copy_trainable = True if only_trainable else None
-        started, t0 = time.time(), time.perf_counter()
+        from ww_callbacks.rotation import exact_names_regex
+
+        # the adapters' factors are read under other names than the result's: copy them whole
+        subset = exact_names_regex(layers) if layers is not None else None
+        copy_subset = None if self._peft else subset
+        count = len(layers) if layers is not None else None
+        started, t0, c0 = time.time(), time.perf_counter(), self.process_clock()
         fallback = None
         try:
             if self.asynchronous:
                 try:
-                    snap = self._copy(model, copy_trainable)
+                    snap = self._copy(model, copy_trainable, copy_subset)
                 except SnapshotBudgetError as exc:     # nothing was copied: analyse it now
                     self.sync_fallbacks += 1
                     fallback = f"analysed synchronously: {exc}"
             if fallback and self.default_engine:
                 options.setdefault("batch_elements", 0)        # one layer at a time
             if not self.asynchronous or fallback:
-                result = self._analyze(model, options, plan)
+                c0 = self.process_clock()
+                result = self._analyze(model, options, plan, subset)
                 return Finished(step, epoch, started, time.perf_counter() - t0, result=result,
-                                fallback=fallback)
+                                fallback=fallback, work_seconds=self.process_clock() - c0,
+                                num_layers=count)
         except Exception as exc:
             return Finished(step, epoch, started, time.perf_counter() - t0, error=exc,
-                            fallback=fallback)
+                            fallback=fallback, num_layers=count)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ww-analysis")
-        future: Future = self._pool.submit(self._run_plan, snap, options, plan)
-        self._pending = (future, step, epoch, started, time.perf_counter() - t0)
+        copy = self.process_clock() - c0          # before the worker starts (its clock may be ours)
+        future: Future = self._pool.submit(self._work, snap, options, plan, subset, count)
+        self._pending = (future, step, epoch, started, time.perf_counter() - t0, copy)
         return None
 
     def collect(self, wait: bool = False) -> Optional[Finished]:
         """The finished background analysis (``wait=True`` waits for it), else ``None``."""
         if self._pending is None:
             return None
-        future, step, epoch, started, hook = self._pending
+        future, step, epoch, started, hook, copy = self._pending
         waited = 0.0
         if not future.done():
             if not wait:
@@ -369,12 +433,23 @@ class AnalysisExecutor:
             futures_wait([future])
             waited = time.perf_counter() - t0
         self._pending = None
-        done = Finished(step, epoch, started, hook + waited, waited)
+        done = Finished(step, epoch, started, hook + waited, waited, copy_seconds=copy)
         try:
-            done.result = future.result()
+            done.result, done.work_seconds, done.num_layers = future.result()
         except Exception as exc:
             done.error = exc
         return done
+
+    def _work(self, snap: Any, options: Dict[str, Any], plan: List[Dict[str, Any]], layers: Any,
+              count: Optional[int]) -> Tuple[Any, float, Optional[int]]:
+        """The worker thread's job: ``(result, its cost on thread_clock, layers asked for)``."""
+        if not self._setup_done:
+            self._setup_done = True
+            if self.worker_setup is not None:
+                self.worker_setup()
+        c0 = self.thread_clock()
+        result = self._run_plan(snap, options, plan, layers)
+        return result, self.thread_clock() - c0, count
 
     def shutdown(self) -> None:
         """Stop the worker thread (waits for a running analysis)."""

@@ -80,12 +80,15 @@ class RunState:
         per_run: whether the folder is chosen per run (no ``output_dir`` named).
         log: one line to the user (rank 0).
         guard: the error policy's ``guard(what, fn, *args)``.
+        parts: further parts with ``state_dict()``/``load_state_dict(state)``, by key.
     """
 
     def __init__(self, history: Any, schedule: Any, action_set: Any, executor: Any,
                  output_dir: Optional[str], per_run: bool, log: Callable[[str], Any],
-                 guard: Callable[..., Any]) -> None:
+                 guard: Callable[..., Any], parts: Optional[Dict[str, Any]] = None) -> None:
         self.history, self.schedule, self.action_set, self.executor = history, schedule, action_set, executor
+        #: Further parts saved under their key (``state_dict``/``load_state_dict``): the rotation...
+        self.parts: Dict[str, Any] = dict(parts or {})
         self.output_dir, self.per_run = output_dir, per_run
         self.log, self.guard = log, guard
         self.last_step: Optional[int] = None     # last step analysed (or attempted)
@@ -180,6 +183,8 @@ class RunState:
                  "schedule": self.schedule.describe(), "history": self.history.state_dict()}
         if self.action_set.enabled:
             state["actions"] = self.action_set.state_dict()
+        for key, part in self.parts.items():
+            state[key] = part.state_dict()
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -207,6 +212,8 @@ class RunState:
         started = state.get("started")
         self.started = (int(started[0]), int(started[1])) if started else None
         self.action_set.load_state_dict(state.get("actions"))
+        for key, part in self.parts.items():
+            part.load_state_dict(state.get(key))
         self.restored = True
         self.finished = False
         if self.configured and self.is_global_zero:

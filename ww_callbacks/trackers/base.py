@@ -114,10 +114,13 @@ def is_unjudged(flags: Any) -> bool:
 
 
 # -- keys that scale: one section per metric, layers in model order --------------------------
-#: The summary section (``ww/<key>``): at most a dozen scalars per analysis.
+#: Summary keys the controller adds to ``AnalysisResult.summary()`` and that are passed through.
+_PASSED = ("num_frozen", "analysis_seconds", "hook_seconds", "overhead", "drift_newly_flagged",
+           "drift_regressions", "drift_max_abs_delta_alpha", "drift_max_spectrum_change",
+           "drift_delta_alpha_weighted")
+#: The summary section (``ww/<key>``): a few scalars per analysis (``drift_*`` with a reference).
 SUMMARY_KEYS = ("alpha_mean", "alpha_median", "alpha_min", "alpha_max", "log_norm_mean",
-                "num_layers", "num_flagged", "num_under_trained", "num_over_trained", "num_frozen",
-                "analysis_seconds", "hook_seconds")
+                "num_layers", "num_flagged", "num_under_trained", "num_over_trained") + _PASSED
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]+")
 
@@ -204,7 +207,7 @@ def summary_scalars(rows: Iterable[Dict[str, Any]], summary: Dict[str, Any]) -> 
         out["num_flagged"] = summary.get("num_flagged")
     out["num_under_trained"] = sum(1 for r in rows if "under-trained" in flag_names(r.get("flags")))
     out["num_over_trained"] = sum(1 for r in rows if "over-trained" in flag_names(r.get("flags")))
-    for key in ("num_frozen", "analysis_seconds", "hook_seconds"):
+    for key in _PASSED:
         out[key] = summary.get(key)
     return {k: f for k in SUMMARY_KEYS if (f := finite_float(out.get(k))) is not None}
 
@@ -221,7 +224,7 @@ def decision_rows(step: int, kind: str, payload: Dict[str, Any],
     Args:
         step: the step of the decision.
         kind: ``freeze``, ``freeze-suggestion``, ``lr-factors``, ``lr-factors-suggestion``,
-            ``early-stop`` or another action's kind.
+            ``early-stop``, ``drift`` or another action's kind.
         payload: the event's payload.
         alphas: the latest alpha per layer (for the ``alpha`` column).
 
@@ -249,6 +252,11 @@ def decision_rows(step: int, kind: str, payload: Dict[str, Any],
         out += [row(n, action, "TempBalance", f) for n, f in (payload.get("factors") or {}).items()]
     elif kind == "early-stop":
         out.append(row(None, "early-stop", payload.get("reason")))
+    elif kind == "drift":
+        regressed = payload.get("regressions") or []
+        out += [row(n, "drift", "regression against the reference" if n in regressed
+                    else "newly flagged against the reference")
+                for n in dict.fromkeys([*regressed, *(payload.get("newly_flagged") or [])])]
     else:
         out.append(row(payload.get("layer"), kind, payload.get("reason", "")))
     return out
