@@ -159,8 +159,8 @@ def test_prefix_order_passes_over_layers_too_small_to_judge():
     hist = {l.name: SETTLED for l in layers}
     p = FreezePolicy("apply", max_share=1.0, order="prefix")
     d = p.decide(hist, layers)
-    assert d.freeze == ["stem", "pw"]                        # dw rides along, the trap stops it
-    assert "dw" not in d.reasons
+    assert d.freeze == ["stem", "dw", "pw"]                  # dw rides along, the trap stops it
+    assert "rides along" in d.reasons["dw"]
 
 
 @pytest.mark.parametrize("kwargs", [dict(mode="maybe"), dict(tol=-1), dict(window=1),

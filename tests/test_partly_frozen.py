@@ -92,7 +92,7 @@ def test_hf_trainer_on_a_lora_model_analyses_the_adapters(tmp_path, asynchronous
     cb = WeightWatcherCallback(every_n_steps=4, start_fraction=0.0, async_analysis=asynchronous,
                                output_dir=str(tmp_path / "ww"), trackers=None,
                                freeze=Freeze.apply(band=[0.0, 100.0], tol=10.0, exclude_flags=[],
-                                                   window=2, max_share=0.5))
+                                                   window=2, max_share=0.5, adapter_tol=10.0))
     # (exclude_flags=[]: a rank-8 update has 8 eigenvalues, always flagged too-few-evals)
     args = transformers.TrainingArguments(str(tmp_path / "out"), per_device_train_batch_size=8,
                                           max_steps=12, learning_rate=5e-3, report_to="none",

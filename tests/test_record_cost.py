@@ -172,3 +172,21 @@ def test_wandb_heatmap_buffer_is_bounded_and_shows_gaps():
     assert steps == [7, 8, 9, 10] and truncated and names == NAMES and len(tracker._heat) == 4
     assert np.isnan(grid[0]).all()                          # layer 0: only at step 1
     assert np.isnan(grid[NUM_LAYERS // 2:, 0::2]).all() and not np.isnan(grid[NUM_LAYERS // 2:, 1::2]).any()
+
+
+def test_the_actions_do_not_read_the_written_rows_back(tmp_path, monkeypatch):
+    """Auto-freeze and early stopping read the history's bounded windows: an analysis with both
+    on never re-reads ``history.jsonl`` (whose length grows with the run)."""
+    from ww_callbacks import EarlyStop, Freeze
+
+    ctl = controller(str(tmp_path / "ww"), trackers=None, freeze=Freeze.suggest(),
+                     early_stop=EarlyStop.suggest())
+    ctl.configure(total_steps=100, current_step=0)
+    reads = []
+    real = ctl.history._iter_disk
+    monkeypatch.setattr(ctl.history, "_iter_disk", lambda: reads.append(1) or real())
+    for step in range(1, 31):
+        ctl.maybe_run({"step": step}, step=step, epoch=0)
+    ctl.close()
+    assert ctl.num_analyses == 30 and reads == []
+    assert ctl.action_set.freeze_policy.frozen      # (the actions did run: layers settled)

@@ -125,6 +125,9 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
         self._model: Any = None
         self._optimizer: Any = None
         self._scheduler: Any = None
+        #: The :class:`~ww_callbacks.prefix_cache.PrefixCache` of the latest fit with
+        #: ``Freeze(cache=...)`` on (its ``stats`` stay readable after the fit), else ``None``.
+        self.prefix_cache: Any = None
         kwargs = {key: settings_from_json(value) for key, value in kwargs.items()}
         self._setup_controller(controller, kwargs, log_fn=_console)
 
@@ -237,6 +240,24 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
                                   base_dir=os.path.join(args.output_dir or ".", "ww-output"),
                                   world_size=int(getattr(args, "world_size", 1) or 1),
                                   step_metric=HF_STEP_METRIC, model=self._model)
+        self._start_prefix_cache(kwargs.get("train_dataloader"))
+
+    def _start_prefix_cache(self, loader: Any) -> None:
+        """``Freeze(cache=...)``: key the model's training forwards; ``"auto"`` inspects the data."""
+        from ww_callbacks.prefix_cache_setup import start_prefix_cache
+
+        self._close_prefix_cache()
+        if self._model is None or not getattr(self.controller.action_set.freeze, "cache", False):
+            return
+        self.prefix_cache = start_prefix_cache(self._model, self.controller.action_set.freeze,
+                                               self.controller.output_dir, loader=loader,
+                                               log_fn=self.controller.log)
+        if self.prefix_cache is not None:
+            self.prefix_cache.hook_inputs(self._model)
+
+    def _close_prefix_cache(self) -> None:
+        if self.prefix_cache is not None and self.prefix_cache.close():
+            self.controller.log(self.prefix_cache.summary())
 
     @override
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -248,6 +269,7 @@ class WeightWatcherCallback(CallbackBase, TrainerCallback, ExportableState):
 
     @override
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._close_prefix_cache()
         self.controller.finish(kwargs.get("model"), step=int(state.global_step),
                                epoch=_epoch_index(state))
 

@@ -109,6 +109,9 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
         self._trainer: Any = None
         self._module: Any = None
         self._lenient: List[Any] = []    # EarlyStopping callbacks made lenient for this fit
+        #: The :class:`~ww_callbacks.prefix_cache.PrefixCache` of the latest fit with
+        #: ``Freeze(cache=...)`` on (its ``stats`` stay readable after the fit), else ``None``.
+        self.prefix_cache: Any = None
         self._setup_controller(controller, kwargs, log_fn=rank_zero_info)
 
     @override
@@ -206,6 +209,28 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
             current_step=trainer.global_step, world_size=trainer.world_size,
             base_dir=os.path.join(trainer.default_root_dir, "ww-output"), wrapper=trainer.strategy.model,
             step_metric=PL_STEP_METRIC, model=pl_module)
+        self._start_prefix_cache(trainer, pl_module)
+
+    def _start_prefix_cache(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """``Freeze(cache=...)``: each training batch is keyed in ``on_train_batch_start``."""
+        from ww_callbacks.prefix_cache_setup import start_prefix_cache
+
+        self._close_prefix_cache()
+        if not getattr(self.controller.action_set.freeze, "cache", False):
+            return
+        self.prefix_cache = start_prefix_cache(pl_module, self.controller.action_set.freeze,
+                                               self.controller.output_dir, loader=trainer.train_dataloader,
+                                               log_fn=self.controller.log, warn_fn=rank_zero_warn)
+
+    def _close_prefix_cache(self) -> None:
+        if self.prefix_cache is not None and self.prefix_cache.close():
+            self.controller.log(self.prefix_cache.summary())
+
+    @override
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                             batch_idx: int) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.begin_batch(batch)
 
     def _maybe_run(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch_end: bool) -> None:
         if trainer.sanity_checking:
@@ -221,6 +246,8 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                            batch: Any, batch_idx: int) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.end_batch()
         self._maybe_run(trainer, pl_module, epoch_end=False)
 
     @override
@@ -232,10 +259,12 @@ class WeightWatcherCallback(CallbackBase, pl.Callback):
         # after the last epoch Lightning has already advanced current_epoch past it
         epoch = max(trainer.current_epoch - (1 if trainer.fit_loop.epoch_loop.done else 0), 0)
         self._restore_early_stopping()
+        self._close_prefix_cache()
         self.controller.finish(pl_module, step=trainer.global_step, epoch=epoch)
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                      exception: BaseException) -> None:
         self._restore_early_stopping()
+        self._close_prefix_cache()
         self.controller.close()

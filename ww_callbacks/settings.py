@@ -22,7 +22,7 @@ Example:
     Freeze(mode='apply', band='weightwatcher', tol=0.05, window=2, max_share=0.5, protect=(), \
 protect_head=True, unfreeze=False, unfreeze_margin=0.0, metric='alpha', \
 exclude_flags=('correlation-trap', 'rank-collapse', 'non-finite', 'fit-failed', 'too-few-evals'), \
-order='prefix')
+order='prefix', adapter_tol=0.15, cache=False, cache_ram_mb=1024.0, cache_disk_mb=0.0)
     >>> BalanceLR.from_dict(BalanceLR(mode="suggest", s1=0.6).to_dict()) == BalanceLR("suggest", s1=0.6)
     True
     >>> coerce_settings("early_stop", True)
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Union
 
 from ww_callbacks.actions.early_stop import EarlyStopPolicy
-from ww_callbacks.actions.freeze import DEFAULT_EXCLUDE_FLAGS, FreezePolicy
+from ww_callbacks.actions.freeze import DEFAULT_ADAPTER_TOL, DEFAULT_EXCLUDE_FLAGS, FreezePolicy
 from ww_callbacks.actions.lr_balance import LRBalancePolicy
 
 __all__ = ["Freeze", "BalanceLR", "EarlyStop", "ActionSettings", "MODES", "coerce_settings",
@@ -156,6 +156,15 @@ class Freeze(ActionSettings):
         exclude_flags: layer flags that disqualify a layer.
         order: ``"prefix"`` (front to back only) or ``"any"``; ``None``: ``"prefix"``, or
             ``"any"`` with ``unfreeze=True``.
+        adapter_tol: largest relative range of a LoRA adapter update's norm over the last two
+            analyses for the adapter to count as settled (adapters are not judged on alpha).
+        cache: replay the frozen prefix's output per example instead of recomputing it
+            (:mod:`ww_callbacks.prefix_cache`; ``"apply"`` only; the frozen prefix then runs in
+            eval mode, dropout off): ``False``, ``True`` (the inputs are declared deterministic)
+            or ``"auto"`` (on where the callback detects deterministic inputs: tokenised text
+            in the Hugging Face Trainer).
+        cache_ram_mb, cache_disk_mb: budgets of the cached rows in memory, then on disk in the
+            run folder.
     """
 
     keyword: ClassVar[str] = "freeze"
@@ -171,9 +180,20 @@ class Freeze(ActionSettings):
     metric: str = "alpha"
     exclude_flags: Tuple[str, ...] = DEFAULT_EXCLUDE_FLAGS
     order: Optional[str] = None
+    adapter_tol: float = DEFAULT_ADAPTER_TOL
+    cache: Union[bool, str] = False
+    cache_ram_mb: float = 1024.0
+    cache_disk_mb: float = 0.0
 
     def _normalise(self) -> None:
         self._set("protect", _patterns(self.protect))
+        if not (isinstance(self.cache, bool) or self.cache == "auto"):
+            raise ValueError(f"Freeze: cache must be True, False or 'auto', got {self.cache!r}")
+        for name in ("cache_ram_mb", "cache_disk_mb"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"Freeze: {name} must be a number >= 0, got {value!r}")
+            self._set(name, float(value))
         if isinstance(self.exclude_flags, str):
             raise ValueError("Freeze: exclude_flags must be a sequence of flag names, not one string")
         self._set("exclude_flags", tuple(self.exclude_flags))
@@ -187,7 +207,8 @@ class Freeze(ActionSettings):
             self._set("order", "any" if self.unfreeze else "prefix")
 
     def make_policy(self) -> FreezePolicy:
-        return FreezePolicy(self.mode, **{**self.options(), "protect": list(self.protect) or None})
+        options = {k: v for k, v in self.options().items() if not k.startswith("cache")}  # the adapters'
+        return FreezePolicy(self.mode, **{**options, "protect": list(self.protect) or None})
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from ww_callbacks.actions.freeze import (
                                          PRESETS,
                                          FreezeDecision,
                                          FreezePolicy,
+                                         is_adapter,
                                          relative_range,
 )
 from ww_callbacks.actions.lr_balance import LRBalancePolicy, LRDecision, tempbalance_factors
@@ -27,6 +28,7 @@ from ww_callbacks.actions.runner import EarlyStopAction, FreezeAction, LRBalance
 
 __all__ = [
     "FreezePolicy", "FreezeDecision", "PRESETS", "DEFAULT_EXCLUDE_FLAGS", "relative_range",
+    "is_adapter",
     "LRBalancePolicy", "LRDecision", "tempbalance_factors",
     "EarlyStopPolicy", "StopDecision",
     "FreezeAction", "LRBalanceAction", "EarlyStopAction",

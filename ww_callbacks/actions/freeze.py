@@ -11,12 +11,25 @@ A layer is a freeze **candidate** at an analysis when all of these hold:
 4. it is not **protected**: by a ``protect`` regex, or as the output head (by default the last
    analysed layer, in model order);
 5. the **share** cap allows it: at most ``floor(max_share * number of analysed layers)`` layers are
-   frozen at once. Candidates are taken in model order (front first);
+   frozen at once, every layer that freezes counted (those riding along in a prefix too).
+   Candidates are taken in model order (front first);
 6. with ``order="prefix"`` (the default), every layer before it (among those still analysed) is
-   frozen or freezes now; a layer too small to judge (only flag ``too-few-evals``) does not end
-   the prefix. The frozen layers always form a prefix of the model, and the torch adapters then
-   freeze the whole prefix (its norms and biases too), so that neither the weight nor the input
-   gradients nor an autograd graph are computed through it. ``order="any"`` takes any candidate.
+   frozen or freezes now; a layer too small to judge (only flag ``too-few-evals``, e.g. a
+   depthwise convolution) does not end the prefix and freezes with it. The frozen layers always
+   form a prefix of the model, and the torch adapters then freeze the whole prefix (its norms and
+   biases too), so that neither the weight nor the input gradients nor an autograd graph are
+   computed through it. ``order="any"`` takes any candidate.
+
+A **LoRA adapter** update ``B·A`` (``<module>.lora_BA.<adapter>``, what the callbacks analyse on a
+PEFT model) has only ``r`` eigenvalues: its alpha is not a sound signal (flag ``too-few-evals``).
+Rules 1-3 then read its **size** instead: the adapter has settled when the Frobenius norm of
+``B·A`` changed by a relative range of at most ``adapter_tol`` between the last two analyses
+(two, whatever ``window``: the norm grows smoothly, and the alpha test's third point only delays
+the freeze, see ``docs/actions.md``); flags and the band do not apply. Frozen front to back,
+adapters stop the backward pass at the first adapter still training (the base weights are frozen
+anyway).
+
+No layer freezes at the final analysis (``final=True``): it would save nothing.
 
 The defaults (``order="prefix"``, no band) are what our freeze study on two pretrained
 fine-tunes supported best; it found no configuration that saves 30% of the training time at
@@ -44,8 +57,6 @@ The policy only *decides* and keeps the bookkeeping; applying a decision is the 
 from __future__ import annotations
 
 import math
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ww_callbacks.actions._common import (
@@ -56,21 +67,22 @@ from ww_callbacks.actions._common import (
     matches,
     normalise_mode,
 )
+from ww_callbacks.actions.freeze_rules import (
+    DEFAULT_ADAPTER_TOL,
+    DEFAULT_EXCLUDE_FLAGS,
+    PRESETS,
+    FreezeDecision,
+    explain,
+    is_adapter,
+    judge,
+    new_why,
+    relative_range,
+    released,
+    update_size,
+)
 
-__all__ = ["FreezePolicy", "FreezeDecision", "PRESETS", "DEFAULT_EXCLUDE_FLAGS", "relative_range"]
-
-#: Well-trained alpha bands (CSN alpha) per domain. ``weightwatcher`` is its 2 / 6 rule;
-#: ``vision`` follows "well-trained CNN layers sit near 2", ``nlp`` the 3–4 typical of trained
-#: transformer layers. These are starting points, not validated thresholds.
-PRESETS: Dict[str, Tuple[float, float]] = {
-    "weightwatcher": (2.0, 6.0),
-    "vision": (2.0, 3.0),
-    "nlp": (3.0, 4.0),
-}
-
-#: Flags that disqualify a layer from freezing (and release it with ``unfreeze=True``).
-DEFAULT_EXCLUDE_FLAGS: Tuple[str, ...] = (
-    "correlation-trap", "rank-collapse", "non-finite", "fit-failed", "too-few-evals")
+__all__ = ["FreezePolicy", "FreezeDecision", "PRESETS", "DEFAULT_EXCLUDE_FLAGS",
+           "DEFAULT_ADAPTER_TOL", "relative_range", "is_adapter"]
 
 _MODES = {"off": "off", False: "off", None: "off", "suggest": "suggest", "apply": "apply",
           True: "apply"}
@@ -79,46 +91,6 @@ ORDERS = ("any", "prefix")
 _STATE_VERSION = 1
 #: Decisions kept in :meth:`FreezePolicy.state_dict` (the most recent ones).
 STATE_DECISIONS = 32
-
-
-def relative_range(values: Sequence[float]) -> float:
-    """``(max - min) / |mean|`` of ``values``; ``inf`` when any value is not finite or the mean is 0.
-
-    Example:
-        >>> round(relative_range([3.0, 3.1, 2.95]), 4)
-        0.0497
-    """
-    if not values or not all(finite(v) for v in values):
-        return math.inf
-    mean = sum(values) / len(values)
-    if mean == 0:
-        return math.inf
-    return (max(values) - min(values)) / abs(mean)
-
-
-@dataclass
-class FreezeDecision:
-    """What one analysis decided. ``freeze``/``unfreeze`` are layer names in model order.
-
-    In ``"suggest"`` mode the names are recommendations only; in ``"off"`` mode both are empty.
-    ``reasons`` explains every name in ``freeze`` and ``unfreeze``.
-    """
-
-    freeze: List[str] = field(default_factory=list)
-    unfreeze: List[str] = field(default_factory=list)
-    reasons: Dict[str, str] = field(default_factory=dict)
-    mode: str = "off"
-    step: Optional[int] = None
-    epoch: Optional[int] = None
-
-    def __bool__(self) -> bool:
-        return bool(self.freeze or self.unfreeze)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """JSON-serialisable form (the decisions log and tracker events use it)."""
-        return {"mode": self.mode, "step": self.step, "epoch": self.epoch,
-                "freeze": list(self.freeze), "unfreeze": list(self.unfreeze),
-                "reasons": dict(self.reasons)}
 
 
 class FreezePolicy:
@@ -145,6 +117,8 @@ class FreezePolicy:
         order: ``"prefix"`` (front to back only, see rule 6; the default) or ``"any"`` (any
             candidate, front first; the default with ``unfreeze=True``, which ``"prefix"``
             does not allow).
+        adapter_tol: largest relative range of a LoRA adapter update's Frobenius norm over the
+            last two analyses for the adapter to count as settled.
 
     Example:
         >>> from types import SimpleNamespace as L
@@ -163,10 +137,11 @@ class FreezePolicy:
                  max_share: float = 0.5, protect: Patterns = None, protect_head: bool = True,
                  unfreeze: bool = False, unfreeze_margin: float = 0.0,
                  exclude_flags: Sequence[str] = DEFAULT_EXCLUDE_FLAGS,
-                 order: Optional[str] = None) -> None:
+                 order: Optional[str] = None, adapter_tol: float = DEFAULT_ADAPTER_TOL) -> None:
         self.mode = normalise_mode("freeze mode", mode, _MODES)
-        if not finite(tol) or tol < 0:
-            raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+        for key, value in (("tol", tol), ("adapter_tol", adapter_tol)):
+            if not finite(value) or value < 0:
+                raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 2:
             raise ValueError(f"window must be an int >= 2 (analyses compared), got {window!r}")
         if isinstance(band, str):
@@ -197,6 +172,7 @@ class FreezePolicy:
                              "unfreeze=True")
         self.order = order
         self.tol = float(tol)
+        self.adapter_tol = float(adapter_tol)
         self.window = window
         self.band = (lo, hi)
         self.metric = check_metric(metric)
@@ -216,7 +192,11 @@ class FreezePolicy:
         #: Model position of every layer seen (first analysis first), for :attr:`frozen`'s order.
         self._order: Dict[str, int] = {}
         #: Why no layer was a candidate, gathered at every decision (:meth:`why_nothing_froze`).
-        self._why: Dict[str, Any] = {"analyses": 0, "decided": 0}
+        self._why: Dict[str, Any] = new_why()
+        #: Per LoRA adapter, the Frobenius norms of ``B·A`` at the last two analyses.
+        self.sizes: Dict[str, List[float]] = {}
+        #: The layer names of the last :meth:`layers_to_watch` (the cap's layer count).
+        self._universe: List[str] = []
 
     # ------------------------------------------------------------------ decisions
     @property
@@ -243,23 +223,20 @@ class FreezePolicy:
             if all(p.pattern != pat.pattern for p in self._protect):
                 self._protect.append(pat)
 
-    def _excluded_flags(self, layer: Any) -> List[str]:
-        return [f for f in getattr(layer, "flags", ()) if f in self.exclude_flags]
-
-    def _excluded_flag(self, layer: Any) -> Optional[str]:
-        bad = self._excluded_flags(layer)
-        return bad[0] if bad else None
-
     def decide(self, history_by_layer: Mapping[str, Sequence[float]], latest_result: Any,
-               step: Optional[int] = None, epoch: Optional[int] = None) -> FreezeDecision:
+               step: Optional[int] = None, epoch: Optional[int] = None,
+               final: bool = False) -> FreezeDecision:
         """Decide at one analysis and update :attr:`frozen` and :attr:`decisions`.
 
         Args:
             history_by_layer: per-layer metric series, oldest first, **including** this analysis
                 (e.g. :func:`ww_callbacks.actions.series_from_rows` of ``controller.history.rows``).
+                LoRA adapters' sizes are read from ``latest_result`` and kept in :attr:`sizes`.
             latest_result: this analysis: an ``AnalysisResult`` or an iterable of ``LayerResult``
                 (model order; the last one is the output head).
             step, epoch: recorded with the decision.
+            final: the analysis at the end of training: nothing freezes (it would save nothing);
+                a layer that would have is named by :meth:`why_nothing_froze`.
 
         Returns:
             A :class:`FreezeDecision` (empty in ``"off"`` mode).
@@ -271,53 +248,67 @@ class FreezePolicy:
         if not layers:
             return decision
         names = [l.name for l in layers]
-        self.head = names[-1]
-        lo, hi = self.band
+        # the output head: the last analysed layer, or, when only the layers_to_watch were
+        # analysed, the last of all the layers named there
+        self.head = self._universe[-1] if set(names) <= set(self._universe) else names[-1]
         frozen = set(self.frozen)
-
+        for layer in layers:   # one size per analysis for every adapter analysed
+            if is_adapter(layer.name) and layer.name not in frozen:
+                sizes = self.sizes.setdefault(layer.name, [])
+                sizes.append(update_size(layer))
+                del sizes[:-2]
         if self.unfreeze:
-            m = self.unfreeze_margin
-            for layer in layers:
-                if layer.name not in frozen:
-                    continue
-                value = getattr(layer, self.metric, math.nan)
-                flag = self._excluded_flag(layer)
-                if flag:
-                    reason = f"flag {flag}"
-                elif not finite(value):
-                    reason = f"{self.metric} not finite"
-                elif value < lo - m or value > hi + m:
-                    reason = f"{self.metric} {value:.3f} left band [{lo:g}, {hi:g}]"
-                    reason += f" (margin {m:g})" if m else ""
-                else:
-                    continue
-                decision.unfreeze.append(layer.name)
-                decision.reasons[layer.name] = reason
-            frozen -= set(decision.unfreeze)
-
-        # over every layer known, analysed now or frozen earlier (frozen layers may not be
-        # re-analysed: the callbacks analyse frozen weights once)
-        cap = math.floor(self.max_share * len(set(names) | frozen) + 1e-9)
+            frozen -= set(released(self, layers, frozen, decision))
+        # every layer known, analysed now or frozen earlier (frozen layers may not be
+        # re-analysed: the callbacks analyse frozen weights once), or named by layers_to_watch
+        cap = math.floor(self.max_share * len(set(names) | frozen | set(self._universe)) + 1e-9)
+        why = self._why
+        why["decided"] += 1
+        why["analyses"] = max([why["analyses"]] + [len(history_by_layer.get(n, ())) for n in names])
+        why.update(cap=cap, num_layers=len(layers), protected=[], eligible=0)
+        skipped = [k for k in getattr(latest_result, "skipped", ()) if is_adapter(k.name)]
+        if skipped:   # e.g. r below the analysis' min_evals: the adapters were never fitted
+            why["skipped_adapters"] = (len(skipped), str(getattr(skipped[0], "reason", "")))
+        why["excluded"].clear()
+        riders: List[str] = []           # layers too small to judge, waiting for the next candidate
+        blocker: Optional[str] = None    # with order="prefix": the first layer that stays
+        room = True                      # the cap still allows a freeze
         for layer in layers:
-            if len(frozen) >= cap:
-                break
             name = layer.name
             if name in frozen:
                 continue
-            spread = self._candidate_spread(layer, history_by_layer, decision.unfreeze)
-            if spread is None:
-                if self.order == "prefix" and not self._passenger(layer):
-                    break  # the first layer that stays keeps everything after it training
+            verdict, detail = judge(self, layer, history_by_layer, decision.unfreeze)
+            if verdict == "protected":
+                why["protected"].append(name)
+            elif verdict in ("excluded", "rider"):
+                why["excluded"][detail] += 1
+            else:
+                why["eligible"] += 1
+            if verdict == "rider" and self.order == "prefix":
+                riders.append(name)
                 continue
-            frozen.add(name)
-            decision.freeze.append(name)
-            value = getattr(layer, self.metric)
-            where = f" in [{lo:g}, {hi:g}]" if math.isfinite(lo) else ""
-            decision.reasons[name] = (f"{self.metric} {value:.3f}{where}, settled: "
-                                      f"relative range {spread:.4f} <= {self.tol:g} over "
-                                      f"{self.window} analyses")
-
-        self._diagnose(layers, history_by_layer, frozen, cap)
+            if verdict != "ok":
+                self._note(verdict, name, detail)
+                if self.order == "prefix" and blocker is None:
+                    blocker = name   # keeps everything after it training
+                continue
+            if blocker is not None:
+                why.setdefault("blocked", (name, blocker))
+                continue
+            take = riders + [name]
+            if not room or len(frozen) + len(take) > cap:
+                room = False
+                continue
+            riders = []
+            if final:   # it would freeze now, where freezing saves nothing
+                why.setdefault("final", (step, []))[1].append(name)
+                continue
+            for n in take:
+                frozen.add(n)
+                decision.freeze.append(n)
+                decision.reasons[n] = (detail if n == name else
+                                       f"rides along in the frozen prefix (too small to judge: "
+                                       f"too-few-evals), before {name}")
         for n in names:  # frozen layers drop out of later analyses: remember where they were
             self._order.setdefault(n, len(self._order))
         self.frozen = sorted(frozen, key=lambda n: (self._order.get(n, len(self._order)), n))
@@ -325,79 +316,69 @@ class FreezePolicy:
             self.decisions.append(decision.to_dict())
         return decision
 
-    def _passenger(self, layer: Any) -> bool:
-        """A layer too small to judge (only flag: too-few-evals, e.g. a depthwise conv): it does
-        not end a prefix, and freezes with the prefix around it (``whole_prefix``)."""
-        return self._excluded_flags(layer) == ["too-few-evals"] and not self.is_protected(layer.name)
+    def _note(self, verdict: str, name: str, detail: Any) -> None:
+        """Keep the closest miss of each kind for :meth:`why_nothing_froze`."""
+        key = {"unsettled": "best_spread", "update": "best_update"}.get(verdict)
+        if key is not None:
+            best = self._why.get(key)
+            if best is None or detail < best[0]:
+                self._why[key] = (detail, name)
+        elif verdict == "band":
+            self._why.setdefault("out_of_band", (name, detail))
 
-    def _candidate_spread(self, layer: Any, history_by_layer: Mapping[str, Sequence[float]],
-                          released: Sequence[str]) -> Optional[float]:
-        """The settle spread of a layer that may freeze now (rules 1-4), else ``None``."""
-        name = layer.name
-        if name in released or self.is_protected(name):
-            return None
-        if getattr(layer, "status", "success") != "success" or self._excluded_flag(layer):
-            return None
-        value = getattr(layer, self.metric, math.nan)
-        lo, hi = self.band
-        if not finite(value) or not lo <= value <= hi:
-            return None
-        series = list(history_by_layer.get(name, ()))[-self.window:]
-        if len(series) < self.window:
-            return None
-        spread = relative_range(series)
-        return None if spread > self.tol else spread
+    # ------------------------------------------------------------------ analyse less
+    def layers_to_watch(self, all_names: Sequence[str]) -> Optional[List[str]]:
+        """The layers the next decision needs analysed, out of ``all_names``.
 
-    # ------------------------------------------------------------------ nothing froze: why
-    def _diagnose(self, layers: Sequence[Any], history_by_layer: Mapping[str, Sequence[float]],
-                  frozen: set, cap: int) -> None:
-        """Record, at one decision, why layers were not candidates (rules 1-6)."""
-        why = self._why
-        why["decided"] += 1
-        why["analyses"] = max([why["analyses"]] + [len(history_by_layer.get(l.name, ()))
-                                                   for l in layers])
-        why["cap"], why["num_layers"] = cap, len(layers)
-        protected, excluded, eligible = [], Counter(), 0
-        lo, hi = self.band
-        blocker: Optional[str] = None
-        for layer in layers:
-            name = layer.name
+        Args:
+            all_names: the layers an analysis of every layer would cover now, in model order
+                (e.g. on a PEFT model after the first analysis: the adapters and the trained
+                head). The cap (``max_share``) is counted over them from now on.
+
+        Returns:
+            ``None``: every layer (``order="any"`` or ``unfreeze=True``: any layer may change
+            state); ``[]``: none (off, the cap is reached, or the prefix ends at a protected
+            layer); else the next layers of the prefix, in ``all_names`` order: the first
+            layers not frozen, as many as the cap still allows to freeze, stopping before a
+            protected one. Frozen layers are never needed (their weights do not move).
+
+        Example:
+            >>> policy = FreezePolicy("apply", max_share=0.5)
+            >>> policy.frozen = ["a"]
+            >>> policy.layers_to_watch(["a", "b", "c", "d", "e", "head"])
+            ['b', 'c']
+        """
+        names = [str(n) for n in all_names]
+        if self.mode == "off":
+            return []
+        if self.order != "prefix" or self.unfreeze:
+            return None
+        self._universe = names
+        frozen = set(self.frozen)
+        cap = math.floor(self.max_share * len(set(names) | frozen) + 1e-9)
+        room = cap - len(frozen)
+        out: List[str] = []
+        for i, name in enumerate(names):
+            if len(out) >= room:
+                break
             if name in frozen:
                 continue
-            flag = self._excluded_flag(layer)
-            value = getattr(layer, self.metric, math.nan)
-            ok = False
-            if self.is_protected(name):
-                protected.append(name)
-            elif flag or getattr(layer, "status", "success") != "success" or not finite(value):
-                excluded[flag or "fit-failed"] += 1
-            else:
-                eligible += 1
-                series = list(history_by_layer.get(name, ()))[-self.window:]
-                spread = relative_range(series) if len(series) >= self.window else None
-                if spread is not None and spread > self.tol:
-                    best = why.get("best_spread")
-                    if best is None or spread < best[0]:
-                        why["best_spread"] = (spread, name)
-                elif spread is not None and not lo <= value <= hi:
-                    why.setdefault("out_of_band", (name, value))
-                elif spread is not None:
-                    ok = True
-                    if blocker is not None:
-                        why.setdefault("blocked", (name, blocker))
-            if not ok and blocker is None and self.order == "prefix" and not self._passenger(layer):
-                blocker = name
-        why["protected"], why["excluded"], why["eligible"] = protected, excluded, eligible
+            if self.is_protected(name) or (self.protect_head and i == len(names) - 1):
+                break
+            out.append(name)
+        return out
 
+    # ------------------------------------------------------------------ nothing froze: why
     def why_nothing_froze(self) -> Optional[str]:
         """Why this policy froze (``"apply"``) or suggested (``"suggest"``) no layer so far, with
         what to change; ``None`` when it is off or some layer froze.
 
-        The reasons, first match: no decision was made (no analysis reached the policy); every
-        analysed layer was protected or carried an excluded flag (e.g. a LoRA run, whose adapter
-        updates have too few eigenvalues); ``max_share`` allows no layer; fewer analyses than
+        The reasons, first match: no decision was made (no analysis reached the policy); layers
+        met the criterion only at the final analysis; every analysed layer was protected or
+        carried an excluded flag; ``max_share`` allows no layer; fewer analyses than
         ``window``; with ``order="prefix"``, a layer that never settled kept the ones behind it
-        training; no layer settled within ``tol`` (or, with a ``band``, in the band).
+        training; no LoRA adapter update settled within ``adapter_tol``; no layer settled within
+        ``tol`` (or, with a ``band``, in the band).
 
         Example:
             >>> from types import SimpleNamespace as L
@@ -409,56 +390,7 @@ class FreezePolicy:
         """
         if self.mode == "off" or self.frozen or any(d.get("freeze") for d in self.decisions):
             return None
-        why = self._why
-        head = f"freeze={self.mode!r} {'froze' if self.mode == 'apply' else 'suggested'} no layer: "
-        n, window = why["analyses"], self.window
-        if not why["decided"]:
-            return head + ("no analysis reached the freeze policy; make the schedule analyse at "
-                           f"least window={window} times (e.g. an earlier start_fraction or a "
-                           "shorter interval)")
-        protected, excluded = why["protected"], why["excluded"]
-        if not why["eligible"] and (protected or excluded):
-            parts = [f"{c} flagged {f}" for f, c in excluded.most_common()]
-            if protected:
-                parts.append(f"{len(protected)} protected ({', '.join(protected[:3])}"
-                             f"{', ...' if len(protected) > 3 else ''})")
-            fix = []
-            if excluded:
-                fix.append(f"drop {', '.join(repr(f) for f in excluded)} from exclude_flags "
-                           f"(now {list(self.exclude_flags)}) to let such layers freeze on their "
-                           f"{self.metric}")
-            if "too-few-evals" in excluded:
-                fix[-1] += (" (too-few-evals: fits on fewer than 20 eigenvalues, e.g. every "
-                            "LoRA adapter update B·A of rank r; or analyse the base layers "
-                            "instead)")
-            if protected:
-                fix.append("narrow protect / set protect_head=False")
-            return head + (f"every analysed layer was protected or excluded ({'; '.join(parts)}); "
-                           + " or ".join(fix))
-        if why.get("cap", 1) < 1:
-            return head + (f"max_share={self.max_share:g} of {why['num_layers']} analysed layers "
-                           "allows none to freeze; raise max_share")
-        if n < window:
-            return head + (f"only {n} analyses ran, and the settle test needs window={window}; "
-                           f"analyse more often (a shorter interval or an earlier start_fraction) "
-                           f"or lower window")
-        if "blocked" in why:
-            name, blocker = why["blocked"]
-            return head + (f"with order='prefix', {blocker} never met the criterion, so {name} "
-                           "and the layers after it kept training; use order='any', or protect "
-                           f"nothing before {name} that has to stay")
-        if "best_spread" in why and "out_of_band" not in why:
-            spread, name = why["best_spread"]
-            return head + (f"no layer's {self.metric} settled: the smallest relative range over "
-                           f"{window} analyses was {spread:.4f} ({name}), above tol={self.tol:g}; "
-                           "raise tol, or train (and analyse) longer")
-        if "out_of_band" in why:
-            name, value = why["out_of_band"]
-            lo, hi = self.band
-            return head + (f"the layers that settled have {self.metric} outside band "
-                           f"[{lo:g}, {hi:g}] (e.g. {name}: {value:.3f}); widen band or set "
-                           "band=None")
-        return head + "no layer met the criterion (see docs/actions.md for the rules)"
+        return explain(self, self._why)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
@@ -466,7 +398,8 @@ class FreezePolicy:
         :data:`STATE_DECISIONS` decisions (bounded, so checkpoints stay small; every decision is
         also in the run folder's ``decisions.jsonl``)."""
         return {"version": _STATE_VERSION, "mode": self.mode, "frozen": list(self.frozen),
-                "head": self.head, "decisions": [dict(d) for d in self.decisions[-STATE_DECISIONS:]]}
+                "head": self.head, "decisions": [dict(d) for d in self.decisions[-STATE_DECISIONS:]],
+                "sizes": {n: list(v) for n, v in self.sizes.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`. The adapter must then re-apply :attr:`frozen` to the model
@@ -480,8 +413,10 @@ class FreezePolicy:
         self._order = {n: i for i, n in enumerate(self.frozen)}
         self.head = state.get("head")
         self.decisions = [dict(d) for d in state.get("decisions", [])]
+        self.sizes = {str(n): [float(x) for x in v] for n, v in (state.get("sizes") or {}).items()}
 
     def __repr__(self) -> str:
         return (f"FreezePolicy(mode={self.mode!r}, tol={self.tol}, window={self.window}, "
                 f"band={self.band}, metric={self.metric!r}, max_share={self.max_share}, "
-                f"order={self.order!r}, unfreeze={self.unfreeze}, frozen={len(self.frozen)})")
+                f"order={self.order!r}, adapter_tol={self.adapter_tol}, unfreeze={self.unfreeze}, "
+                f"frozen={len(self.frozen)})")

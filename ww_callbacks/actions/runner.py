@@ -50,6 +50,22 @@ def _rows(controller: Any) -> List[Mapping[str, Any]]:
     return list(getattr(history, "rows", None) or [])
 
 
+def _series(controller: Any, metric: str, window: int) -> Dict[str, List[float]]:
+    """Per-layer series of ``metric``: the history's bounded recent window (no re-reading of the
+    written rows) when it covers ``window`` analyses, else rebuilt from every row."""
+    history = getattr(controller, "history", None)
+    if hasattr(history, "series") and window <= getattr(getattr(history, "index", None), "window", 0):
+        return history.series(metric)
+    return series_from_rows(_rows(controller), metric)
+
+
+def _mean_series(controller: Any, metric: str) -> List[float]:
+    history = getattr(controller, "history", None)
+    if hasattr(history, "mean_series"):
+        return history.mean_series(metric)
+    return mean_series_from_rows(_rows(controller), metric)
+
+
 def _event(controller: Any, step: int, kind: str, payload: Dict[str, Any]) -> None:
     log_event = getattr(controller, "log_event", None)
     if log_event is not None:
@@ -84,8 +100,11 @@ class FreezeAction:
     def on_analysis(self, controller: Any, result: Any, step: int, epoch: int) -> None:
         if not self.policy.enabled:
             return
-        decision = self.policy.decide(series_from_rows(_rows(controller), self.policy.metric),
-                                      result, step=step, epoch=epoch)
+        # the analysis at the end of training: a freeze there would save nothing
+        total = getattr(getattr(controller, "schedule", None), "total_steps", None)
+        decision = self.policy.decide(_series(controller, self.policy.metric, self.policy.window),
+                                      result, step=step, epoch=epoch,
+                                      final=total is not None and step >= total)
         if self.sync_fn is not None:
             # rank 0's decision and bookkeeping win, so every rank freezes the same parameters
             state, payload = self.sync_fn((self.policy.state_dict(), decision.to_dict()))
@@ -181,7 +200,7 @@ class EarlyStopAction:
         self.last: Optional[StopDecision] = None
 
     def on_analysis(self, controller: Any, result: Any, step: int, epoch: int) -> None:
-        series = mean_series_from_rows(_rows(controller), self.policy.metric)
+        series = _mean_series(controller, self.policy.metric)
         decision = self.policy.should_stop(series)
         if self.sync_fn is not None:
             decision = StopDecision(**self.sync_fn(decision.to_dict()))
