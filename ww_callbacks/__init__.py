@@ -21,7 +21,7 @@ from typing import Any
 __version__ = "0.2.0"
 
 __all__ = ["WeightWatcherController", "Schedule", "History", "WeightWatcherWarning", "Freeze",
-           "BalanceLR", "EarlyStop", "MEMORY_ONLY", "__version__"]
+           "BalanceLR", "EarlyStop", "MEMORY_ONLY", "wandb_workspace", "__version__"]
 
 _LAZY = {
     "WeightWatcherController": "ww_callbacks.controller",
@@ -32,6 +32,7 @@ _LAZY = {
     "BalanceLR": "ww_callbacks.settings",
     "EarlyStop": "ww_callbacks.settings",
     "MEMORY_ONLY": "ww_callbacks.run_dir",
+    "wandb_workspace": "ww_callbacks.trackers.wandb_workspace",
 }
 
 
