@@ -202,5 +202,6 @@ def test_the_callbacks_pass_the_previous_result_back(monkeypatch):
     ctl.close()
     assert seen[0] is None
     # analyses 2 and 3 see every layer analysed so far, whichever subset the rotation chose
-    assert len(seen[1].names) == 2 and sorted(seen[1].names) == sorted(r["name"] for r in ctl.history.rows_at(1))
+    first = sorted(r["name"] for r in ctl.history.rows_at(1))
+    assert len(seen[1].names) == 2 and sorted(seen[1].names) == first
     assert sorted(seen[2].names) == ["l0", "l1", "l2", "l3"]

@@ -174,3 +174,33 @@ def test_layers_the_engine_would_skip_are_not_rotated():
     assert AnalysisExecutor().candidates(model, [{}]) == [("0", True), ("3", True)]   # 4 evals < 8
     assert [n for n, _ in AnalysisExecutor(options={"min_evals": 4}).candidates(model, [{}])] == \
         ["0", "1", "2", "3"]
+
+
+def test_freezing_decisions_start_before_the_observation(tmp_path):
+    """``Freeze(start_fraction=...)`` earlier than the callback's: the analyses in between cover
+    only the layers auto-freeze judges next, and none once it has nothing left to judge."""
+    import numpy as np
+
+    import ww_core
+    from ww_callbacks import MEMORY_ONLY, Freeze
+    from ww_callbacks.controller import WeightWatcherController
+
+    rng = np.random.default_rng(0)
+    sd = {f"l{i}.weight": rng.standard_normal((200, 100)) for i in range(6)}
+    names = [la.name for la in ww_core.analyze(sd).layers]
+    ctl = WeightWatcherController(start_fraction=0.5, every_n_steps=4, output_dir=MEMORY_ONLY,
+                                  trackers=None, log_fn=None, async_analysis=False,
+                                  freeze=Freeze.suggest(start_fraction=0.1, max_share=0.5))
+    ctl.configure(total_steps=40, current_step=0)
+    for step in range(1, 41):
+        ctl.maybe_run(sd, step=step, epoch=0)
+    ctl.close()
+    # 4, 8, 12: the next three of the prefix (the cap allows 3 of 6; the head is protected);
+    # they settle at 12 (window 3), so at 16 nothing is left to judge; 20 on: every layer
+    assert ctl.history.steps == [4, 8, 12, 20, 24, 28, 32, 36, 40]
+    for step in (4, 8, 12):
+        assert [r["name"] for r in ctl.history.rows_at(step)] == names[:3]
+    assert [r["name"] for r in ctl.history.rows_at(20)] == names
+    assert ctl.frozen_layers == names[:3]
+    with pytest.raises(ValueError, match="start_fraction"):
+        Freeze(start_fraction=1.5)

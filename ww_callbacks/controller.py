@@ -38,15 +38,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 from ww_callbacks.actions.binding import ActionBinding
 from ww_callbacks.actions.build import ActionSet
 from ww_callbacks.budget import OverheadBudget, check_max_overhead
-from ww_callbacks.drift import DriftMonitor
 from ww_callbacks.distributed import rank_info
+from ww_callbacks.drift import DriftMonitor
 from ww_callbacks.executor import AnalysisExecutor, check_analyze_options
 from ww_callbacks.history import History
 from ww_callbacks.recording import Recording
 from ww_callbacks.reporting import ErrorReporter, format_line
-from ww_callbacks.rotation import LayerRotation, plan_analysis
+from ww_callbacks.rotation import LayerRotation, early_freeze_layers, plan_analysis
 from ww_callbacks.run_dir import AUTO, KEEP, MEMORY_ONLY, check_output_dir, run_folder  # noqa: F401
-from ww_callbacks.schedule import Schedule
+from ww_callbacks.schedule import Schedule, early_schedule
 from ww_callbacks.settings import BalanceLR, EarlyStop, Freeze
 from ww_callbacks.state import RunState, StateField, delegate
 from ww_callbacks.trackers.base import Tracker
@@ -143,6 +143,8 @@ class WeightWatcherController(Recording):
             raise ValueError(f"async_analysis must be True, False or 'auto', got {async_analysis!r}")
         self.async_analysis = async_analysis
         self.schedule = Schedule(start_fraction, every_n_epochs, every_n_steps)
+        #: Auto-freeze's analyses before :attr:`schedule` starts (``Freeze(start_fraction=...)``).
+        self.early_schedule: Optional[Schedule] = None
         self.layers = check_layer_patterns(layers)
         named_dir = check_output_dir(output_dir)
         self.tracker_spec = check_tracker_spec(trackers)
@@ -297,6 +299,8 @@ class WeightWatcherController(Recording):
         self.history.output_dir = self.output_dir
         self.state.is_global_zero = self.reporter.is_global_zero = self.history.write = is_global_zero
         self.misconfigured(self.schedule.configure(total_steps, total_epochs), stacklevel=3)
+        freeze = self.action_set.freeze
+        self.early_schedule = early_schedule(self.schedule, freeze.start_fraction if freeze.enabled else None)
         if current_step is not None:   # re-freeze what a state read from the file froze
             self.state.resume(int(current_step), reapply=self.binding.start)
         self.trackers = (build_trackers(self.tracker_spec, list(trackers or ()), self.output_dir,
@@ -325,7 +329,8 @@ class WeightWatcherController(Recording):
             self.configure()
         if self.last_step is not None and step <= self.last_step:
             return False
-        return self.schedule.should_run(step, epoch, epoch_end)
+        return self.schedule.should_run(step, epoch, epoch_end) or (
+            self.early_schedule is not None and self.early_schedule.should_run(step, epoch, epoch_end))
 
     def maybe_run(self, model: Any, step: int, epoch: int, epoch_end: bool = False) -> Any:
         """The hook call: record a finished background analysis, then analyse if one is due.
@@ -375,12 +380,17 @@ class WeightWatcherController(Recording):
         admit = self.budget.admit(self.executor, model, step, self.rotation.per_analysis, self.log)
         if not self.executor.broadcast(admit):   # sharded: every rank follows rank 0's clock
             return None
-        self.last_step, self.state.started = step, (step, epoch)
         t0 = time.perf_counter()
         sources = [self.action_set.freeze_policy, self.action_set.lr_policy, self.action_set.stop_policy,
                    *self.actions]
         plan, names = plan_analysis(self.rotation, self.executor, model, self.analyze_frozen,
                                     self.num_analyses == 0, sources)
+        if self.early_schedule is not None and not self.schedule.started(step, epoch):
+            # before the observation starts, only what auto-freeze judges next (``[]``: nothing)
+            names = early_freeze_layers(self.action_set.freeze_policy, self.executor, model, plan, names)
+            if names == []:
+                return None
+        self.last_step, self.state.started = step, (step, epoch)
         done = self.executor.start(model, step, epoch, keep_evals=self.wants_evals, plan=plan,
                                    layers=names)
         if done is None:                         # submitted: training waited for the copy only

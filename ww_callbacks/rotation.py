@@ -32,7 +32,8 @@ import numbers
 import re
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-__all__ = ["LayerRotation", "check_layers_per_analysis", "exact_names_regex", "plan_analysis",
+__all__ = ["LayerRotation", "check_layers_per_analysis", "early_freeze_layers", "exact_names_regex",
+           "plan_analysis",
            "requested_layers"]
 
 
@@ -104,6 +105,17 @@ def plan_analysis(rotation: "LayerRotation", executor: Any, model: Any, analyze_
     candidates = rotation.candidates
     extra = requested_layers(sources, [n for n, _ in candidates])
     return plan, rotation.take(candidates, extra)
+
+
+def early_freeze_layers(policy: Any, executor: Any, model: Any, plan: List[Dict[str, Any]],
+                        names: Optional[List[str]]) -> Optional[List[str]]:
+    """The layers of an analysis that only auto-freeze asked for (before the observation
+    schedule starts): ``policy.layers_to_watch`` over the trainable layers the plan covers
+    (``None``: every layer; ``[]``: none), or the rotation's ``names`` when it is on."""
+    if names is not None:
+        return names
+    trainable = [n for n, is_trainable in executor.candidates(model, plan) if is_trainable]
+    return policy.layers_to_watch(trainable)
 
 
 class _AllVisited(set):

@@ -155,6 +155,14 @@ class Schedule:
             return completed >= self.start_epoch
         return True
 
+    def with_start(self, start_fraction: float) -> "Schedule":
+        """The same interval and planned length, from another ``start_fraction`` (e.g. auto-freeze's
+        earlier start, :attr:`ww_callbacks.settings.Freeze.start_fraction`)."""
+        other = Schedule(start_fraction, self.every_n_epochs if self.mode == "epochs" else None,
+                         self.every_n_steps)
+        other.total_steps, other.total_epochs = self.total_steps, self.total_epochs
+        return other
+
     def should_run(self, step: int, epoch: int, epoch_end: bool = False) -> bool:
         """Whether the schedule asks for an analysis now (ignores what was analysed already)."""
         if not self.started(step, epoch, epoch_end):
@@ -174,3 +182,21 @@ class Schedule:
         period = (f"every_n_steps={self.every_n_steps}" if self.mode == "steps"
                   else f"every_n_epochs={self.every_n_epochs}")
         return f"Schedule(start_fraction={self.start_fraction:g}, {period})"
+
+
+def early_schedule(schedule: Schedule, start_fraction: Optional[float]) -> Optional[Schedule]:
+    """The analyses an action that starts before ``schedule`` needs in between: ``schedule``'s
+    interval from ``start_fraction`` (``None`` when the action starts with ``schedule`` or later).
+
+    Example:
+        >>> s = Schedule(start_fraction=0.5, every_n_steps=10)
+        >>> _ = s.configure(total_steps=100)
+        >>> early = early_schedule(s, 0.2)
+        >>> [step for step in range(1, 101) if early.should_run(step, 0) and not s.started(step, 0)]
+        [20, 30, 40]
+        >>> early_schedule(s, None) is None and early_schedule(s, 0.5) is None
+        True
+    """
+    if start_fraction is None or start_fraction >= schedule.start_fraction:
+        return None
+    return schedule.with_start(start_fraction)

@@ -22,7 +22,7 @@ Example:
     Freeze(mode='apply', band='weightwatcher', tol=0.05, window=2, max_share=0.5, protect=(), \
 protect_head=True, unfreeze=False, unfreeze_margin=0.0, metric='alpha', \
 exclude_flags=('correlation-trap', 'rank-collapse', 'non-finite', 'fit-failed', 'too-few-evals'), \
-order='prefix', adapter_tol=0.15, cache=False, cache_ram_mb=1024.0, cache_disk_mb=0.0)
+order='prefix', adapter_tol=0.15, start_fraction=None, cache=False, cache_ram_mb=1024.0, cache_disk_mb=0.0)
     >>> BalanceLR.from_dict(BalanceLR(mode="suggest", s1=0.6).to_dict()) == BalanceLR("suggest", s1=0.6)
     True
     >>> coerce_settings("early_stop", True)
@@ -158,6 +158,10 @@ class Freeze(ActionSettings):
             ``"any"`` with ``unfreeze=True``.
         adapter_tol: largest relative range of a LoRA adapter update's norm over the last two
             analyses for the adapter to count as settled (adapters are not judged on alpha).
+        start_fraction: share of the planned training from which freezing decisions may be made;
+            ``None`` (default): the callback's ``start_fraction``. When earlier, the analyses that
+            fall due before the callback's start cover only the layers auto-freeze judges next
+            (:meth:`~ww_callbacks.actions.FreezePolicy.layers_to_watch`).
         cache: replay the frozen prefix's output per example instead of recomputing it
             (:mod:`ww_callbacks.prefix_cache`; ``"apply"`` only; the frozen prefix then runs in
             eval mode, dropout off): ``False``, ``True`` (the inputs are declared deterministic)
@@ -181,12 +185,16 @@ class Freeze(ActionSettings):
     exclude_flags: Tuple[str, ...] = DEFAULT_EXCLUDE_FLAGS
     order: Optional[str] = None
     adapter_tol: float = DEFAULT_ADAPTER_TOL
+    start_fraction: Optional[float] = None
     cache: Union[bool, str] = False
     cache_ram_mb: float = 1024.0
     cache_disk_mb: float = 0.0
 
     def _normalise(self) -> None:
         self._set("protect", _patterns(self.protect))
+        sf = self.start_fraction
+        if sf is not None and (isinstance(sf, bool) or not isinstance(sf, (int, float)) or not 0 <= sf <= 1):
+            raise ValueError(f"Freeze: start_fraction must be None or a number in [0, 1], got {sf!r}")
         if not (isinstance(self.cache, bool) or self.cache == "auto"):
             raise ValueError(f"Freeze: cache must be True, False or 'auto', got {self.cache!r}")
         for name in ("cache_ram_mb", "cache_disk_mb"):
@@ -207,7 +215,8 @@ class Freeze(ActionSettings):
             self._set("order", "any" if self.unfreeze else "prefix")
 
     def make_policy(self) -> FreezePolicy:
-        options = {k: v for k, v in self.options().items() if not k.startswith("cache")}  # the adapters'
+        options = {k: v for k, v in self.options().items()   # cache*: the adapters'; start: the controller's
+                   if not k.startswith("cache") and k != "start_fraction"}
         return FreezePolicy(self.mode, **{**options, "protect": list(self.protect) or None})
 
 
