@@ -199,7 +199,7 @@ def machine() -> Dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(kb / 2**20, 1),
             "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "numpy": numpy.__version__, "gpu": "not measured (no GPU lent to this task)",
+            "numpy": numpy.__version__, "gpu": "not measured (no GPU on the machine)",
             "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
                                                    "OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
 
