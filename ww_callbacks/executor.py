@@ -290,23 +290,17 @@ class AnalysisExecutor:
         left out): what :class:`~ww_callbacks.rotation.LayerRotation` rotates over."""
         import ww_core
 
-        opts = self.options
-        sel = ww_core.LayerSelector(self.layers, opts.get("layer_types"))
-        defaults = inspect.signature(ww_core.analyze).parameters   # the engine's size bounds
-        lo, hi, max_n = (opts.get(k, defaults[k].default) for k in ("min_evals", "max_evals", "max_N"))
-
-        def skip_reason(lm: Any) -> bool:
-            return bool(lm.unusable) or not lo <= lm.num_evals <= hi or lm.N > max_n
-
+        keys = ("layer_types", "min_evals", "max_evals", "max_N", "conv2d_norm", "split_qkv", "peft",
+                "base_model", "trainable")
         seen: Dict[str, bool] = {}
         for extra in plan:
-            merged = {**opts, **extra}
+            merged = {**self.options, **extra}
             drop = re.compile(merged["drop_layers"]) if "drop_layers" in merged else None
-            for lm in sel.select(ww_core.analysis_layers(
-                    model, merged.get("conv2d_norm", True), merged.get("split_qkv", True),
-                    merged.get("peft", False), merged.get("base_model"), merged.get("trainable"))):
-                if (drop is None or not drop.search(lm.name)) and not skip_reason(lm):
-                    seen.setdefault(lm.name, lm.trainable is not False)
+            described = ww_core.describe(model, layers=self.layers,
+                                         **{k: merged[k] for k in keys if k in merged})
+            for layer in described.layers:
+                if drop is None or not drop.search(layer.name):
+                    seen.setdefault(layer.name, layer.trainable is not False)
         return list(seen.items())
 
     def _analyze(self, model: Any, options: Dict[str, Any], plan: List[Dict[str, Any]],
