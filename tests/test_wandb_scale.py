@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import ww_core
+from wandb_offline import logical_keys
 from ww_callbacks.trackers.base import DECISION_COLUMNS, SUMMARY_KEYS, LayerKeys
 
 N_LAYERS, N_ANALYSES = 102, 12
@@ -55,16 +56,6 @@ def _all_analyses(n: int = N_ANALYSES):
         history = history + rows
         out.append((step, res, rows, history))
     return out
-
-
-def _logical_keys(rows):
-    """Distinct keys as W&B panels see them: a table's/image's sub-keys count once."""
-    keys = set()
-    for row in rows:
-        media = {k[: -len("/_type")] for k in row if k.endswith("/_type")}
-        for k in row:
-            keys.add(next((m for m in media if k.startswith(m + "/")), k))
-    return keys
 
 
 def _row_bytes(row, size, run_dir):
@@ -113,7 +104,7 @@ def test_wandb_at_100_layers_and_12_analyses(wandb_env, tmp_path):
     assert [r["trainer/global_step"] for r in rows_ww] == [a[0] for a in analyses]
 
     # 1. keys that scale: N alpha charts + the summary section + 4 media keys
-    keys = {k for k in _logical_keys(hist) if k.startswith("ww")}
+    keys = {k for k in logical_keys(hist) if k.startswith("ww")}
     print(f"\n{len(keys)} distinct ww* keys for {N_LAYERS} layers")
     assert len(keys) == N_LAYERS + 13   # README: "115 distinct W&B keys after 12 analyses"
     alpha_keys = sorted(k for k in keys if k.startswith("ww_alpha/"))

@@ -49,23 +49,13 @@ def _panel_keys(panel, logged):
     return [s for s in _strings(panel["config"]) if s in logged]
 
 
-def _logical_keys(rows):
-    """Distinct keys as W&B panels see them: a table's/image's sub-keys count once."""
-    keys = set()
-    for row in rows:
-        media = {k[: -len("/_type")] for k in row if k.endswith("/_type")}
-        for k in row:
-            keys.add(next((m for m in media if k.startswith(m + "/")), k))
-    return keys
-
-
 @pytest.fixture
 def offline_run(wandb_offline, tmp_path):
     """A 3-layer model analysed 4 times through the controller into an offline W&B run, with a
     freeze suggestion (``ww/decisions``): ``(logged ww keys, run folder, layer names)``."""
     wandb = pytest.importorskip("wandb")
     torch = pytest.importorskip("torch")
-    from wandb_offline import read_offline_run
+    from wandb_offline import logical_keys, read_offline_run
     from ww_callbacks import Freeze, WeightWatcherController
     from ww_callbacks.trackers.wandb import WandbTracker
 
@@ -90,7 +80,7 @@ def offline_run(wandb_offline, tmp_path):
     wandb.teardown()
     data = read_offline_run(run_dir, timeout=15)
     assert data["exited"]
-    logged = {k for k in _logical_keys(data["history"]) if k.startswith("ww")}
+    logged = {k for k in logical_keys(data["history"]) if k.startswith("ww")}
     return logged, out, ["0", "2", "4"]
 
 

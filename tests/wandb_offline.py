@@ -124,3 +124,13 @@ def read_offline_run(path: str, timeout: float = 10.0) -> Dict[str, Any]:
         if out["exited"] or time.monotonic() > deadline:
             return out
         time.sleep(0.2)
+
+
+def logical_keys(rows: Iterable[Dict[str, Any]]) -> set:
+    """Distinct keys as W&B panels see them: a table's/image's sub-keys count once."""
+    keys = set()
+    for row in rows:
+        media = {k[: -len("/_type")] for k in row if k.endswith("/_type")}
+        for k in row:
+            keys.add(next((m for m in media if k.startswith(m + "/")), k))
+    return keys
