@@ -64,10 +64,27 @@ def loadavg() -> float:
 
 # ----------------------------------------------------------------------------------- weights
 
+def trained_like(rows: int, cols: int, seed: int):
+    """A synthetic trained LLM layer: ``U·diag(s)·Vᵀ`` (power-law profile, alpha in [3, 4]) plus
+    30 % Gaussian noise, scaled to entries ~0.02 (an init-like scale); a float32 torch tensor."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    alpha = 3.0 + float(torch.rand((), generator=g))
+    k = min(rows, cols)
+    u, _ = torch.linalg.qr(torch.randn(rows, k, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(cols, k, generator=g))
+    s = torch.arange(1, k + 1, dtype=torch.float32).pow(-1.0 / (2.0 * (alpha - 1.0)))
+    w = (u * s) @ v.T
+    w *= 0.7 / w.norm()
+    noise = torch.randn(rows, cols, generator=g)
+    w += noise * (0.3 / noise.norm())
+    return w * ((rows * cols) ** 0.5 * 0.02 / w.norm())
+
+
 def generate(folder: Path, name: str) -> float:
     """Write the synthetic weights of ``name`` (skips files already there); seconds taken."""
     import numpy as np
-    import torch
 
     out = folder / name
     out.mkdir(parents=True, exist_ok=True)
@@ -76,19 +93,7 @@ def generate(folder: Path, name: str) -> float:
         path = out / f"{lname}.npy"
         if path.exists():
             continue
-        g = torch.Generator().manual_seed(idx)
-        alpha = 3.0 + float(torch.rand((), generator=g))
-        k = min(rows, cols)
-        u, _ = torch.linalg.qr(torch.randn(rows, k, generator=g))
-        v, _ = torch.linalg.qr(torch.randn(cols, k, generator=g))
-        s = torch.arange(1, k + 1, dtype=torch.float32).pow(-1.0 / (2.0 * (alpha - 1.0)))
-        w = (u * s) @ v.T
-        w *= 0.7 / w.norm()
-        noise = torch.randn(rows, cols, generator=g)
-        w += noise * (0.3 / noise.norm())
-        w *= (rows * cols) ** 0.5 * 0.02 / w.norm()          # entries ~ 0.02 (an init-like scale)
-        np.save(path, w.numpy())
-        del u, v, w, noise
+        np.save(path, trained_like(rows, cols, idx).numpy())
     return time.perf_counter() - t0
 
 

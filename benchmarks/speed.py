@@ -66,6 +66,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import ww_agreement as wa  # noqa: E402  (the model loaders shared with the agreement harness)
+from llm_scale import trained_like  # noqa: E402  (the synthetic LLM layer)
 
 DEFAULT_MODELS = ["minilm-l6", "efficientnet-lite0", "linear-4096", "llm-like", "random"]
 SYNTHETIC = ("llm-like", "random")
@@ -130,23 +131,6 @@ def write_linear_npy(folder: Path, n: int = WIDE, seed: int = 0) -> Path:
     path = folder / f"linear_{n}.npy"
     np.save(path, w)
     return path
-
-
-def trained_like(rows: int, cols: int, seed: int):
-    """``U·diag(s)·Vᵀ`` (power-law profile, alpha in [3, 4]) plus 30 % Gaussian noise, entries
-    ~0.02: the synthetic LLM layer of ``benchmarks/llm_scale.py``."""
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    alpha = 3.0 + float(torch.rand((), generator=g))
-    k = min(rows, cols)
-    u, _ = torch.linalg.qr(torch.randn(rows, k, generator=g))
-    v, _ = torch.linalg.qr(torch.randn(cols, k, generator=g))
-    s = torch.arange(1, k + 1, dtype=torch.float32).pow(-1.0 / (2.0 * (alpha - 1.0)))
-    w = (u * s) @ v.T
-    w *= 0.7 / w.norm()
-    noise = torch.randn(rows, cols, generator=g)
-    w += noise * (0.3 / noise.norm())
-    return w * ((rows * cols) ** 0.5 * 0.02 / w.norm())
 
 
 def synthetic_set(name: str) -> Dict[str, Any]:
