@@ -52,7 +52,7 @@ def test_snapshot_names_the_layer_it_could_not_copy():
 
 
 def test_error_inside_the_analysis_of_one_layer(monkeypatch):
-    engine = importlib.import_module("ww_core.analyze")   # (ww_core.analyze is the function)
+    engine = importlib.import_module("ww_core.layer_analysis")
     real = engine.fit_powerlaw
 
     def fit(evals, **kw):

@@ -137,7 +137,7 @@ def test_plot_failure_reported_once_history_still_written(tmp_path, monkeypatch)
 
 @pytest.mark.core
 def test_exception_inside_one_layer_names_the_layer(tmp_path, monkeypatch):
-    engine = importlib.import_module("ww_core.analyze")
+    engine = importlib.import_module("ww_core.layer_analysis")
     real = engine.fit_powerlaw
 
     def fit_fails_on_second_layer(evals, **kwargs):

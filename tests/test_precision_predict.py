@@ -205,3 +205,88 @@ def test_the_callbacks_pass_the_previous_result_back(monkeypatch):
     first = sorted(r["name"] for r in ctl.history.rows_at(1))
     assert len(seen[1].names) == 2 and sorted(seen[1].names) == first
     assert sorted(seen[2].names) == ["l0", "l1", "l2", "l3"]
+
+
+def test_rejected_layers_finish_in_model_order_while_later_layers_are_solved(tmp_path):
+    """A rejected layer's float64 re-solve is queued (``spectrum.eigenvalues_later``) while the
+    next layers are analysed; more rejected layers than ``MAX_PENDING`` are in flight at some
+    point. The result is the same, value for value and in model order, as each layer analysed
+    alone and synchronously (``analyze_layer``), as a streamed file (re-solved in place) and as
+    ``precision="float64"``."""
+    from ww_core.analyze import MAX_PENDING
+
+    rng = np.random.default_rng(21)
+    sd = {}
+    for i in range(MAX_PENDING + 4):
+        sd[f"collapsed{i}.weight"] = low_rank(rng, 192 + 8 * i, 160, rank=12)   # always rejected
+        sd[f"gauss{i}.weight"] = rng.standard_normal((200, 96 + 4 * i)).astype(np.float32)
+    res = ww_core.analyze(sd)
+    assert res.names == [k[:-len(".weight")] for k in sd]
+    exact = {l.name: l for l in ww_core.analyze(sd, precision="float64").layers}
+    alone = {lm.name: ww_core.analyze_layer(lm) for lm in ww_core.find_layers(sd)}
+    rejected = [l for l in res.layers if l.solves == 2]
+    assert len(rejected) > MAX_PENDING
+    for layer in res.layers:
+        ref = alone[layer.name]
+        assert (layer.precision, layer.solves, layer.precision_reason) == (
+            ref.precision, ref.solves, ref.precision_reason), layer.name
+        assert same_values(layer, ref), layer.name
+        if layer.precision == "float64":
+            assert same_values(layer, exact[layer.name]), layer.name
+    safetensors = pytest.importorskip("safetensors.numpy")
+    path = tmp_path / "model.safetensors"
+    safetensors.save_file(sd, str(path))
+    streamed = ww_core.analyze(path)                  # (a safetensors file sorts its names)
+    assert sorted(streamed.names) == sorted(res.names)
+    for a in streamed.layers:
+        b = res[a.name]
+        assert (a.precision, a.solves) == (b.precision, b.solves), a.name
+        if a.precision == "float64":
+            assert same_values(a, b), a.name
+
+
+def test_eigenvalues_later_equals_eigenvalues():
+    from ww_core.spectrum import eigenvalues, eigenvalues_later
+
+    rng = np.random.default_rng(0)
+    for shape in [(3, 40, 30), (1, 30, 50), (2, 64, 64)]:
+        w = rng.standard_normal(shape)
+        for prec in ("float32", "float64"):
+            np.testing.assert_array_equal(eigenvalues_later(w, prec)(), eigenvalues(w, prec))
+    np.testing.assert_array_equal(eigenvalues_later(w, "float64", "svd")(), eigenvalues(w, "float64", "svd"))
+    bad = w.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ww_core.spectrum.NonFiniteError):
+        eigenvalues_later(bad)()
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_each_group_is_loaded_in_its_own_turn(streamed):
+    """``with_eigenvalues`` loads a group's layers only when the caller reaches the group, so one
+    streamed layer is in memory at a time; batched eigenvalues are those of each layer alone."""
+    from ww_core.batching import with_eigenvalues
+    from ww_core.layer_matrices import LayerMatrices
+    from ww_core.spectrum import eigenvalues
+
+    rng = np.random.default_rng(4)
+    weights = [rng.standard_normal((1, 40 + 10 * i, 30 + 5 * i)) for i in range(5)]   # 5 shapes
+    weights.append(rng.standard_normal((1, 40, 30)))               # grouped with the first
+    events = []
+
+    def loader(i):
+        def load():
+            events.append(("load", i))
+            return weights[i]
+        return load
+
+    todo = [LayerMatrices(name=f"l{i}", type="dense", rf=1, rows=w.shape[1], cols=w.shape[2],
+                          load=loader(i), streamed=streamed) for i, w in enumerate(weights)]
+    for lm, _, raw, _, _ in with_eigenvalues(todo, "float64", "gram", 1 << 20):
+        i = int(lm.name[1:])
+        events.append(("yield", i))
+        if raw is not None:
+            assert not streamed
+            np.testing.assert_array_equal(raw, eigenvalues(weights[i], "float64"))
+    loads_before_yield = [sum(1 for e in events[:events.index(("yield", i))] if e[0] == "load")
+                          for i in range(len(weights))]
+    assert loads_before_yield == ([1, 2, 3, 4, 5, 6] if streamed else [2, 3, 4, 5, 6, 6])

@@ -11,7 +11,7 @@ Example:
     (['fc'], ('under-trained',))
 """
 
-from .analyze import analysis_layers, analyze, analyze_layer
+from .analyze import analysis_layers, analyze
 from .compare import Comparison, LayerChange, compare
 from .compare_policy import Regression, RegressionPolicy
 from .describe import ModelDescription, describe
@@ -19,6 +19,7 @@ from .distances import DistanceResult, distances
 from .distributed import analyze_distributed
 from .errors import SourceError, failing_layer
 from .gather import gather_snapshot
+from .layer_analysis import analyze_layer
 from .layer_matrices import LayerMatrices
 from .powerlaw import PowerLawFit, fit_powerlaw, hill_alpha
 from .ranking import Ranking, rank_models

@@ -2,30 +2,30 @@
 
 from __future__ import annotations
 
-import math
 import sys
 import zlib
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import detx as _detx
-from . import metrics as _metrics
 from . import peft as _peft
 from . import precision as _precision
-from .batching import shuffled_replicas, with_eigenvalues
+from .batching import with_eigenvalues
 from .errors import in_layer
+from .layer_analysis import SolvedLayer, finish_layer, solve_layer, solve_precision
 from .layer_matrices import LayerMatrices
-from .powerlaw import check_fit, fit_powerlaw, hill_alpha
-from .result import AnalysisResult, LayerResult, SkippedLayer
+from .powerlaw import check_fit
+from .result import AnalysisResult, SkippedLayer
 from .selection import LayerSelector
 from .sources import Snapshot, find_layers
-from .spectrum import PRECISIONS, SOLVE_ERRORS, SOLVERS, NonFiniteError, eigenvalues, is_torch_tensor
+from .spectrum import PRECISIONS, SOLVERS
 
 #: WeightWatcher 0.7.7's defaults.
 DEFAULT_MIN_EVALS = 8
 DEFAULT_MAX_EVALS = 15000
 DEFAULT_MAX_N = 50000
+#: At most this many layers wait for their float64 re-solve at a time (their weights stay loaded).
+MAX_PENDING = 8
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -72,15 +72,6 @@ def skip_reason(lm: LayerMatrices, min_evals: int, max_evals: int, max_N: int) -
     return None
 
 
-def _all_finite(batch: Any) -> bool:
-    if is_torch_tensor(batch):
-        import torch
-
-        wide = batch if batch.element_size() > 1 else batch.to(torch.float16)  # float8: no isfinite
-        return bool(torch.isfinite(wide).all())
-    return bool(np.isfinite(batch).all())
-
-
 class _Counter:
     """The progress shown without tqdm: ``ww analyze  k/n layers`` on stderr, rewritten in place
     (``\r``) after each layer and ended with a newline by :meth:`close`."""
@@ -111,133 +102,6 @@ def _progress(total: int, enabled: bool, desc: str = "ww analyze") -> Any:
     except ImportError:
         return _Counter(total, desc)
     return tqdm(total=total, desc=desc, unit="layer", leave=False)
-
-
-def solve_precision(precision: str, fix_fingers: Optional[str] = None) -> str:
-    """The precision of the first eigensolve: ``"auto"`` starts in float32 (see
-    :mod:`ww_core.precision`), except with ``clip_xmax``, whose refits are not checked."""
-    if precision == "float64" or (precision == "auto" and fix_fingers):
-        return "float64"
-    return "float32"
-
-
-def analyze_layer(
-    lm: LayerMatrices,
-    *,
-    batch: Any = None,
-    raw_evals: Optional[np.ndarray] = None,
-    rand_raw: Optional[np.ndarray] = None,
-    fix_fingers: Optional[str] = None,
-    max_fingers: int = 10,
-    finger_thresh: float = 1.0,
-    mp_fit: bool = False,
-    randomize: bool = False,
-    rng: Optional[np.random.Generator] = None,
-    precision: str = "auto",
-    solver: str = "gram",
-    keep_evals: bool = False,
-    rank_tol: float = 1e-6,
-    rank_collapse_share: float = 0.1,
-    hill_xmin_pos: float = 2.0,
-    detX: bool = False,
-    plan: Optional[Tuple[str, str]] = None,
-    previous: Optional[LayerResult] = None,
-) -> LayerResult:
-    """Analyse one layer (weights loaded here and released on return). See :func:`analyze`.
-
-    Raises:
-        ValueError: an invalid ``precision`` or ``solver`` (numerical trouble is a flag instead).
-
-    ``batch`` (the loaded ``(rf, rows, cols)`` stack), ``raw_evals`` (its unscaled eigenvalues)
-    and ``rand_raw`` (those of :func:`~ww_core.batching.shuffled_replicas`) may be passed when
-    the caller already has them from a batched eigensolve in ``plan``'s precision (``plan``:
-    :func:`ww_core.precision.first_precision`'s answer; asked here, with ``previous``, when
-    not given).
-    """
-    if precision not in PRECISIONS or solver not in SOLVERS:
-        raise ValueError(f"precision must be one of {PRECISIONS} and solver one of {SOLVERS}, "
-                         f"got {precision!r}, {solver!r}")
-    res = LayerResult(name=lm.name, type=lm.type, N=lm.N, M=lm.M, rf=lm.rf,
-                      num_evals=lm.num_evals, scale=lm.scale)
-    if batch is None:
-        batch = lm.load()
-    used, why64 = plan if plan is not None else _precision.first_precision(
-        precision, fix_fingers, lm.N, lm.M, batch, previous)
-    res.solves = 1
-    fit_options = dict(fix_fingers=fix_fingers, max_fingers=max_fingers, finger_thresh=finger_thresh)
-    checked = precision == "auto" and used == "float32"
-    try:
-        if raw_evals is None:
-            raw_evals = eigenvalues(batch, used, solver)
-        evals = _top(np.sort(raw_evals.ravel()) * lm.scale, lm)
-        fit = fit_powerlaw(evals, **fit_options)
-        if precision == "auto" and not fix_fingers:    # (on a float64 spectrum: for the next time)
-            res.float32_check = _precision.float32_disagreement(
-                evals, fit, lm.N, lm.M, rank_tol=rank_tol,
-                rank_collapse_share=rank_collapse_share) or ""
-        failed, redo = False, checked and bool(res.float32_check)
-    except SOLVE_ERRORS:
-        # e.g. squares beyond float32's range: float64 may still hold them
-        failed, redo = True, checked
-        res.float32_check = "the float32 solve failed" if checked else None
-    try:
-        if redo:
-            used, res.solves = "float64", 2
-            why64 = "float32 rejected: " + str(res.float32_check)
-            evals = _top(np.sort(eigenvalues(batch, used, solver).ravel()) * lm.scale, lm)
-            fit = fit_powerlaw(evals, **fit_options)
-        elif failed:
-            raise NonFiniteError("the eigensolve failed")
-    except SOLVE_ERRORS:
-        # NaN/inf weights, or entries so large their squares overflow: flag, never raise.
-        # (The full finiteness pass runs only here, on failure.)
-        res.status = "failed"
-        res.flags = ("non-finite",) if not _all_finite(batch) else ("fit-failed",)
-        return res
-    res.precision, res.precision_reason = used, why64
-    res.alpha, res.xmin, res.xmax, res.D, res.sigma = fit.alpha, fit.xmin, fit.xmax, fit.D, fit.sigma
-    res.num_pl_spikes, res.num_fingers, res.raw_alpha = fit.num_pl_spikes, fit.num_fingers, fit.raw_alpha
-    res.status = fit.status
-    res.warning = _metrics.ww_warning(fit.alpha) if fit.ok else ""
-    eps = _precision.EPS[used]
-    nm = _metrics.norm_metrics(evals, fit.alpha, lm.N, eps=eps)
-    for key in ("alpha_weighted", "log_alpha_norm", "log_norm", "log_spectral_norm",
-                "spectral_norm", "stable_rank", "entropy", "matrix_rank"):
-        setattr(res, key, nm[key])
-    res.alpha_hill = hill_alpha(evals, hill_xmin_pos)
-    res.rank_collapse = _metrics.rank_collapse_share(evals, max(rank_tol, lm.N * eps))
-    Q = lm.N / lm.M
-    if mp_fit:
-        from .rmt import mp_fit as _mp_fit
-
-        mp = _mp_fit(evals, Q, lm.M)
-        res.num_spikes, res.sigma_mp = mp["num_spikes"], mp["sigma_mp"]
-        res.mp_softrank, res.bulk_max = mp["mp_softrank"], mp["bulk_max"]
-    if randomize and lm.num_components is None:      # (no shuffle of a LoRA product's factors)
-        from . import rmt
-
-        replicas = rmt.num_replicas(lm.num_evals)
-        if rand_raw is None:
-            shuffled = shuffled_replicas(lm, batch, rng if rng is not None else np.random.default_rng())
-            rand_raw = eigenvalues(shuffled, solve_precision(precision, fix_fingers), solver)
-        rand = [np.sort(part.ravel()) * lm.scale for part in np.split(rand_raw, replicas)]
-        # replicas concatenated in order: rand_distance compares the first one with the ESD
-        rm = rmt.randomization_metrics(evals, np.concatenate(rand), Q, lm.M,
-                                       n_per_replica=rand[0].size)
-        res.rand_distance, res.max_rand_eval, res.num_traps = (
-            rm["rand_distance"], rm["max_rand_eval"], rm["num_traps"])
-        if keep_evals:
-            res.rand_evals = rand[0]
-    res.flags = tuple(_metrics.layer_flags(
-        alpha=fit.alpha, fit_ok=fit.ok, small_n=fit.small_n or not fit.ok and fit.n_fit < 20,
-        collapse=res.rank_collapse, collapse_share=rank_collapse_share, num_traps=res.num_traps))
-    if detX:
-        for key, value in _detx.detx_columns(
-                evals, fit.num_pl_spikes if fit.ok else math.nan).items():
-            setattr(res, key, value)
-    if keep_evals:
-        res.evals = evals
-    return res
 
 
 def analyze(
@@ -383,19 +247,39 @@ def analyze(
 
     layers = with_eigenvalues(todo, solve_precision(precision, fix_fingers), solver,
                               batch_elements, rng_for if randomize else None, plan_for)
+    fit_options = dict(fix_fingers=fix_fingers or None, max_fingers=max_fingers,
+                       finger_thresh=finger_thresh)
+    # Layers whose float64 re-solve runs on the solver pool while the next layers are analysed
+    # (in-memory layers only: a streamed layer is finished before the next one is read).
+    pending: List[Tuple[int, SolvedLayer, Any, bool]] = []
+
+    def finish(i: int, solved: SolvedLayer, rand_raw: Any, batched: bool) -> None:
+        with in_layer(solved.lm.name):
+            result.layers[i] = finish_layer(
+                solved, rand_raw=rand_raw, mp_fit=mp_fit, randomize=randomize,
+                rng=rng_for(solved.lm) if not batched else None, precision=precision,
+                solver=solver, keep_evals=keep_evals, rank_tol=rank_tol,
+                rank_collapse_share=rank_collapse_share, hill_xmin_pos=hill_xmin_pos, detX=detX,
+                **fit_options)
+        if bar is not None:
+            bar.update(1)
+
     try:
         for lm, batch, raw, rand_raw, plan in layers:
             with in_layer(lm.name):
-                result.layers.append(analyze_layer(
-                    lm, batch=batch, raw_evals=raw, rand_raw=rand_raw, plan=plan,
-                    fix_fingers=fix_fingers or None, max_fingers=max_fingers,
-                    finger_thresh=finger_thresh, mp_fit=mp_fit, randomize=randomize,
-                    rng=rng_for(lm) if raw is None else None, precision=precision, solver=solver,
-                    keep_evals=keep_evals, rank_tol=rank_tol,
-                    rank_collapse_share=rank_collapse_share, hill_xmin_pos=hill_xmin_pos,
-                    detX=detX))
-            if bar is not None:
-                bar.update(1)
+                solved = solve_layer(lm, batch=batch, raw_evals=raw, plan=plan,
+                                     precision=precision, solver=solver, rank_tol=rank_tol,
+                                     rank_collapse_share=rank_collapse_share,
+                                     later=not lm.streamed, **fit_options)
+            result.layers.append(solved.res)              # (replaced when finished)
+            if solved.pending:
+                pending.append((len(result.layers) - 1, solved, rand_raw, raw is not None))
+                if len(pending) > MAX_PENDING:
+                    finish(*pending.pop(0))
+            else:
+                finish(len(result.layers) - 1, solved, rand_raw, raw is not None)
+        for job in pending:
+            finish(*job)
     finally:                     # release the loaded batches and the bar even on an error
         layers.close()
         if bar is not None:
@@ -444,8 +328,3 @@ def analysis_layers(source: Any, conv2d_norm: bool = True, split_qkv: bool = Tru
     if trainable is not None:         # unknown (None) counts as trainable: it may change
         found = [lm for lm in found if (lm.trainable is False) != bool(trainable)]
     return found
-
-
-def _top(evals: np.ndarray, lm: LayerMatrices) -> np.ndarray:
-    """The top ``lm.num_components`` eigenvalues (all when unset), ascending."""
-    return evals if lm.num_components is None else evals[evals.size - min(lm.num_components, evals.size):]

@@ -116,27 +116,74 @@ def _torch_eigenvalues(parts: List[Any], precision: str, solver: str) -> np.ndar
     import torch
 
     dtype = torch.float64 if precision == "float64" else torch.float32
-    device = parts[0].device
     with torch.no_grad():
         if solver == "svd":
+            device = parts[0].device
             w = torch.cat([_tall_tensor(p.detach().to(device=device, dtype=dtype)) for p in parts])
             if not bool(torch.isfinite(w).all()):
                 raise NonFiniteError("non-finite weights")
             ev = torch.linalg.svdvals(w) ** 2
             ev = torch.sort(ev, dim=-1).values
         else:
-            # Gram matrices part by part, then one (parallel) eigensolve: the weights themselves
-            # are never copied together.
-            grams = []
-            for p in parts:
-                w = p.detach().to(dtype)
-                rows, cols = w.shape[-2:]
-                grams.append((w.mT @ w if rows >= cols else w @ w.mT).to(device))
-            gram = grams[0] if len(grams) == 1 else torch.cat(grams)
-            if not bool(torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all()):
-                raise NonFiniteError("non-finite Gram matrix")
-            ev = _batched_eigvalsh(gram)
-        return np.clip(ev.cpu().numpy().astype(np.float64), 0.0, None)
+            ev = _batched_eigvalsh(_torch_gram(parts, dtype))
+        return _as_evals(ev)
+
+
+def _torch_gram(parts: List[Any], dtype: Any) -> Any:
+    """The Gram matrices of ``parts`` (smaller side), part by part (the weights themselves are
+    never copied together), stacked; :class:`NonFiniteError` when one is not finite."""
+    import torch
+
+    device = parts[0].device
+    grams = []
+    with torch.no_grad():
+        for p in parts:
+            w = p.detach().to(dtype)
+            rows, cols = w.shape[-2:]
+            grams.append((w.mT @ w if rows >= cols else w @ w.mT).to(device))
+        gram = grams[0] if len(grams) == 1 else torch.cat(grams)
+        if not bool(torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all()):
+            raise NonFiniteError("non-finite Gram matrix")
+    return gram
+
+
+def _as_evals(ev: Any) -> np.ndarray:
+    return np.clip(ev.cpu().numpy().astype(np.float64), 0.0, None)
+
+
+def eigenvalues_later(batch: Any, precision: str = "float64",
+                      solver: str = "gram") -> Callable[[], np.ndarray]:
+    """:func:`eigenvalues`, started now and collected later: returns a function that waits for
+    and returns the result (and raises what :func:`eigenvalues` would).
+
+    Where :func:`eigenvalues` would solve small matrices on the solver pool (torch on a CPU with
+    two or more threads, the ``"gram"`` solver, matrices below :data:`POOL_MAX_N`), the Gram
+    matrices are formed here and the eigensolve is queued on that pool, split as
+    :func:`eigenvalues` splits it (one thread per matrix): the same eigenvalues to the bit, while
+    the caller goes on with other work. Everything else is solved here and now.
+    :class:`NonFiniteError` may be raised here already.
+
+    Example:
+        >>> wait = eigenvalues_later(np.diag([3.0, 2.0, 1.0])[None])
+        >>> wait().round(6).tolist()
+        [[1.0, 4.0, 9.0]]
+    """
+    parts = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+    if solver != "gram" or precision not in PRECISIONS or not torch_available():
+        done = eigenvalues(batch, precision, solver)
+        return lambda: done
+    import torch
+
+    parts = [p if is_torch_tensor(p) else _from_numpy(p) for p in parts]
+    small = min(parts[0].shape[-2:]) < POOL_MAX_N
+    if parts[0].device.type != "cpu" or not small or torch.get_num_threads() < 2:
+        done = _torch_eigenvalues(parts, precision, solver)
+        return lambda: done
+    gram = _torch_gram(parts, torch.float64 if precision == "float64" else torch.float32)
+    chunks = gram.tensor_split(min(gram.shape[0], torch.get_num_threads()))
+    pool = _solver_pool(len(chunks))
+    futures = [pool.submit(torch.linalg.eigvalsh, chunk) for chunk in chunks]
+    return lambda: _as_evals(torch.cat([f.result() for f in futures]))
 
 
 def _tall_tensor(w: Any) -> Any:
