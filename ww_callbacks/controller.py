@@ -42,7 +42,7 @@ from ww_callbacks.distributed import rank_info
 from ww_callbacks.drift import DriftMonitor
 from ww_callbacks.executor import AnalysisExecutor, check_analyze_options
 from ww_callbacks.history import History
-from ww_callbacks.recording import Recording
+from ww_callbacks.recording import AnalysisRecorder
 from ww_callbacks.reporting import ErrorReporter, format_line
 from ww_callbacks.rotation import LayerRotation, early_freeze_layers, plan_analysis
 from ww_callbacks.run_dir import AUTO, KEEP, MEMORY_ONLY, check_output_dir, run_folder  # noqa: F401
@@ -57,7 +57,7 @@ from ww_callbacks.warnings import warn
 __all__ = ["WeightWatcherController", "MEMORY_ONLY"]
 
 
-class WeightWatcherController(Recording):
+class WeightWatcherController:
     """Schedules spectral analyses during training, records them and acts on them.
 
     Args:
@@ -175,10 +175,10 @@ class WeightWatcherController(Recording):
                               named_dir, output_dir is AUTO, self.log, self.guard,
                               parts={"rotation": self.rotation, "budget": self.budget})
         self.trackers: List[Tracker] = []
-        self.last_result: Any = None
-        self.last_scalars: Dict[str, float] = {}
-        #: The step of the analysis :attr:`last_scalars` come from (``None`` before the first).
-        self.last_scalars_step: Optional[int] = None
+        #: Records each finished analysis (:mod:`ww_callbacks.recording`).
+        self.recorder = AnalysisRecorder(self.history, self.state, self.budget, self.rotation,
+                                         self.drift, self.action_set, self.reporter,
+                                         self._fan_out, self.log)
         #: Analyses that fell due while another was still running (async mode), not run.
         self.skipped_analyses = 0
         #: Seconds the training loop waited inside the controller (the whole analysis when
@@ -204,6 +204,9 @@ class WeightWatcherController(Recording):
     actions = StateField("binding", "The actions called after each analysis: built-in (freeze, LR, "
                          "stop), then ``actions=``.", readonly=True)
     extra_actions = StateField("binding", readonly=True)
+    last_result = StateField("recorder", "The latest recorded ``AnalysisResult``, else ``None``.")
+    last_scalars = StateField("recorder", "``{summary key: value}`` of the latest analysis (all ranks).")
+    last_scalars_step = StateField("recorder", "The step :attr:`last_scalars` come from, else ``None``.")
     strict = StateField("reporter", "Whether errors are re-raised.", readonly=True)
     log_fn = StateField("reporter", "Where lines go.", readonly=True)
     asynchronous = StateField("executor", "Whether analyses run in the background (decided in "
@@ -246,6 +249,10 @@ class WeightWatcherController(Recording):
         """One line to ``log_fn`` (rank 0 only)."""
         if self.is_global_zero:
             self.reporter.log(message)
+
+    def log_event(self, step: int, kind: str, payload: Dict[str, Any]) -> None:
+        """Report an action's event (freeze, LR factors, stop) to the log and the trackers."""
+        self.recorder.log_event(step, kind, payload, self.trackers)
 
     # ------------------------------------------------------------------ setup
     def configure(self, total_steps: Any = None, total_epochs: Any = None,
@@ -400,7 +407,7 @@ class WeightWatcherController(Recording):
         self.blocking_seconds += done.hook_seconds
         if done.fallback:
             self.report("snapshot budget", f"step {step}", MemoryError(done.fallback))
-        return self._record(done)
+        return self.recorder.record(done, self, self.trackers, self.actions)
 
     def _run_now(self, model: Any, step: int, epoch: int) -> Any:
         """:meth:`run`, synchronously."""
@@ -419,7 +426,7 @@ class WeightWatcherController(Recording):
         if done is None:
             return None
         self.blocking_seconds += done.waited      # training waited here too: count it
-        return self._record(done)
+        return self.recorder.record(done, self, self.trackers, self.actions)
 
     # ------------------------------------------------------------------ end of training
     def finish(self, model: Any, step: int, epoch: int) -> Any:
