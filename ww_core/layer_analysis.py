@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from .spectrum import (
     PRECISIONS,
     SOLVE_ERRORS,
     SOLVERS,
+    Later,
     eigenvalues,
     eigenvalues_later,
     is_torch_tensor,
@@ -52,8 +53,8 @@ class SolvedLayer:
     why64: str = ""
     evals: Optional[np.ndarray] = None
     fit: Optional[PowerLawFit] = None
-    #: The float64 re-solve in flight (``eigenvalues_later``), or ``None``.
-    redo: Optional[Callable[[], np.ndarray]] = None
+    #: The float64 re-solve in flight (:func:`~ww_core.spectrum.eigenvalues_later`), or ``None``.
+    redo: Optional[Later] = None
     failed: bool = False
 
     @property
@@ -107,7 +108,7 @@ def solve_layer(lm: LayerMatrices, *, batch: Any = None, raw_evals: Optional[np.
         except SOLVE_ERRORS:
             out.failed = True
             return out
-        if not later:
+        if not later or out.redo.ready:       # (nothing in the background: fit it now)
             _collect(out, fix_fingers, max_fingers, finger_thresh)
     elif failed:
         out.failed = True

@@ -151,39 +151,51 @@ def _as_evals(ev: Any) -> np.ndarray:
     return np.clip(ev.cpu().numpy().astype(np.float64), 0.0, None)
 
 
-def eigenvalues_later(batch: Any, precision: str = "float64",
-                      solver: str = "gram") -> Callable[[], np.ndarray]:
-    """:func:`eigenvalues`, started now and collected later: returns a function that waits for
-    and returns the result (and raises what :func:`eigenvalues` would).
+class Later:
+    """What :func:`eigenvalues_later` returns: call it for the eigenvalues (it waits for them and
+    raises what :func:`eigenvalues` would); :attr:`ready` is ``True`` when they were computed at
+    once (nothing runs in the background)."""
+
+    __slots__ = ("_get", "ready")
+
+    def __init__(self, get: Callable[[], np.ndarray], ready: bool) -> None:
+        self._get, self.ready = get, ready
+
+    def __call__(self) -> np.ndarray:
+        return self._get()
+
+
+def eigenvalues_later(batch: Any, precision: str = "float64", solver: str = "gram") -> Later:
+    """:func:`eigenvalues`, started now and collected later (:class:`Later`).
 
     Where :func:`eigenvalues` would solve small matrices on the solver pool (torch on a CPU with
     two or more threads, the ``"gram"`` solver, matrices below :data:`POOL_MAX_N`), the Gram
     matrices are formed here and the eigensolve is queued on that pool, split as
     :func:`eigenvalues` splits it (one thread per matrix): the same eigenvalues to the bit, while
-    the caller goes on with other work. Everything else is solved here and now.
-    :class:`NonFiniteError` may be raised here already.
+    the caller goes on with other work. Everything else is solved here and now
+    (:attr:`Later.ready`). :class:`NonFiniteError` may be raised here already.
 
     Example:
-        >>> wait = eigenvalues_later(np.diag([3.0, 2.0, 1.0])[None])
-        >>> wait().round(6).tolist()
+        >>> later = eigenvalues_later(np.diag([3.0, 2.0, 1.0])[None])
+        >>> later().round(6).tolist()
         [[1.0, 4.0, 9.0]]
     """
     parts = list(batch) if isinstance(batch, (list, tuple)) else [batch]
     if solver != "gram" or precision not in PRECISIONS or not torch_available():
         done = eigenvalues(batch, precision, solver)
-        return lambda: done
+        return Later(lambda: done, True)
     import torch
 
     parts = [p if is_torch_tensor(p) else _from_numpy(p) for p in parts]
     small = min(parts[0].shape[-2:]) < POOL_MAX_N
     if parts[0].device.type != "cpu" or not small or torch.get_num_threads() < 2:
         done = _torch_eigenvalues(parts, precision, solver)
-        return lambda: done
+        return Later(lambda: done, True)
     gram = _torch_gram(parts, torch.float64 if precision == "float64" else torch.float32)
     chunks = gram.tensor_split(min(gram.shape[0], torch.get_num_threads()))
     pool = _solver_pool(len(chunks))
     futures = [pool.submit(torch.linalg.eigvalsh, chunk) for chunk in chunks]
-    return lambda: _as_evals(torch.cat([f.result() for f in futures]))
+    return Later(lambda: _as_evals(torch.cat([f.result() for f in futures])), False)
 
 
 def _tall_tensor(w: Any) -> Any:
