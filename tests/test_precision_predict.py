@@ -207,7 +207,7 @@ def test_the_callbacks_pass_the_previous_result_back(monkeypatch):
     assert sorted(seen[2].names) == ["l0", "l1", "l2", "l3"]
 
 
-def test_rejected_layers_finish_in_model_order_while_later_layers_are_solved(tmp_path):
+def test_rejected_layers_finish_in_model_order_while_later_layers_are_solved(tmp_path, monkeypatch):
     """A rejected layer's float64 re-solve is queued (``spectrum.eigenvalues_later``) while the
     next layers are analysed; more rejected layers than ``MAX_PENDING`` are in flight at some
     point. The result is the same, value for value and in model order, as each layer analysed
@@ -220,8 +220,24 @@ def test_rejected_layers_finish_in_model_order_while_later_layers_are_solved(tmp
     for i in range(MAX_PENDING + 4):
         sd[f"collapsed{i}.weight"] = low_rank(rng, 192 + 8 * i, 160, rank=12)   # always rejected
         sd[f"gauss{i}.weight"] = rng.standard_normal((200, 96 + 4 * i)).astype(np.float32)
+    import ww_core.layer_analysis as layer_analysis
+
+    started = []
+
+    def spy(*args, **kwargs):
+        later = real(*args, **kwargs)
+        started.append(later)
+        return later
+
+    real = layer_analysis.eigenvalues_later
+    monkeypatch.setattr(layer_analysis, "eigenvalues_later", spy)
     res = ww_core.analyze(sd)
+    monkeypatch.setattr(layer_analysis, "eigenvalues_later", real)
     assert res.names == [k[:-len(".weight")] for k in sd]
+    assert len(started) == sum(l.solves == 2 for l in res.layers)
+    torch = pytest.importorskip("torch")
+    if torch.get_num_threads() >= 2:                 # (one thread: nothing runs in the background)
+        assert not any(later.ready for later in started)
     exact = {l.name: l for l in ww_core.analyze(sd, precision="float64").layers}
     alone = {lm.name: ww_core.analyze_layer(lm) for lm in ww_core.find_layers(sd)}
     rejected = [l for l in res.layers if l.solves == 2]

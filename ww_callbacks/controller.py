@@ -224,17 +224,7 @@ class WeightWatcherController:
     load_state_dict = delegate("state", RunState.load_state_dict)
     save_state = delegate("state", RunState.save_state)
     load_state = delegate("state", RunState.load_state)
-
-    def published_scalars(self) -> Dict[str, float]:
-        """What an adapter writes into its trainer's per-epoch metrics (Keras' ``logs``).
-
-        The :attr:`last_scalars` of the latest *recorded* analysis (with asynchronous analysis,
-        the latest one finished, not necessarily the one started at this hook) plus
-        ``analysis_step``, the step of that analysis; empty before the first one (no placeholder:
-        Keras' monitors would take it as their best value).
-        """
-        step = self.last_scalars_step
-        return {**self.last_scalars, **({"analysis_step": step} if step is not None else {})}
+    published_scalars = delegate("recorder", AnalysisRecorder.published_scalars)
 
     guard = delegate("reporter", ErrorReporter.guard)
     report = delegate("reporter", ErrorReporter.report)

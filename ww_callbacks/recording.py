@@ -31,6 +31,14 @@ class AnalysisRecorder:
         reporter: the :class:`~ww_callbacks.reporting.ErrorReporter` (guarded calls, reports).
         fan_out: the :class:`~ww_callbacks.trackers.fanout.TrackerFanout` calling the trackers.
         log: the controller's line logger (rank 0 only).
+
+    The parts are fixed when the controller is built (they are the controller's own).
+
+    Example:
+        >>> from ww_callbacks import MEMORY_ONLY, WeightWatcherController
+        >>> ctl = WeightWatcherController(output_dir=MEMORY_ONLY, trackers=None)
+        >>> ctl.recorder.published_scalars()          # before the first analysis
+        {}
     """
 
     def __init__(self, history: Any, state: Any, budget: Any, rotation: Any, drift: Any,
@@ -50,7 +58,11 @@ class AnalysisRecorder:
                actions: Sequence[Any]) -> Any:
         """Record and fan out one analysis, charging its cost and the record's to the budget;
         never raises into training unless ``strict``. ``controller`` is what the actions'
-        ``on_analysis`` receive."""
+        ``on_analysis`` receive, and what reports a drift event (``controller.log_event``).
+
+        Returns:
+            The recorded ``AnalysisResult``, or ``None`` when the analysis or its record failed.
+        """
         self.budget.charge(done.work_seconds + done.copy_seconds, done.num_layers)
         if done.error is not None:
             self.reporter.report("analysis", done.failure(), done.error)
@@ -91,13 +103,24 @@ class AnalysisRecorder:
             self.log(format_line(result, step, epoch) + f" [training waited {hook:.3f} s; "
                      f"{self.budget.describe()}]")
         if drift is not None and (drift.newly_flagged or drift.regressions):
-            self.log_event(step, "drift", drift.to_dict(), trackers)
+            controller.log_event(step, "drift", drift.to_dict())
         for action in actions:
             name = type(action).__name__
             guard(f"action {name}", action.on_analysis, controller, result, step, epoch)
         # the run folder's state file: its disk is the history's (one report for both)
         guard("writing the history files", self.state.write)
         return result
+
+    def published_scalars(self) -> Dict[str, float]:
+        """What an adapter writes into its trainer's per-epoch metrics (Keras' ``logs``).
+
+        The :attr:`last_scalars` of the latest *recorded* analysis (with asynchronous analysis,
+        the latest one finished, not necessarily the one started at this hook) plus
+        ``analysis_step``, the step of that analysis; empty before the first one (no placeholder:
+        Keras' monitors would take it as their best value).
+        """
+        step = self.last_scalars_step
+        return {**self.last_scalars, **({"analysis_step": step} if step is not None else {})}
 
     def log_event(self, step: int, kind: str, payload: Dict[str, Any],
                   trackers: Sequence[Tracker]) -> None:

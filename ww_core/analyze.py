@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import sys
 import zlib
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from .spectrum import PRECISIONS, SOLVERS
 DEFAULT_MIN_EVALS = 8
 DEFAULT_MAX_EVALS = 15000
 DEFAULT_MAX_N = 50000
-#: At most this many layers wait for their float64 re-solve at a time (their weights stay loaded).
+#: At most this many solved layers wait, weights loaded, for an earlier layer's float64 re-solve.
 MAX_PENDING = 8
 
 
@@ -249,9 +250,10 @@ def analyze(
                               batch_elements, rng_for if randomize else None, plan_for)
     fit_options = dict(fix_fingers=fix_fingers or None, max_fingers=max_fingers,
                        finger_thresh=finger_thresh)
-    # Layers whose float64 re-solve runs on the solver pool while the next layers are analysed
-    # (in-memory layers only: a streamed layer is finished before the next one is read).
-    pending: List[Tuple[int, SolvedLayer, Any, bool]] = []
+    # Solved layers wait here, in model order, while a float64 re-solve runs on the solver pool
+    # (in-memory layers only: a streamed layer is finished before the next one is read); each is
+    # finished once those before it are, so results and errors come in model order.
+    waiting: Deque[Tuple[int, SolvedLayer, Any, bool]] = collections.deque()
 
     def finish(i: int, solved: SolvedLayer, rand_raw: Any, batched: bool) -> None:
         with in_layer(solved.lm.name):
@@ -272,15 +274,14 @@ def analyze(
                                      rank_collapse_share=rank_collapse_share,
                                      later=not lm.streamed, **fit_options)
             result.layers.append(solved.res)              # (replaced when finished)
-            if solved.pending:
-                pending.append((len(result.layers) - 1, solved, rand_raw, raw is not None))
-                if len(pending) > MAX_PENDING:
-                    finish(*pending.pop(0))
-            else:
-                finish(len(result.layers) - 1, solved, rand_raw, raw is not None)
-        for job in pending:
-            finish(*job)
+            waiting.append((len(result.layers) - 1, solved, rand_raw, raw is not None))
+            while waiting and (len(waiting) > MAX_PENDING or not waiting[0][1].pending):
+                finish(*waiting.popleft())
+        while waiting:
+            finish(*waiting.popleft())
     finally:                     # release the loaded batches and the bar even on an error
+        for _, solved, _, _ in waiting:
+            solved.cancel()
         layers.close()
         if bar is not None:
             bar.close()

@@ -62,6 +62,11 @@ class SolvedLayer:
         """A float64 re-solve is still running."""
         return self.redo is not None
 
+    def cancel(self) -> None:
+        """Drop the float64 re-solve if it has not started (its result is not wanted)."""
+        if self.redo is not None:
+            self.redo.cancel()
+
 
 def solve_layer(lm: LayerMatrices, *, batch: Any = None, raw_evals: Optional[np.ndarray] = None,
                 plan: Optional[Tuple[str, str]] = None, previous: Optional[LayerResult] = None,
@@ -72,6 +77,26 @@ def solve_layer(lm: LayerMatrices, *, batch: Any = None, raw_evals: Optional[np.
 
     When the check rejects the float32 spectrum, the float64 re-solve is started; with
     ``later`` it may still be running on return (:attr:`SolvedLayer.pending`), else it is done.
+
+    Args:
+        lm, batch, raw_evals, plan, previous: as :func:`analyze_layer`.
+        precision, solver, fix_fingers, max_fingers, finger_thresh, rank_tol,
+        rank_collapse_share: as :func:`ww_core.analyze`.
+        later: let the float64 re-solve run on the solver pool while the caller goes on.
+
+    Returns:
+        A :class:`SolvedLayer`, for :func:`finish_layer`. A failed solve is not raised: the
+        layer is flagged there.
+
+    Raises:
+        ValueError: an invalid ``precision`` or ``solver``.
+
+    Example:
+        >>> import numpy as np, ww_core
+        >>> lm = ww_core.find_layers({"fc.weight": np.random.default_rng(0).standard_normal((300, 100))})[0]
+        >>> solved = solve_layer(lm, later=True)
+        >>> finish_layer(solved).status
+        'success'
     """
     if precision not in PRECISIONS or solver not in SOLVERS:
         raise ValueError(f"precision must be one of {PRECISIONS} and solver one of {SOLVERS}, "
@@ -134,7 +159,22 @@ def finish_layer(s: SolvedLayer, *, rand_raw: Optional[np.ndarray] = None,
                  solver: str = "gram", keep_evals: bool = False, rank_tol: float = 1e-6,
                  rank_collapse_share: float = 0.1, hill_xmin_pos: float = 2.0,
                  detX: bool = False) -> LayerResult:
-    """Metrics, flags and (``randomize``) the shuffled comparison of a solved layer."""
+    """Metrics, flags and (``randomize``) the shuffled comparison of a solved layer; waits for
+    its float64 re-solve first when that is still running.
+
+    Args:
+        s: what :func:`solve_layer` returned.
+        rand_raw, rng: as :func:`analyze_layer`.
+        fix_fingers, max_fingers, finger_thresh, mp_fit, randomize, precision, solver,
+        keep_evals, rank_tol, rank_collapse_share, hill_xmin_pos, detX: as
+        :func:`ww_core.analyze` (the same values :func:`solve_layer` was given).
+
+    Returns:
+        The layer's :class:`~ww_core.LayerResult` (``status="failed"`` and a flag when the
+        eigensolve failed).
+
+    Example: see :func:`solve_layer`.
+    """
     if s.pending:
         _collect(s, fix_fingers, max_fingers, finger_thresh)
     lm, res, batch, evals, fit = s.lm, s.res, s.batch, s.evals, s.fit

@@ -14,7 +14,7 @@ import importlib.util
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional, Sequence
 
 import numpy as np
 
@@ -156,24 +156,39 @@ class Later:
     raises what :func:`eigenvalues` would); :attr:`ready` is ``True`` when they were computed at
     once (nothing runs in the background)."""
 
-    __slots__ = ("_get", "ready")
+    __slots__ = ("_get", "ready", "_futures")
 
-    def __init__(self, get: Callable[[], np.ndarray], ready: bool) -> None:
-        self._get, self.ready = get, ready
+    def __init__(self, get: Callable[[], np.ndarray], ready: bool, futures: Sequence[Any] = ()) -> None:
+        self._get, self.ready, self._futures = get, ready, tuple(futures)
 
     def __call__(self) -> np.ndarray:
         return self._get()
 
+    def cancel(self) -> None:
+        """Drop the eigensolves that have not started yet (the result is not wanted)."""
+        for future in self._futures:
+            future.cancel()
+
 
 def eigenvalues_later(batch: Any, precision: str = "float64", solver: str = "gram") -> Later:
-    """:func:`eigenvalues`, started now and collected later (:class:`Later`).
+    """:func:`eigenvalues`, started now and collected later.
 
     Where :func:`eigenvalues` would solve small matrices on the solver pool (torch on a CPU with
     two or more threads, the ``"gram"`` solver, matrices below :data:`POOL_MAX_N`), the Gram
     matrices are formed here and the eigensolve is queued on that pool, split as
     :func:`eigenvalues` splits it (one thread per matrix): the same eigenvalues to the bit, while
     the caller goes on with other work. Everything else is solved here and now
-    (:attr:`Later.ready`). :class:`NonFiniteError` may be raised here already.
+    (:attr:`Later.ready`).
+
+    Args:
+        batch, precision, solver: as :func:`eigenvalues`.
+
+    Returns:
+        A :class:`Later`: call it for what :func:`eigenvalues` returns.
+
+    Raises:
+        ValueError: an invalid ``precision`` or ``solver``.
+        NonFiniteError: the weights are not finite (here, or when the :class:`Later` is called).
 
     Example:
         >>> later = eigenvalues_later(np.diag([3.0, 2.0, 1.0])[None])
@@ -195,7 +210,7 @@ def eigenvalues_later(batch: Any, precision: str = "float64", solver: str = "gra
     chunks = gram.tensor_split(min(gram.shape[0], torch.get_num_threads()))
     pool = _solver_pool(len(chunks))
     futures = [pool.submit(torch.linalg.eigvalsh, chunk) for chunk in chunks]
-    return Later(lambda: _as_evals(torch.cat([f.result() for f in futures])), False)
+    return Later(lambda: _as_evals(torch.cat([f.result() for f in futures])), False, futures)
 
 
 def _tall_tensor(w: Any) -> Any:
@@ -211,6 +226,7 @@ def _tall_tensor(w: Any) -> Any:
 # threads (4096²: 0.92 s with 2 threads, 1.37 s with 1).
 POOL_MAX_N = 2048
 _POOL: Optional[ThreadPoolExecutor] = None
+_RETIRED: List[ThreadPoolExecutor] = []       # smaller pools replaced by a larger one
 _POOL_LOCK = threading.Lock()
 
 
@@ -220,8 +236,8 @@ def _solver_pool(workers: int) -> ThreadPoolExecutor:
         if _POOL is None or _POOL._max_workers < workers:   # grows, never shrinks
             import torch
 
-            if _POOL is not None:
-                _POOL.shutdown(wait=False)
+            if _POOL is not None:       # (not shut down: another thread may still submit to it)
+                _RETIRED.append(_POOL)
             _POOL = ThreadPoolExecutor(workers, thread_name_prefix="ww-eigvalsh",
                                        initializer=torch.set_num_threads, initargs=(1,))
         return _POOL
@@ -231,6 +247,7 @@ def _forget_pool_in_child() -> None:
     # A forked child (a DataLoader worker, say) inherits the executor but not its threads.
     global _POOL
     _POOL = None
+    _RETIRED.clear()
 
 
 if hasattr(os, "register_at_fork"):
