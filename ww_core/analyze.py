@@ -25,7 +25,8 @@ from .spectrum import PRECISIONS, SOLVERS
 DEFAULT_MIN_EVALS = 8
 DEFAULT_MAX_EVALS = 15000
 DEFAULT_MAX_N = 50000
-#: At most this many solved layers wait, weights loaded, for an earlier layer's float64 re-solve.
+#: At most this many solved layers wait, weights loaded, for an earlier layer's float64 re-solve
+#: (and at most ``batch_elements`` weight entries in all).
 MAX_PENDING = 8
 
 
@@ -167,7 +168,9 @@ def analyze(
         keep_evals: keep each layer's eigenvalues on ``LayerResult.evals`` (for plots).
         batch_elements: consecutive in-memory layers whose matrices have the same shape share one
             eigensolver call, up to this many weight entries (0 disables). Layers read from files
-            are never batched, so one layer at a time is in memory.
+            are never batched, so one layer at a time is in memory. In-memory layers solved
+            after one whose float32 spectrum was rejected wait, loaded, for its float64 re-solve
+            (which runs meanwhile), up to this many weight entries and ``MAX_PENDING`` layers.
         progress: show a tqdm progress bar on stderr (without tqdm: a ``k/n layers`` counter).
         rank_tol, rank_collapse_share: a layer is flagged ``rank-collapse`` when more than
             ``rank_collapse_share`` of its eigenvalues are at most ``rank_tol × λ_max``.
@@ -275,7 +278,8 @@ def analyze(
                                      later=not lm.streamed, **fit_options)
             result.layers.append(solved.res)              # (replaced when finished)
             waiting.append((len(result.layers) - 1, solved, rand_raw, raw is not None))
-            while waiting and (len(waiting) > MAX_PENDING or not waiting[0][1].pending):
+            while waiting and (not waiting[0][1].pending or len(waiting) > MAX_PENDING
+                               or sum(_size(job[1].lm) for job in waiting) > max(batch_elements, 0)):
                 finish(*waiting.popleft())
         while waiting:
             finish(*waiting.popleft())
@@ -329,3 +333,7 @@ def analysis_layers(source: Any, conv2d_norm: bool = True, split_qkv: bool = Tru
     if trainable is not None:         # unknown (None) counts as trainable: it may change
         found = [lm for lm in found if (lm.trainable is False) != bool(trainable)]
     return found
+
+
+def _size(lm: LayerMatrices) -> int:
+    return lm.rf * lm.rows * lm.cols
