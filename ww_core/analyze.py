@@ -278,7 +278,7 @@ def analyze(
                                      later=not lm.streamed, **fit_options)
             result.layers.append(solved.res)              # (replaced when finished)
             waiting.append((len(result.layers) - 1, solved, rand_raw, raw is not None))
-            while waiting and (not waiting[0][1].pending or len(waiting) > MAX_PENDING
+            while waiting and (not waiting[0][1].pending or lm.streamed or len(waiting) > MAX_PENDING
                                or sum(_size(job[1].lm) for job in waiting) > max(batch_elements, 0)):
                 finish(*waiting.popleft())
         while waiting:
