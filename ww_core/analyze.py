@@ -279,7 +279,7 @@ def analyze(
             result.layers.append(solved.res)              # (replaced when finished)
             waiting.append((len(result.layers) - 1, solved, rand_raw, raw is not None))
             while waiting and (not waiting[0][1].pending or lm.streamed or len(waiting) > MAX_PENDING
-                               or sum(_size(job[1].lm) for job in waiting) > max(batch_elements, 0)):
+                               or sum(job[1].lm.size for job in waiting) > max(batch_elements, 0)):
                 finish(*waiting.popleft())
         while waiting:
             finish(*waiting.popleft())
@@ -333,7 +333,3 @@ def analysis_layers(source: Any, conv2d_norm: bool = True, split_qkv: bool = Tru
     if trainable is not None:         # unknown (None) counts as trainable: it may change
         found = [lm for lm in found if (lm.trainable is False) != bool(trainable)]
     return found
-
-
-def _size(lm: LayerMatrices) -> int:
-    return lm.rf * lm.rows * lm.cols

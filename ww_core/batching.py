@@ -38,7 +38,7 @@ def group_layers(todo: List[LayerMatrices], max_elements: int) -> List[List[int]
     sizes: List[int] = []
     open_group: Dict[Any, int] = {}
     for i, lm in enumerate(todo):
-        size = lm.rf * lm.rows * lm.cols
+        size = lm.size
         key = (min(lm.rows, lm.cols), max(lm.rows, lm.cols))
         g = open_group.get(key)
         alone = lm.streamed or lm.num_components is not None    # (a LoRA product loads r x r)

@@ -62,6 +62,14 @@ class SolvedLayer:
         """A float64 re-solve is still running."""
         return self.redo is not None
 
+    def fit_spectrum(self, raw_evals: np.ndarray, fix_fingers: Optional[str], max_fingers: int,
+                     finger_thresh: float) -> None:
+        """Set :attr:`evals` (scaled, ascending, the top components of a LoRA product) from the
+        raw eigenvalues and :attr:`fit` to their power-law fit."""
+        self.evals = _top(np.sort(raw_evals.ravel()) * self.lm.scale, self.lm)
+        self.fit = fit_powerlaw(self.evals, fix_fingers=fix_fingers, max_fingers=max_fingers,
+                                finger_thresh=finger_thresh)
+
     def cancel(self) -> None:
         """Drop the float64 re-solve if it has not started (its result is not wanted)."""
         if self.redo is not None:
@@ -113,9 +121,7 @@ def solve_layer(lm: LayerMatrices, *, batch: Any = None, raw_evals: Optional[np.
     try:
         if raw_evals is None:
             raw_evals = eigenvalues(batch, used, solver)
-        out.evals = _top(np.sort(raw_evals.ravel()) * lm.scale, lm)
-        out.fit = fit_powerlaw(out.evals, fix_fingers=fix_fingers, max_fingers=max_fingers,
-                               finger_thresh=finger_thresh)
+        out.fit_spectrum(raw_evals, fix_fingers, max_fingers, finger_thresh)
         if precision == "auto" and not fix_fingers:    # (on a float64 spectrum: for the next time)
             res.float32_check = _precision.float32_disagreement(
                 out.evals, out.fit, lm.N, lm.M, rank_tol=rank_tol,
@@ -145,9 +151,7 @@ def _collect(s: SolvedLayer, fix_fingers: Optional[str], max_fingers: int,
     """Wait for the float64 re-solve and fit it."""
     wait, s.redo = s.redo, None
     try:
-        s.evals = _top(np.sort(wait().ravel()) * s.lm.scale, s.lm)
-        s.fit = fit_powerlaw(s.evals, fix_fingers=fix_fingers, max_fingers=max_fingers,
-                             finger_thresh=finger_thresh)
+        s.fit_spectrum(wait(), fix_fingers, max_fingers, finger_thresh)
     except SOLVE_ERRORS:
         s.failed = True
 

@@ -68,6 +68,11 @@ class LayerMatrices:
     def num_evals(self) -> int:
         return self.M * self.rf if self.num_components is None else self.num_components
 
+    @property
+    def size(self) -> int:
+        """Weight entries of the loaded ``(rf, rows, cols)`` stack."""
+        return self.rf * self.rows * self.cols
+
 
 def _as_stack(w: Any, layout: str) -> Any:
     """Reshape one weight tensor (numpy or torch) into a (rf, rows, cols) stack of matrices."""

@@ -202,14 +202,11 @@ def eigenvalues_later(batch: Any, precision: str = "float64", solver: str = "gra
     import torch
 
     parts = [p if is_torch_tensor(p) else _from_numpy(p) for p in parts]
-    small = min(parts[0].shape[-2:]) < POOL_MAX_N
-    if parts[0].device.type != "cpu" or not small or torch.get_num_threads() < 2:
-        done = _torch_eigenvalues(parts, precision, solver)
-        return Later(lambda: done, True)
     gram = _torch_gram(parts, torch.float64 if precision == "float64" else torch.float32)
-    chunks = gram.tensor_split(min(gram.shape[0], torch.get_num_threads()))
-    pool = _solver_pool(len(chunks))
-    futures = [pool.submit(torch.linalg.eigvalsh, chunk) for chunk in chunks]
+    futures = _queue_eigvalsh(gram)
+    if futures is None:
+        done = _as_evals(torch.linalg.eigvalsh(gram))
+        return Later(lambda: done, True)
     return Later(lambda: _as_evals(torch.cat([f.result() for f in futures])), False, futures)
 
 
@@ -254,15 +251,28 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
-def _batched_eigvalsh(gram: Any) -> Any:
-    """``torch.linalg.eigvalsh`` of a ``(b, n, n)`` batch; small CPU matrices one thread each."""
+def _queue_eigvalsh(gram: Any) -> Optional[List[Any]]:
+    """The futures of ``torch.linalg.eigvalsh`` of a ``(b, n, n)`` batch queued on the solver
+    pool, split over the torch threads (small CPU matrices, one thread each), in order; ``None``
+    when the batch is to be solved on the calling thread (large matrices, a GPU, one thread)."""
     import torch
 
     threads = torch.get_num_threads()
     if gram.device.type != "cpu" or gram.shape[-1] >= POOL_MAX_N or threads < 2:
-        return torch.linalg.eigvalsh(gram)
+        return None
     chunks = gram.tensor_split(min(gram.shape[0], threads))
-    return torch.cat(list(_solver_pool(len(chunks)).map(torch.linalg.eigvalsh, chunks)))
+    pool = _solver_pool(len(chunks))
+    return [pool.submit(torch.linalg.eigvalsh, chunk) for chunk in chunks]
+
+
+def _batched_eigvalsh(gram: Any) -> Any:
+    """``torch.linalg.eigvalsh`` of a ``(b, n, n)`` batch; small CPU matrices one thread each."""
+    import torch
+
+    futures = _queue_eigvalsh(gram)
+    if futures is None:
+        return torch.linalg.eigvalsh(gram)
+    return torch.cat([f.result() for f in futures])
 
 
 def parallel_map(fn: Callable[[Any], Any], items: Iterable[Any]) -> List[Any]:
