@@ -308,3 +308,28 @@ def test_each_group_is_loaded_in_its_own_turn(streamed):
     loads_before_yield = [sum(1 for e in events[:events.index(("yield", i))] if e[0] == "load")
                           for i in range(len(weights))]
     assert loads_before_yield == ([1, 2, 3, 4, 5, 6] if streamed else [2, 3, 4, 5, 6, 6])
+
+
+def test_ks_shift_benchmark_runs_and_reports_every_layer(tmp_path):
+    """``benchmarks/ks_shift.py --quick`` (the measurement behind ``KS_SLACK``): every layer is
+    solved both ways and measured, a near-best shift is one of the shifts, and no layer the
+    float32 check accepts reports an alpha off float64's by more than ``ALPHA_TOL``."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    out = tmp_path / "ks.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ks_shift.py"), "--quick",
+                           "--out", str(out)], cwd=str(REPO), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    s = report["summary"]
+    assert s["layers"] == s["measured"] == 4
+    assert 0.0 <= s["near_dD"] <= s["max_dD"] < 1.0
+    assert s["accepted_but_off"] == []
+    assert s["ks_slack"] == P.KS_SLACK
+    assert {r["layer"] for r in report["layers"]["synthetic"]} == {
+        "trained_like.0", "trained_like.1", "student_t.256", "gaussian.256"}
