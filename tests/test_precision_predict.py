@@ -278,36 +278,91 @@ def test_eigenvalues_later_equals_eigenvalues():
         eigenvalues_later(bad)()
 
 
-@pytest.mark.parametrize("streamed", [False, True])
-def test_each_group_is_loaded_in_its_own_turn(streamed):
-    """``with_eigenvalues`` loads a group's layers only when the caller reaches the group, so one
-    streamed layer is in memory at a time; batched eigenvalues are those of each layer alone."""
-    from ww_core.batching import with_eigenvalues
+def _load_logging_layers(weights, events, streamed=False, broken=()):
     from ww_core.layer_matrices import LayerMatrices
-    from ww_core.spectrum import eigenvalues
-
-    rng = np.random.default_rng(4)
-    weights = [rng.standard_normal((1, 40 + 10 * i, 30 + 5 * i)) for i in range(5)]   # 5 shapes
-    weights.append(rng.standard_normal((1, 40, 30)))               # grouped with the first
-    events = []
 
     def loader(i):
         def load():
             events.append(("load", i))
+            if i in broken:
+                raise OSError(f"cannot read l{i}")
             return weights[i]
         return load
 
-    todo = [LayerMatrices(name=f"l{i}", type="dense", rf=1, rows=w.shape[1], cols=w.shape[2],
+    return [LayerMatrices(name=f"l{i}", type="dense", rf=1, rows=w.shape[1], cols=w.shape[2],
                           load=loader(i), streamed=streamed) for i, w in enumerate(weights)]
-    for lm, _, raw, _, _ in with_eigenvalues(todo, "float64", "gram", 1 << 20):
+
+
+def _loads_before_each_yield(events, n):
+    return [sum(1 for e in events[:events.index(("yield", i))] if e[0] == "load")
+            for i in range(n)]
+
+
+# 5 shapes, the sixth layer grouped with the first; l{i} has (40 + 10i)·(30 + 5i) entries
+_SHAPES = [(40 + 10 * i, 30 + 5 * i) for i in range(5)] + [(40, 30)]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_groups_are_loaded_in_turn_or_ahead_within_budget(streamed):
+    """``with_eigenvalues`` loads a streamed layer only when the caller reaches it (one in memory
+    at a time); in-memory groups are started ahead within ``max_elements``; either way the
+    eigenvalues are those of each layer alone, and come in model order."""
+    from ww_core.batching import with_eigenvalues
+    from ww_core.spectrum import eigenvalues
+
+    rng = np.random.default_rng(4)
+    weights = [rng.standard_normal((1, r, c)) for r, c in _SHAPES]
+    events = []
+    order = []
+    for lm, _, raw, _, _ in with_eigenvalues(_load_logging_layers(weights, events, streamed),
+                                             "float64", "gram", 1 << 20):
         i = int(lm.name[1:])
+        order.append(i)
         events.append(("yield", i))
         if raw is not None:
             assert not streamed
             np.testing.assert_array_equal(raw, eigenvalues(weights[i], "float64"))
-    loads_before_yield = [sum(1 for e in events[:events.index(("yield", i))] if e[0] == "load")
-                          for i in range(len(weights))]
-    assert loads_before_yield == ([1, 2, 3, 4, 5, 6] if streamed else [2, 3, 4, 5, 6, 6])
+        else:
+            assert streamed
+    assert order == list(range(6))
+    assert _loads_before_each_yield(events, 6) == (
+        [1, 2, 3, 4, 5, 6] if streamed else [6, 6, 6, 6, 6, 6])
+
+
+def test_started_ahead_only_within_the_budget():
+    """Groups past the current one are started only while their weight entries fit in
+    ``max_elements``."""
+    from ww_core.batching import with_eigenvalues
+
+    rng = np.random.default_rng(5)
+    weights = [rng.standard_normal((1, r, c)) for r, c in _SHAPES]
+    events = []
+    # entries: l0 1,200, l1 1,750, l2 2,400, l3 3,150, l4 4,000, l5 1,200; groups (l0, l5), l1,
+    # l2, l3, l4. With 4,200: at l0, l1 + l2 (4,150) are started ahead; at l2 (l1 done), l3;
+    # at l3, l4.
+    for lm, _, raw, _, _ in with_eigenvalues(_load_logging_layers(weights, events), "float64",
+                                             "gram", 4200):
+        events.append(("yield", int(lm.name[1:])))
+        assert raw is not None
+    assert _loads_before_each_yield(events, 6) == [4, 4, 5, 6, 6, 6]
+
+
+def test_a_layer_that_cannot_be_read_fails_in_its_turn():
+    """A load error in a group started ahead is raised when that layer comes up, after the
+    layers before it were handed out, and names that layer."""
+    from ww_core.batching import with_eigenvalues
+    from ww_core.errors import failing_layer
+
+    rng = np.random.default_rng(6)
+    weights = [rng.standard_normal((1, r, c)) for r, c in _SHAPES]
+    events = []
+    seen = []
+    with pytest.raises(OSError, match="cannot read l3") as info:
+        for lm, *_ in with_eigenvalues(_load_logging_layers(weights, events, broken={3}),
+                                       "float64", "gram", 1 << 20):
+            seen.append(lm.name)
+    assert seen == ["l0", "l1", "l2"]
+    assert failing_layer(info.value) == "l3"
 
 
 def test_ks_shift_benchmark_runs_and_reports_every_layer(tmp_path):

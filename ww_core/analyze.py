@@ -168,9 +168,11 @@ def analyze(
         keep_evals: keep each layer's eigenvalues on ``LayerResult.evals`` (for plots).
         batch_elements: consecutive in-memory layers whose matrices have the same shape share one
             eigensolver call, up to this many weight entries (0 disables). Layers read from files
-            are never batched, so one layer at a time is in memory. In-memory layers solved
-            after one whose float32 spectrum was rejected wait, loaded, for its float64 re-solve
-            (which runs meanwhile), up to this many weight entries and ``MAX_PENDING`` layers.
+            are never batched, so one layer at a time is in memory. Up to this many weight
+            entries of later in-memory layers are also solved ahead, on the solver pool, while
+            earlier ones are fitted (without ``randomize``). In-memory layers solved after one
+            whose float32 spectrum was rejected wait, loaded, for its float64 re-solve (which
+            runs meanwhile), up to this many weight entries and ``MAX_PENDING`` layers.
         progress: show a tqdm progress bar on stderr (without tqdm: a ``k/n layers`` counter).
         rank_tol, rank_collapse_share: a layer is flagged ``rank-collapse`` when more than
             ``rank_collapse_share`` of its eigenvalues are at most ``rank_tol × λ_max``.

@@ -5,6 +5,14 @@ replicas when ``randomize`` is on (:func:`shuffled_replicas`); a layer read from
 alone, so one streamed layer is in memory at a time. Within a group, the layers planned for float64
 (:func:`ww_core.precision.first_precision`) share one float64 call, the others (and every shuffled
 replica) one call in the group's precision.
+
+Without ``randomize``, in-memory groups of matrices small enough for the solver pool are also
+started *ahead* (:func:`~ww_core.spectrum.eigenvalues_later`), up to ``max_elements`` weight
+entries past the group being handed out, so that their eigensolves
+run on the pool's threads while the caller fits the layers before them. A model whose solve time
+sits in one large layer (EfficientNet-Lite0's classifier: 56 of its 72 ms, on one thread) then
+keeps both cores busy. The eigenvalues are the same to the bit (the route of a solve depends only
+on the matrix size).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import numpy as np
 
 from .errors import in_layer
 from .layer_matrices import LayerMatrices
-from .spectrum import SOLVE_ERRORS, eigenvalues, is_torch_tensor, parallel_map
+from .spectrum import POOL_MAX_N, SOLVE_ERRORS, Later, eigenvalues_later, is_torch_tensor, parallel_map
 
 __all__ = ["group_layers", "shuffled_replicas", "with_eigenvalues"]
 
@@ -61,30 +69,98 @@ def with_eigenvalues(todo: List[LayerMatrices], precision: str, solver: str, max
                      plan_for: Optional[Callable[[LayerMatrices, Any], Plan]] = None):
     """Yield ``(layer, batch, raw_evals, rand_raw, plan)`` in model order, solving groups together.
 
-    Each group (see :func:`group_layers`) is solved when its first layer comes up, in one eigensolver
-    call in ``precision`` (which splits it over the cores), with each layer's shuffled replicas
-    when ``rng_for`` is given (``randomize``). ``raw_evals`` is ``None`` when the layer is alone
-    with nothing to batch, or when its group's solve failed (NaN weights in one layer, say):
+    Each group (see :func:`group_layers`) is solved in one eigensolver call per precision (which
+    splits it over the cores), with each layer's shuffled replicas when ``rng_for`` is given
+    (``randomize``). A group is loaded and started when its first layer comes up, or earlier
+    (see the module docstring: in-memory groups, no ``rng_for``, within ``max_elements``).
+    ``raw_evals`` is ``None`` for a streamed layer without ``rng_for`` (read and solved by the
+    caller, one at a time) and when its group's solve failed (NaN weights in one layer, say):
     :func:`ww_core.analyze_layer` then solves (and flags) that layer on its own. ``plan`` is
     ``plan_for(layer, batch)`` (the precision ``raw_evals`` was solved in, and why), or
-    ``(precision, "")`` without ``plan_for``.
+    ``(precision, "")`` without ``plan_for``. An error loading a layer is raised when that layer
+    comes up, in model order, even when its group was to be started ahead.
     """
     groups = group_layers(todo, max_elements)
     group_of = {i: g for g, members in enumerate(groups) for i in members}
-    ready: Dict[int, Tuple[Any, Optional[np.ndarray], Optional[np.ndarray]]] = {}
-    for i, lm in enumerate(todo):
-        if i not in ready:
-            members = groups[group_of[i]]
-            with in_layer(lm.name):       # (a member's own load/shuffle error names that member)
-                ready.update(zip(members, _solve_group([todo[j] for j in members], precision,
-                                                       solver, rng_for, plan_for)))
-        batch, raw, rand_raw, plan = ready.pop(i)
-        yield lm, batch, raw, rand_raw, plan
+    sizes = [sum(todo[j].size for j in members) for members in groups]
+    solve_cost = [sum(todo[j].rf * todo[j].M ** 3 for j in members) for members in groups]
+    ready: Dict[int, Tuple[Any, Optional[np.ndarray], Optional[np.ndarray], Plan]] = {}
+    started: Dict[int, _Started] = {}
+
+    def start(g: int) -> "_Started":
+        return _start_group([todo[j] for j in groups[g]], precision, solver, rng_for, plan_for)
+
+    def window(first: int) -> List[int]:
+        """The groups from ``first`` on that may be started now, in model order."""
+        out: List[int] = []
+        room = max_elements - sum(sizes[k] for k in started)
+        h = first
+        while rng_for is None and h < len(groups) and sizes[h] <= room:
+            if any(todo[j].streamed or todo[j].M >= POOL_MAX_N for j in groups[h]):
+                break             # (streamed: one at a time; large: solved where started)
+            out.append(h)
+            room -= sizes[h]
+            h += 1
+        return out
+
+    try:
+        following = 0                 # the next group that may be started ahead
+        for i, lm in enumerate(todo):
+            if i not in ready:
+                g = group_of[i]
+                with in_layer(lm.name):   # (a member's own load/shuffle error names that member)
+                    current = started.pop(g, None) or start(g)
+                    ahead = window(max(following, g + 1))
+                    following = ahead[-1] + 1 if ahead else max(following, g + 1)
+                    for h in sorted(ahead, key=lambda h: -solve_cost[h]):    # longest first
+                        try:
+                            started[h] = start(h)
+                        except Exception:  # (raised again, in model order, when it comes up)
+                            pass
+                    ready.update(zip(groups[g], current()))
+            yield (lm, *ready.pop(i))
+    finally:
+        for pending in started.values():      # (abandoned: drop the solves not yet begun)
+            pending.cancel()
 
 
-def _solve_group(group: List[LayerMatrices], precision: str, solver: str,
+class _Started:
+    """A group whose eigensolves were started: call it for each member's
+    ``(batch, raw_evals, rand_raw, plan)``; :meth:`cancel` drops the solves not yet begun."""
+
+    def __init__(self, batches: List[Any], plans: List[Plan], rands: List[Any],
+                 calls: List[Tuple[List[Tuple[int, bool, Any]], Optional[Later]]]) -> None:
+        self.batches, self.plans, self.rands, self.calls = batches, plans, rands, calls
+
+    def __call__(self) -> List[Tuple[Any, Optional[np.ndarray], Optional[np.ndarray], Plan]]:
+        n = len(self.batches)
+        raws: List[Any] = [None] * n
+        rand_raws: List[Any] = [None] * n
+        for parts, later in self.calls:
+            if later is None:          # (the solve failed as it started)
+                continue
+            try:
+                evals = later()
+            except SOLVE_ERRORS:       # analyze_layer retries these layers alone
+                continue
+            pieces = np.split(evals, np.cumsum([p.shape[0] for _, _, p in parts])[:-1])
+            for (k, is_rand, _), piece in zip(parts, pieces):
+                (rand_raws if is_rand else raws)[k] = piece
+        for k in range(n):
+            if self.rands[k] is not None and rand_raws[k] is None:
+                raws[k] = None         # (alone, its shuffles are redrawn from the same seed)
+        return [(b, raws[k], rand_raws[k] if raws[k] is not None else None, self.plans[k])
+                for k, b in enumerate(self.batches)]
+
+    def cancel(self) -> None:
+        for _, later in self.calls:
+            if later is not None:
+                later.cancel()
+
+
+def _start_group(group: List[LayerMatrices], precision: str, solver: str,
                  rng_for: Optional[Callable[[LayerMatrices], Any]],
-                 plan_for: Optional[Callable[[LayerMatrices, Any], Plan]] = None):
+                 plan_for: Optional[Callable[[LayerMatrices, Any], Plan]] = None) -> _Started:
     batches = [_load(lm) for lm in group]
     plans = [_plan(plan_for, lm, b) for lm, b in zip(group, batches)] if plan_for else (
         [(precision, "")] * len(group))
@@ -94,10 +170,9 @@ def _solve_group(group: List[LayerMatrices], precision: str, solver: str,
         on_cpu = all(not is_torch_tensor(b) or b.device.type == "cpu" for b in batches)
         jobs = list(zip(group, batches, rngs))
         rands = (parallel_map(_shuffle, jobs) if on_cpu else [_shuffle(job) for job in jobs])
-    if len(group) == 1 and rands[0] is None:
-        return [(batches[0], None, None, plans[0])]
-    raws: List[Any] = [None] * len(group)
-    rand_raws: List[Any] = [None] * len(group)
+    calls: List[Tuple[List[Tuple[int, bool, Any]], Optional[Later]]] = []
+    if len(group) == 1 and group[0].streamed and rands[0] is None:
+        return _Started(batches, plans, rands, calls)      # (the caller solves it)
     # one call per precision; the shuffled replicas go with the group's own precision
     for wanted in sorted({p for p, _ in plans} | ({precision} if rng_for else set())):
         idx = [k for k in range(len(group)) if plans[k][0] == wanted]
@@ -107,19 +182,11 @@ def _solve_group(group: List[LayerMatrices], precision: str, solver: str,
         if not parts:
             continue
         try:
-            evals = eigenvalues([p for _, _, p in parts], wanted, solver)
-        except SOLVE_ERRORS:          # analyze_layer retries these layers alone
-            for k, _, _ in parts:
-                raws[k] = rand_raws[k] = None
-            continue
-        pieces = np.split(evals, np.cumsum([p.shape[0] for _, _, p in parts])[:-1])
-        for (k, is_rand, _), piece in zip(parts, pieces):
-            (rand_raws if is_rand else raws)[k] = piece
-    for k in range(len(group)):
-        if rands[k] is not None and rand_raws[k] is None:
-            raws[k] = None             # (alone, its shuffles are redrawn from the same seed)
-    return [(b, raws[k], rand_raws[k] if raws[k] is not None else None, plans[k])
-            for k, b in enumerate(batches)]
+            later: Optional[Later] = eigenvalues_later([p for _, _, p in parts], wanted, solver)
+        except SOLVE_ERRORS:           # analyze_layer retries these layers alone
+            later = None
+        calls.append((parts, later))
+    return _Started(batches, plans, rands, calls)
 
 
 def _plan(plan_for: Callable[[LayerMatrices, Any], Plan], lm: LayerMatrices, batch: Any) -> Plan:
