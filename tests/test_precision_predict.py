@@ -347,6 +347,26 @@ def test_started_ahead_only_within_the_budget():
     assert _loads_before_each_yield(events, 6) == [4, 4, 5, 6, 6, 6]
 
 
+def test_nothing_is_started_ahead_without_the_solver_pool():
+    """With one torch thread the pool is not used, so each group is loaded in its own turn."""
+    torch = pytest.importorskip("torch")
+    from ww_core.batching import with_eigenvalues
+
+    rng = np.random.default_rng(7)
+    weights = [rng.standard_normal((1, r, c)) for r, c in _SHAPES]
+    events = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for lm, _, raw, _, _ in with_eigenvalues(_load_logging_layers(weights, events), "float64",
+                                                 "gram", 1 << 20):
+            events.append(("yield", int(lm.name[1:])))
+            assert raw is not None
+    finally:
+        torch.set_num_threads(threads)
+    assert _loads_before_each_yield(events, 6) == [2, 3, 4, 5, 6, 6]
+
+
 def test_a_layer_that_cannot_be_read_fails_in_its_turn():
     """A load error in a group started ahead is raised when that layer comes up, after the
     layers before it were handed out, and names that layer."""

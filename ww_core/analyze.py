@@ -172,7 +172,9 @@ def analyze(
             entries of later in-memory layers are also solved ahead, on the solver pool, while
             earlier ones are fitted (without ``randomize``). In-memory layers solved after one
             whose float32 spectrum was rejected wait, loaded, for its float64 re-solve (which
-            runs meanwhile), up to this many weight entries and ``MAX_PENDING`` layers.
+            runs meanwhile), up to this many weight entries and ``MAX_PENDING`` layers. So up
+            to about three times this many entries of in-memory layers (mostly views of the
+            model's own weights) are held at once.
         progress: show a tqdm progress bar on stderr (without tqdm: a ``k/n layers`` counter).
         rank_tol, rank_collapse_share: a layer is flagged ``rank-collapse`` when more than
             ``rank_collapse_share`` of its eigenvalues are at most ``rank_tol × λ_max``.

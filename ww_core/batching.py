@@ -6,13 +6,13 @@ alone, so one streamed layer is in memory at a time. Within a group, the layers 
 (:func:`ww_core.precision.first_precision`) share one float64 call, the others (and every shuffled
 replica) one call in the group's precision.
 
-Without ``randomize``, in-memory groups of matrices small enough for the solver pool are also
-started *ahead* (:func:`~ww_core.spectrum.eigenvalues_later`), up to ``max_elements`` weight
-entries past the group being handed out, so that their eigensolves
-run on the pool's threads while the caller fits the layers before them. A model whose solve time
-sits in one large layer (EfficientNet-Lite0's classifier: 56 of its 72 ms, on one thread) then
-keeps both cores busy. The eigenvalues are the same to the bit (the route of a solve depends only
-on the matrix size).
+Without ``randomize``, where the solver pool is used (:func:`~ww_core.spectrum.pool_solves`,
+CPU weights), in-memory groups of matrices small enough for it are also started *ahead*
+(:func:`~ww_core.spectrum.eigenvalues_later`), up to ``max_elements`` weight entries besides
+the group being handed out, so that their eigensolves run on the pool's threads while the
+caller fits the layers before them. A model whose solve time sits in one large layer
+(EfficientNet-Lite0's classifier: 56 of its 72 ms, on one thread) then keeps both cores busy.
+The eigenvalues are the same to the bit (the route of a solve depends only on the matrix size).
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ import numpy as np
 
 from .errors import in_layer
 from .layer_matrices import LayerMatrices
-from .spectrum import POOL_MAX_N, SOLVE_ERRORS, Later, eigenvalues_later, is_torch_tensor, parallel_map
+from .spectrum import (
+    POOL_MAX_N,
+    SOLVE_ERRORS,
+    Later,
+    eigenvalues_later,
+    is_torch_tensor,
+    parallel_map,
+    pool_solves,
+)
 
 __all__ = ["group_layers", "shuffled_replicas", "with_eigenvalues"]
 
@@ -86,16 +94,18 @@ def with_eigenvalues(todo: List[LayerMatrices], precision: str, solver: str, max
     solve_cost = [sum(todo[j].rf * todo[j].M ** 3 for j in members) for members in groups]
     ready: Dict[int, Tuple[Any, Optional[np.ndarray], Optional[np.ndarray], Plan]] = {}
     started: Dict[int, _Started] = {}
+    ahead_ok = rng_for is None and pool_solves(solver)   # (else nothing would run beside us)
 
     def start(g: int) -> "_Started":
         return _start_group([todo[j] for j in groups[g]], precision, solver, rng_for, plan_for)
 
-    def window(first: int) -> List[int]:
-        """The groups from ``first`` on that may be started now, in model order."""
+    def window(current: int, first: int) -> List[int]:
+        """The groups from ``first`` on that may be started now, in model order: up to
+        ``max_elements`` weight entries besides the ``current`` group."""
         out: List[int] = []
-        room = max_elements - sum(sizes[k] for k in started)
+        room = max_elements - sum(sizes[k] for k in started if k != current)
         h = first
-        while rng_for is None and h < len(groups) and sizes[h] <= room:
+        while ahead_ok and h < len(groups) and sizes[h] <= room:
             if any(todo[j].streamed or todo[j].M >= POOL_MAX_N for j in groups[h]):
                 break             # (streamed: one at a time; large: solved where started)
             out.append(h)
@@ -109,8 +119,10 @@ def with_eigenvalues(todo: List[LayerMatrices], precision: str, solver: str, max
             if i not in ready:
                 g = group_of[i]
                 with in_layer(lm.name):   # (a member's own load/shuffle error names that member)
-                    current = started.pop(g, None) or start(g)
-                    ahead = window(max(following, g + 1))
+                    current = started.get(g) or started.setdefault(g, start(g))
+                    if not current.on_cpu:
+                        ahead_ok = False  # (a GPU solves where it is started)
+                    ahead = window(g, max(following, g + 1))
                     following = ahead[-1] + 1 if ahead else max(following, g + 1)
                     for h in sorted(ahead, key=lambda h: -solve_cost[h]):    # longest first
                         try:
@@ -118,6 +130,7 @@ def with_eigenvalues(todo: List[LayerMatrices], precision: str, solver: str, max
                         except Exception:  # (raised again, in model order, when it comes up)
                             pass
                     ready.update(zip(groups[g], current()))
+                    del started[g]
             yield (lm, *ready.pop(i))
     finally:
         for pending in started.values():      # (abandoned: drop the solves not yet begun)
@@ -131,6 +144,7 @@ class _Started:
     def __init__(self, batches: List[Any], plans: List[Plan], rands: List[Any],
                  calls: List[Tuple[List[Tuple[int, bool, Any]], Optional[Later]]]) -> None:
         self.batches, self.plans, self.rands, self.calls = batches, plans, rands, calls
+        self.on_cpu = all(not is_torch_tensor(b) or b.device.type == "cpu" for b in batches)
 
     def __call__(self) -> List[Tuple[Any, Optional[np.ndarray], Optional[np.ndarray], Plan]]:
         n = len(self.batches)
@@ -170,23 +184,27 @@ def _start_group(group: List[LayerMatrices], precision: str, solver: str,
         on_cpu = all(not is_torch_tensor(b) or b.device.type == "cpu" for b in batches)
         jobs = list(zip(group, batches, rngs))
         rands = (parallel_map(_shuffle, jobs) if on_cpu else [_shuffle(job) for job in jobs])
-    calls: List[Tuple[List[Tuple[int, bool, Any]], Optional[Later]]] = []
+    started = _Started(batches, plans, rands, [])
     if len(group) == 1 and group[0].streamed and rands[0] is None:
-        return _Started(batches, plans, rands, calls)      # (the caller solves it)
-    # one call per precision; the shuffled replicas go with the group's own precision
-    for wanted in sorted({p for p, _ in plans} | ({precision} if rng_for else set())):
-        idx = [k for k in range(len(group)) if plans[k][0] == wanted]
-        parts = [(k, False, batches[k]) for k in idx]
-        if wanted == precision:
-            parts += [(k, True, rands[k]) for k in range(len(group)) if rands[k] is not None]
-        if not parts:
-            continue
-        try:
-            later: Optional[Later] = eigenvalues_later([p for _, _, p in parts], wanted, solver)
-        except SOLVE_ERRORS:           # analyze_layer retries these layers alone
-            later = None
-        calls.append((parts, later))
-    return _Started(batches, plans, rands, calls)
+        return started                 # (the caller solves it)
+    try:
+        # one call per precision; the shuffled replicas go with the group's own precision
+        for wanted in sorted({p for p, _ in plans} | ({precision} if rng_for else set())):
+            idx = [k for k in range(len(group)) if plans[k][0] == wanted]
+            parts = [(k, False, batches[k]) for k in idx]
+            if wanted == precision:
+                parts += [(k, True, rands[k]) for k in range(len(group)) if rands[k] is not None]
+            if not parts:
+                continue
+            try:
+                later: Optional[Later] = eigenvalues_later([p for _, _, p in parts], wanted, solver)
+            except SOLVE_ERRORS:       # analyze_layer retries these layers alone
+                later = None
+            started.calls.append((parts, later))
+    except BaseException:
+        started.cancel()
+        raise
+    return started
 
 
 def _plan(plan_for: Callable[[LayerMatrices, Any], Plan], lm: LayerMatrices, batch: Any) -> Plan:

@@ -261,8 +261,19 @@ def _queue_eigvalsh(gram: Any) -> Optional[List[Any]]:
     if gram.device.type != "cpu" or gram.shape[-1] >= POOL_MAX_N or threads < 2:
         return None
     chunks = gram.tensor_split(min(gram.shape[0], threads))
-    pool = _solver_pool(len(chunks))
+    pool = _solver_pool(threads)        # (one worker per thread: several calls may be queued)
     return [pool.submit(torch.linalg.eigvalsh, chunk) for chunk in chunks]
+
+
+def pool_solves(solver: str = "gram") -> bool:
+    """True when :func:`eigenvalues_later` queues small CPU eigensolves on the solver pool
+    (torch installed, the ``"gram"`` solver, two or more torch threads), so that work started
+    ahead runs beside the caller."""
+    if solver != "gram" or not torch_available():
+        return False
+    import torch
+
+    return torch.get_num_threads() >= 2
 
 
 def _batched_eigvalsh(gram: Any) -> Any:
