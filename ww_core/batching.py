@@ -35,6 +35,9 @@ from .spectrum import (
 
 __all__ = ["group_layers", "shuffled_replicas", "with_eigenvalues"]
 
+#: Groups past the current one looked at for starting ahead.
+AHEAD_SCAN = 64
+
 
 def shuffled_replicas(lm: LayerMatrices, batch: Any, rng: np.random.Generator) -> Any:
     """The layer's randomised copies (WeightWatcher's replica count), stacked along axis 0."""
@@ -94,41 +97,43 @@ def with_eigenvalues(todo: List[LayerMatrices], precision: str, solver: str, max
     solve_cost = [sum(todo[j].rf * todo[j].M ** 3 for j in members) for members in groups]
     ready: Dict[int, Tuple[Any, Optional[np.ndarray], Optional[np.ndarray], Plan]] = {}
     started: Dict[int, _Started] = {}
-    ahead_ok = rng_for is None and pool_solves(solver)   # (else nothing would run beside us)
+    threads = pool_solves(solver) if rng_for is None else 0   # (0: nothing runs beside us)
 
     def start(g: int) -> "_Started":
         return _start_group([todo[j] for j in groups[g]], precision, solver, rng_for, plan_for)
 
-    def window(current: int, first: int) -> List[int]:
-        """The groups from ``first`` on that may be started now, in model order: up to
-        ``max_elements`` weight entries besides the ``current`` group."""
+    def window(current: int) -> List[int]:
+        """The groups after ``current``, not started yet, that may be started now: up to
+        ``max_elements`` weight entries besides ``current``, at most :data:`AHEAD_SCAN` groups
+        on, up to the first streamed or large one."""
         out: List[int] = []
         room = max_elements - sum(sizes[k] for k in started if k != current)
-        h = first
-        while ahead_ok and h < len(groups) and sizes[h] <= room:
-            if any(todo[j].streamed or todo[j].M >= POOL_MAX_N for j in groups[h]):
+        for h in range(current + 1, min(len(groups), current + 1 + AHEAD_SCAN)):
+            if h in started:
+                continue
+            if sizes[h] > room or any(todo[j].streamed or todo[j].M >= POOL_MAX_N
+                                      for j in groups[h]):
                 break             # (streamed: one at a time; large: solved where started)
             out.append(h)
             room -= sizes[h]
-            h += 1
         return out
 
     try:
-        following = 0                 # the next group that may be started ahead
         for i, lm in enumerate(todo):
             if i not in ready:
                 g = group_of[i]
                 with in_layer(lm.name):   # (a member's own load/shuffle error names that member)
                     current = started.get(g) or started.setdefault(g, start(g))
                     if not current.on_cpu:
-                        ahead_ok = False  # (a GPU solves where it is started)
-                    ahead = window(g, max(following, g + 1))
-                    following = ahead[-1] + 1 if ahead else max(following, g + 1)
-                    for h in sorted(ahead, key=lambda h: -solve_cost[h]):    # longest first
+                        threads = 0       # (a GPU solves where it is started)
+                    # longest first, while fewer solves are queued than the pool has threads
+                    for h in sorted(window(g) if threads else [], key=lambda h: -solve_cost[h]):
+                        if sum(s.running for s in started.values()) >= threads:
+                            break
                         try:
                             started[h] = start(h)
                         except Exception:  # (raised again, in model order, when it comes up)
-                            pass
+                            break
                     ready.update(zip(groups[g], current()))
                     del started[g]
             yield (lm, *ready.pop(i))
@@ -145,6 +150,11 @@ class _Started:
                  calls: List[Tuple[List[Tuple[int, bool, Any]], Optional[Later]]]) -> None:
         self.batches, self.plans, self.rands, self.calls = batches, plans, rands, calls
         self.on_cpu = all(not is_torch_tensor(b) or b.device.type == "cpu" for b in batches)
+
+    @property
+    def running(self) -> int:
+        """Its eigensolves queued or running on the solver pool."""
+        return sum(later.running for _, later in self.calls if later is not None)
 
     def __call__(self) -> List[Tuple[Any, Optional[np.ndarray], Optional[np.ndarray], Plan]]:
         n = len(self.batches)

@@ -164,6 +164,11 @@ class Later:
     def __call__(self) -> np.ndarray:
         return self._get()
 
+    @property
+    def running(self) -> int:
+        """How many of its eigensolves (one per solver thread used) are queued or running."""
+        return sum(not future.done() for future in self._futures)
+
     def cancel(self) -> None:
         """Drop the eigensolves that have not started yet (the result is not wanted)."""
         for future in self._futures:
@@ -265,15 +270,16 @@ def _queue_eigvalsh(gram: Any) -> Optional[List[Any]]:
     return [pool.submit(torch.linalg.eigvalsh, chunk) for chunk in chunks]
 
 
-def pool_solves(solver: str = "gram") -> bool:
-    """True when :func:`eigenvalues_later` queues small CPU eigensolves on the solver pool
-    (torch installed, the ``"gram"`` solver, two or more torch threads), so that work started
-    ahead runs beside the caller."""
+def pool_solves(solver: str = "gram") -> int:
+    """The solver pool's threads when :func:`eigenvalues_later` queues small CPU eigensolves on
+    it (torch installed, the ``"gram"`` solver, two or more torch threads), so that work started
+    ahead runs beside the caller; else 0."""
     if solver != "gram" or not torch_available():
-        return False
+        return 0
     import torch
 
-    return torch.get_num_threads() >= 2
+    threads = torch.get_num_threads()
+    return threads if threads >= 2 else 0
 
 
 def _batched_eigvalsh(gram: Any) -> Any:
