@@ -159,6 +159,7 @@ def main() -> None:
         machine=dict(cpu=platform.processor() or platform.machine(), python=platform.python_version(),
                      torch=torch.__version__, numpy=np.__version__),
         near=args.near, summary=summarise(everything),
+        pretrained=summarise([r for k, rows in per_set.items() if k != "synthetic" for r in rows]),
         per_set={k: summarise(v) for k, v in per_set.items()}, layers=per_set)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
