@@ -11,7 +11,7 @@ round (the two sides ran seconds apart) and summarised as the median over rounds
 ::
 
     python benchmarks/engine_ab.py --base HEAD~1                       # MiniLM-L6, EfficientNet-Lite0
-    python benchmarks/engine_ab.py --base v0.3 --models llm-like --rounds 4 --out ''
+    python benchmarks/engine_ab.py --base HEAD~3 --models llm-like --rounds 4 --out ''
 """
 
 from __future__ import annotations
