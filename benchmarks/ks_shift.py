@@ -75,12 +75,12 @@ def models(quick: bool) -> Iterator[Tuple[str, Any]]:
 
 def layer_row(lm: Any, near: float) -> Dict[str, Any]:
     from ww_core import precision as P
-    from ww_core.layer_analysis import _top
+    from ww_core.layer_analysis import layer_spectrum
     from ww_core.powerlaw import fit_powerlaw
     from ww_core.spectrum import eigenvalues
 
     batch = lm.load()
-    ev = {p: _top(np.sort(eigenvalues(batch, p).ravel()) * lm.scale, lm)
+    ev = {p: layer_spectrum(eigenvalues(batch, p), lm)
           for p in ("float32", "float64")}
     f32, f64 = fit_powerlaw(ev["float32"]), fit_powerlaw(ev["float64"])
     row: Dict[str, Any] = dict(layer=lm.name, N=lm.N, M=lm.M, fitted=bool(f32.ok and f64.ok))

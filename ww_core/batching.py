@@ -24,7 +24,6 @@ import numpy as np
 from .errors import in_layer
 from .layer_matrices import LayerMatrices
 from .spectrum import (
-    POOL_MAX_N,
     SOLVE_ERRORS,
     Later,
     eigenvalues_later,
@@ -111,7 +110,7 @@ def with_eigenvalues(todo: List[LayerMatrices], precision: str, solver: str, max
         for h in range(current + 1, min(len(groups), current + 1 + AHEAD_SCAN)):
             if h in started:
                 continue
-            if sizes[h] > room or any(todo[j].streamed or todo[j].M >= POOL_MAX_N
+            if sizes[h] > room or any(todo[j].streamed or not pool_solves(solver, todo[j].M)
                                       for j in groups[h]):
                 break             # (streamed: one at a time; large: solved where started)
             out.append(h)
@@ -146,10 +145,9 @@ class _Started:
     """A group whose eigensolves were started: call it for each member's
     ``(batch, raw_evals, rand_raw, plan)``; :meth:`cancel` drops the solves not yet begun."""
 
-    def __init__(self, batches: List[Any], plans: List[Plan], rands: List[Any],
-                 calls: List[Tuple[List[Tuple[int, bool, Any]], Optional[Later]]]) -> None:
-        self.batches, self.plans, self.rands, self.calls = batches, plans, rands, calls
-        self.on_cpu = all(not is_torch_tensor(b) or b.device.type == "cpu" for b in batches)
+    def __init__(self, batches: List[Any], plans: List[Plan], rands: List[Any], on_cpu: bool) -> None:
+        self.batches, self.plans, self.rands, self.on_cpu = batches, plans, rands, on_cpu
+        self.calls: List[Tuple[List[Tuple[int, bool, Any]], Optional[Later]]] = []
 
     @property
     def running(self) -> int:
@@ -188,13 +186,13 @@ def _start_group(group: List[LayerMatrices], precision: str, solver: str,
     batches = [_load(lm) for lm in group]
     plans = [_plan(plan_for, lm, b) for lm, b in zip(group, batches)] if plan_for else (
         [(precision, "")] * len(group))
+    on_cpu = all(not is_torch_tensor(b) or b.device.type == "cpu" for b in batches)
     rands: List[Any] = [None] * len(group)
     if rng_for is not None:
         rngs = [rng_for(lm) for lm in group]          # drawn in model order, on this thread
-        on_cpu = all(not is_torch_tensor(b) or b.device.type == "cpu" for b in batches)
         jobs = list(zip(group, batches, rngs))
         rands = (parallel_map(_shuffle, jobs) if on_cpu else [_shuffle(job) for job in jobs])
-    started = _Started(batches, plans, rands, [])
+    started = _Started(batches, plans, rands, on_cpu)
     if len(group) == 1 and group[0].streamed and rands[0] is None:
         return started                 # (the caller solves it)
     try:

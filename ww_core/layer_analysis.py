@@ -31,7 +31,7 @@ from .spectrum import (
     is_torch_tensor,
 )
 
-__all__ = ["analyze_layer", "solve_layer", "finish_layer", "solve_precision"]
+__all__ = ["analyze_layer", "solve_layer", "finish_layer", "solve_precision", "layer_spectrum"]
 
 
 def solve_precision(precision: str, fix_fingers: Optional[str] = None) -> str:
@@ -66,7 +66,7 @@ class SolvedLayer:
                      finger_thresh: float) -> None:
         """Set :attr:`evals` (scaled, ascending, the top components of a LoRA product) from the
         raw eigenvalues and :attr:`fit` to their power-law fit."""
-        self.evals = _top(np.sort(raw_evals.ravel()) * self.lm.scale, self.lm)
+        self.evals = layer_spectrum(raw_evals, self.lm)
         self.fit = fit_powerlaw(self.evals, fix_fingers=fix_fingers, max_fingers=max_fingers,
                                 finger_thresh=finger_thresh)
 
@@ -300,6 +300,16 @@ def _all_finite(batch: Any) -> bool:
     return bool(np.isfinite(batch).all())
 
 
-def _top(evals: np.ndarray, lm: LayerMatrices) -> np.ndarray:
-    """The top ``lm.num_components`` eigenvalues (all when unset), ascending."""
+def layer_spectrum(raw_evals: np.ndarray, lm: LayerMatrices) -> np.ndarray:
+    """The spectrum a layer's fit sees: its raw eigenvalues (every slice) pooled, sorted, times
+    ``lm.scale``, and only the top ``lm.num_components`` of them when that is set (a LoRA
+    product).
+
+    Example:
+        >>> import numpy as np, ww_core
+        >>> lm = ww_core.find_layers({"fc.weight": np.eye(3)})[0]
+        >>> layer_spectrum(np.array([[4.0, 1.0, 9.0]]), lm).tolist()
+        [1.0, 4.0, 9.0]
+    """
+    evals = np.sort(raw_evals.ravel()) * lm.scale
     return evals if lm.num_components is None else evals[evals.size - min(lm.num_components, evals.size):]

@@ -262,19 +262,25 @@ def _queue_eigvalsh(gram: Any) -> Optional[List[Any]]:
     when the batch is to be solved on the calling thread (large matrices, a GPU, one thread)."""
     import torch
 
-    threads = torch.get_num_threads()
-    if gram.device.type != "cpu" or gram.shape[-1] >= POOL_MAX_N or threads < 2:
+    threads = pool_solves("gram", gram.shape[-1], gram.device.type)
+    if not threads:
         return None
     chunks = gram.tensor_split(min(gram.shape[0], threads))
     pool = _solver_pool(threads)        # (one worker per thread: several calls may be queued)
     return [pool.submit(torch.linalg.eigvalsh, chunk) for chunk in chunks]
 
 
-def pool_solves(solver: str = "gram") -> int:
-    """The solver pool's threads when :func:`eigenvalues_later` queues small CPU eigensolves on
-    it (torch installed, the ``"gram"`` solver, two or more torch threads), so that work started
-    ahead runs beside the caller; else 0."""
-    if solver != "gram" or not torch_available():
+def pool_solves(solver: str = "gram", n: int = 0, device: str = "cpu") -> int:
+    """The solver pool's threads when the eigensolve of ``n×n`` Gram matrices on ``device`` goes
+    to that pool (torch installed, the ``"gram"`` solver, a CPU, ``n`` below :data:`POOL_MAX_N`,
+    two or more torch threads), else 0: the one route rule of :func:`eigenvalues`,
+    :func:`eigenvalues_later` and the layers solved ahead (:mod:`ww_core.batching`).
+
+    Example:
+        >>> pool_solves("svd")
+        0
+    """
+    if solver != "gram" or device != "cpu" or n >= POOL_MAX_N or not torch_available():
         return 0
     import torch
 
